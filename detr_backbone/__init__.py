@@ -1,0 +1,38 @@
+"""Backbones, positional encodings and the Joiner of DETR-style detectors."""
+from torchvision.ops import FrozenBatchNorm2d
+
+from .backbone import Backbone, BackboneBase, GroupNorm32, GroupNormBackbone, TimmBackbone, downsample_mask
+from .config import BackboneConfig, Config, JoinerConfig, PositionConfig, register_configs
+from .freezing import freeze_stages, parameter_stages
+from .joiner import Joiner, build_backbone, build_position_encoding
+from .nested_tensor import NestedTensor, nested_tensor_from_tensor_list
+from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
+from .weights import CheckpointMismatchError, LoadReport, load_checkpoint, read_state_dict
+
+__all__ = [
+    "Backbone",
+    "BackboneBase",
+    "BackboneConfig",
+    "CheckpointMismatchError",
+    "Config",
+    "FrozenBatchNorm2d",
+    "GroupNorm32",
+    "GroupNormBackbone",
+    "Joiner",
+    "JoinerConfig",
+    "LoadReport",
+    "NestedTensor",
+    "PositionConfig",
+    "PositionEmbeddingLearned",
+    "PositionEmbeddingSine",
+    "TimmBackbone",
+    "build_backbone",
+    "build_position_encoding",
+    "downsample_mask",
+    "freeze_stages",
+    "load_checkpoint",
+    "nested_tensor_from_tensor_list",
+    "parameter_stages",
+    "read_state_dict",
+    "register_configs",
+]

@@ -1,0 +1,205 @@
+"""Backbones: a CNN body whose feature maps come back paired with the padding mask resized to each.
+
+All kinds share ``BackboneBase`` (freezing, level selection, mask downsampling); the subclasses
+only build the body: a torchvision ResNet with frozen BatchNorm (DETR), the same ResNet with
+GroupNorm (MDETR's ``resnet50-gn``), or any timm model that offers ``features_only``.
+"""
+from __future__ import annotations
+
+import difflib
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from timm.utils.model import freeze_batch_norm_2d
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops import FrozenBatchNorm2d
+
+from .freezing import detr_trainable_layers, freeze_stages
+from .nested_tensor import NestedTensor
+from .weights import explain_download_errors
+
+TORCHVISION_RESNETS = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+)  # fmt: skip
+RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+LEVELS = 4
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm with 32 groups, in the ``norm_layer(num_channels)`` form torchvision's ResNet expects."""
+
+    def __init__(self, num_channels: int, num_groups: int = 32, **kwargs):
+        super().__init__(num_groups, num_channels, **kwargs)
+
+
+def downsample_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
+    """Resize a padding mask to a feature map, as DETR does (nearest interpolation)."""
+    return F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
+
+
+class BackboneBase(nn.Module):
+    """A body returning feature maps (dict or list, shallow to deep), each returned with its mask.
+
+    Levels are named "0", "1", ... in the order the body returns them; ``num_channels`` is the
+    channel count of the last one, the map DETR's transformer reads.
+    """
+
+    def __init__(
+        self,
+        body: nn.Module,
+        stage_modules: Sequence[str],
+        trainable_layers: int,
+        channels: Sequence[int],
+        strides: Sequence[int],
+    ):
+        super().__init__()
+        freeze_stages(body, stage_modules, trainable_layers)
+        self.body = body
+        self.trainable_layers = trainable_layers
+        self.feature_channels = list(channels)
+        self.feature_strides = list(strides)
+        self.num_channels = self.feature_channels[-1]
+
+    def forward(self, tensor_list: NestedTensor) -> dict[str, NestedTensor]:
+        features = self.body(tensor_list.tensors)
+        if isinstance(features, dict):
+            features = features.values()
+        return OrderedDict(
+            (str(level), NestedTensor(feature, downsample_mask(tensor_list.mask, feature.shape[-2:])))
+            for level, feature in enumerate(features)
+        )
+
+
+class Backbone(BackboneBase):
+    """A torchvision ResNet with frozen BatchNorm, without avgpool and fc (DETR's ``Backbone``)."""
+
+    norm_layer: type[nn.Module] = FrozenBatchNorm2d
+
+    def __init__(
+        self,
+        name: str,
+        train_backbone: bool,
+        return_interm_layers: bool,
+        dilation: bool,
+        *,
+        pretrained: bool = False,
+        trainable_layers: int | None = None,
+    ):
+        resnet = self.build_resnet(name, dilation, pretrained)
+        if return_interm_layers:
+            return_layers = {layer: str(level) for level, layer in enumerate(RESNET_STAGES)}
+        else:
+            return_layers = {RESNET_STAGES[-1]: "0"}
+        levels = range(LEVELS) if return_interm_layers else [LEVELS - 1]
+        expansion = resnet.layer1[0].expansion
+        channels = [64 * expansion * 2**level for level in levels]
+        strides = [16 if dilation and level == LEVELS - 1 else 4 * 2**level for level in levels]
+        if trainable_layers is None:
+            trainable_layers = detr_trainable_layers(train_backbone)
+        body = IntermediateLayerGetter(resnet, return_layers=return_layers)
+        super().__init__(body, RESNET_STAGES, trainable_layers, channels, strides)
+
+    def build_resnet(self, name: str, dilation: bool, pretrained: bool) -> torchvision.models.ResNet:
+        if name not in TORCHVISION_RESNETS:
+            raise ValueError(f"unknown torchvision ResNet {name!r}; valid names: {', '.join(TORCHVISION_RESNETS)}")
+        if dilation and name in ("resnet18", "resnet34"):
+            raise ValueError(
+                f"dilation=true needs bottleneck blocks, which {name} does not have; "
+                "use resnet50 or deeper, or dilation=false"
+            )
+        resnet = torchvision.models.get_model(
+            name, weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=self.norm_layer
+        )
+        if pretrained:
+            resnet.load_state_dict(self.imagenet_state_dict(name))
+        return resnet
+
+    def imagenet_state_dict(self, name: str) -> dict[str, Tensor]:
+        # IMAGENET1K_V1 are the weights DETR was trained from; loaded without unpickling code.
+        weights = torchvision.models.get_model_weights(name)["IMAGENET1K_V1"]
+        with explain_download_errors(f"torchvision ImageNet weights for {name}"):
+            return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+
+
+class GroupNormBackbone(Backbone):
+    """A torchvision ResNet with GroupNorm(32) in every norm layer (MDETR's ``resnet50-gn``)."""
+
+    norm_layer = GroupNorm32
+
+    def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool, **kwargs):
+        super().__init__(name.removesuffix("-gn").removesuffix("_gn"), train_backbone, return_interm_layers, dilation, **kwargs)
+
+    def imagenet_state_dict(self, name: str) -> dict[str, Tensor]:
+        raise ValueError(
+            f"torchvision has no GroupNorm ImageNet weights for {name}; set pretrained=false and "
+            "pass the GroupNorm checkpoint file as backbone.checkpoint=<path>"
+        )
+
+
+class TimmBackbone(BackboneBase):
+    """Any timm model built with ``features_only``; its BatchNorms are frozen the way timm does it.
+
+    ``main_layer`` picks which of the last four feature levels is returned when intermediate
+    levels are not asked for (-1: the deepest). The body is cut after that level, so no
+    parameter is left without a gradient. ``dilation`` asks the model for ``output_stride=16``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        return_interm_layers: bool = False,
+        main_layer: int = -1,
+        *,
+        train_backbone: bool = True,
+        dilation: bool = False,
+        pretrained: bool = False,
+        trainable_layers: int | None = None,
+    ):
+        if not -LEVELS <= main_layer < LEVELS:
+            raise ValueError(f"main_layer must index one of the last four feature levels (-4..3), got {main_layer}")
+        out_indices = tuple(range(-LEVELS, 0)) if return_interm_layers else (main_layer % LEVELS - LEVELS,)
+        body = create_timm_features(name, out_indices, dilation, pretrained)
+        freeze_batch_norm_2d(body)
+        info = body.feature_info
+        stage_modules = [found for level in info.info[-LEVELS:] if (found := _find_module(body, level["module"]))]
+        if trainable_layers is None:
+            trainable_layers = detr_trainable_layers(train_backbone)
+        super().__init__(body, stage_modules, trainable_layers, info.channels(), info.reduction())
+
+
+def create_timm_features(name: str, out_indices: tuple[int, ...], dilation: bool, pretrained: bool) -> nn.Module:
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5)
+        raise ValueError(f"unknown timm model {name!r}; close names: {', '.join(close) or 'none'} (see timm.list_models())")
+    options = {"features_only": True, "out_indices": out_indices}
+    if dilation:
+        options["output_stride"] = 16
+    with explain_download_errors(f"timm pretrained weights for {name}"):
+        try:
+            body = timm.create_model(name, pretrained=pretrained, **options)
+        except (TypeError, RuntimeError, AssertionError, ValueError) as error:
+            what = "dilation=true (output_stride=16)" if dilation else "features_only=True"
+            raise ValueError(f"timm model {name!r} does not support {what}: {error}") from error
+    if dilation and body.feature_info.reduction()[-1] != 16:
+        raise ValueError(
+            f"timm model {name!r} ignored output_stride=16 (its last level has stride "
+            f"{body.feature_info.reduction()[-1]}); it does not support dilation=true"
+        )
+    return body
+
+
+def _find_module(body: nn.Module, name: str) -> str | None:
+    """Where timm's feature module ``name`` lives in ``body``: as is, or with its first dot flattened."""
+    for candidate in (name, name.replace(".", "_", 1), f"model.{name}"):
+        try:
+            body.get_submodule(candidate)
+            return candidate
+        except AttributeError:
+            continue
+    return None

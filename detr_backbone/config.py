@@ -1,0 +1,171 @@
+"""Typed configuration of the Joiner: dataclass schemas that validate themselves.
+
+The same schemas back the Hydra config groups (registered in Hydra's ConfigStore by
+``register_configs``) and plain Python use. ``JoinerConfig.from_args`` also reads DETR's flat
+argument object, so DETR's ``build_backbone(args)`` call keeps working.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .freezing import NUM_STAGES
+
+BACKBONE_KINDS = ("torchvision", "groupnorm", "timm")
+POSITION_KINDS = ("sine", "learned")
+DETR_POSITION_NAMES = {"sine": "sine", "v2": "sine", "learned": "learned", "v3": "learned"}
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass
+class BackboneConfig:
+    kind: str = "torchvision"  # torchvision | groupnorm | timm
+    name: str = "resnet50"  # torchvision ResNet name, or any timm model name for kind=timm
+    dilation: bool = False  # DC5: the last stage dilated instead of strided (stride 16)
+    return_interm_layers: bool = False  # return all four levels, not only the last
+    trainable_layers: Optional[int] = None  # trailing stages that train, 0..5; None: DETR's rule
+    freeze: bool = False  # freeze the whole Joiner, learned positional table included
+    pretrained: bool = False  # torchvision / timm ImageNet weights (needs network or a filled cache)
+    checkpoint: Optional[str] = None  # weights file: state dict, GN ImageNet checkpoint or detector checkpoint
+    strict: bool = True  # checkpoint keys must match exactly
+    main_layer: int = -1  # timm: which of the last four levels is returned without return_interm_layers
+
+    def __post_init__(self) -> None:
+        _require(self.kind in BACKBONE_KINDS, f"backbone.kind={self.kind!r} is not one of {', '.join(BACKBONE_KINDS)}")
+        _require(
+            self.trainable_layers is None or 0 <= self.trainable_layers <= NUM_STAGES,
+            f"backbone.trainable_layers={self.trainable_layers} must be null (DETR's rule) or 0..{NUM_STAGES}",
+        )
+        _require(-4 <= self.main_layer <= 3, f"backbone.main_layer={self.main_layer} must be in -4..3")
+
+
+@dataclass
+class PositionConfig:
+    kind: str = "sine"  # sine | learned
+    temperature: float = 10000.0  # sine
+    normalize: bool = True  # sine: scale positions to (0, scale]
+    scale: Optional[float] = None  # sine: null means 2*pi
+    offset: float = 0.0  # sine: -0.5 reproduces Deformable-DETR
+    eps: float = 1e-6  # sine
+    num_embeddings: int = 50  # learned: rows and columns of the table
+
+    def __post_init__(self) -> None:
+        _require(self.kind in POSITION_KINDS, f"position.kind={self.kind!r} is not one of {', '.join(POSITION_KINDS)}")
+        _require(self.temperature > 0, f"position.temperature={self.temperature} must be > 0")
+        _require(self.num_embeddings > 0, f"position.num_embeddings={self.num_embeddings} must be > 0")
+        _require(
+            self.scale is None or self.normalize,
+            f"position.scale={self.scale} is only used with position.normalize=true",
+        )
+
+
+@dataclass
+class JoinerConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    position: PositionConfig = field(default_factory=PositionConfig)
+    hidden_dim: int = 256
+    lr_backbone: float = 1e-5
+
+    def __post_init__(self) -> None:
+        _require(
+            self.hidden_dim > 0 and self.hidden_dim % 2 == 0,
+            f"hidden_dim={self.hidden_dim} must be a positive even number (half for rows, half for columns)",
+        )
+        _require(self.lr_backbone >= 0, f"lr_backbone={self.lr_backbone} must be >= 0 (0 freezes the backbone)")
+        _require(
+            self.lr_backbone > 0 or not self.backbone.trainable_layers,
+            f"backbone.trainable_layers={self.backbone.trainable_layers} trains stages that lr_backbone=0 "
+            "would never update; set lr_backbone > 0 or trainable_layers=0",
+        )
+
+    @property
+    def train_backbone(self) -> bool:
+        return self.lr_backbone > 0
+
+    @classmethod
+    def from_args(cls, args: Any) -> JoinerConfig:
+        """From our config (dataclass, dict or DictConfig) or from DETR's argparse namespace."""
+        if isinstance(args, JoinerConfig):
+            return args
+        get = args.get if isinstance(args, Mapping) else lambda key, default=None: getattr(args, key, default)
+        if isinstance(get("backbone"), str):
+            return cls._from_detr_args(get)
+        return cls(
+            backbone=structured(BackboneConfig, get("backbone") or {}, "backbone"),
+            position=structured(PositionConfig, get("position") or {}, "position"),
+            hidden_dim=get("hidden_dim", 256),
+            lr_backbone=get("lr_backbone", 1e-5),
+        )
+
+    @classmethod
+    def _from_detr_args(cls, get) -> JoinerConfig:
+        name: str = get("backbone")
+        if name.startswith("timm_"):
+            kind, name = "timm", name.removeprefix("timm_")
+        elif name.endswith(("-gn", "_gn")):
+            kind, name = "groupnorm", name[:-3]
+        else:
+            kind = "torchvision"
+        encoding = get("position_embedding", "sine")
+        _require(
+            encoding in DETR_POSITION_NAMES,
+            f"position_embedding={encoding!r} is not one of {', '.join(DETR_POSITION_NAMES)}",
+        )
+        backbone = BackboneConfig(
+            kind=kind,
+            name=name,
+            dilation=bool(get("dilation", False)),
+            return_interm_layers=bool(get("masks", False)),
+            freeze=bool(get("freeze_backbone", False)),
+        )
+        position = PositionConfig(kind=DETR_POSITION_NAMES[encoding], normalize=True)
+        return cls(backbone, position, hidden_dim=get("hidden_dim", 256), lr_backbone=get("lr_backbone", 1e-5))
+
+
+Schema = TypeVar("Schema")
+
+
+def structured(schema: type[Schema], values: Any, where: str) -> Schema:
+    """``values`` checked against ``schema``: unknown keys and wrong types fail with the key's name."""
+    if isinstance(values, schema):
+        return values
+    if isinstance(values, DictConfig):
+        values = OmegaConf.to_container(values, resolve=True)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), values)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        valid = ", ".join(f.name for f in fields(schema))
+        message = str(error).splitlines()[0]
+        raise ValueError(f"invalid {where} config: {message} (valid keys: {valid})") from None
+
+
+@dataclass
+class Config:
+    """The primary config of ``train.py``: the config groups plus the knobs typed on the command line."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    position: PositionConfig = field(default_factory=PositionConfig)
+    hidden_dim: int = 256
+    lr_backbone: float = 1e-5
+    dilation: bool = False
+    return_interm_layers: bool = False
+    freeze_backbone: bool = False
+    seed: int = 42
+    batch_size: int = 2
+    image_size: int = 512
+
+
+def register_configs() -> None:
+    """Make the schema available to Hydra as ``config_schema`` (the first entry of conf/config.yaml)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="config_schema", node=Config)

@@ -1,0 +1,72 @@
+"""The Joiner (backbone + positional encoding) and the builders that make it from a config."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from .backbone import Backbone, BackboneBase, GroupNormBackbone, TimmBackbone
+from .config import JoinerConfig
+from .nested_tensor import NestedTensor
+from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
+from .weights import load_checkpoint
+
+
+class Joiner(nn.Sequential):
+    """``nn.Sequential(backbone, position_embedding)``: child "0" is the backbone, "1" the encoding.
+
+    Returns the backbone's feature maps (each a NestedTensor) and, for each, its positional map
+    cast to the feature map's dtype (the encodings compute in float32).
+    """
+
+    def __init__(self, backbone: nn.Module, position_embedding: nn.Module):
+        super().__init__(backbone, position_embedding)
+        self.num_channels = backbone.num_channels
+
+    def forward(self, tensor_list: NestedTensor) -> tuple[list[NestedTensor], list[Tensor]]:
+        features = list(self[0](tensor_list).values())
+        positions = [self[1](feature).to(feature.tensors.dtype) for feature in features]
+        return features, positions
+
+
+def build_position_encoding(args: Any) -> nn.Module:
+    """The positional encoding of a config or of DETR's args; ``hidden_dim // 2`` features per axis."""
+    cfg = JoinerConfig.from_args(args)
+    position, num_pos_feats = cfg.position, cfg.hidden_dim // 2
+    if position.kind == "learned":
+        return PositionEmbeddingLearned(num_pos_feats, num_embeddings=position.num_embeddings)
+    return PositionEmbeddingSine(
+        num_pos_feats,
+        position.temperature,
+        position.normalize,
+        position.scale,
+        eps=position.eps,
+        offset=position.offset,
+    )
+
+
+def build_backbone_network(cfg: JoinerConfig) -> BackboneBase:
+    spec = cfg.backbone
+    options = {"pretrained": spec.pretrained, "trainable_layers": spec.trainable_layers}
+    if spec.kind == "timm":
+        return TimmBackbone(
+            spec.name,
+            spec.return_interm_layers,
+            spec.main_layer,
+            train_backbone=cfg.train_backbone,
+            dilation=spec.dilation,
+            **options,
+        )
+    family = GroupNormBackbone if spec.kind == "groupnorm" else Backbone
+    return family(spec.name, cfg.train_backbone, spec.return_interm_layers, spec.dilation, **options)
+
+
+def build_backbone(args: Any) -> Joiner:
+    """The Joiner of a config (``JoinerConfig``, Hydra config, dict) or of DETR's argparse namespace."""
+    cfg = JoinerConfig.from_args(args)
+    joiner = Joiner(build_backbone_network(cfg), build_position_encoding(cfg))
+    if cfg.backbone.checkpoint:
+        load_checkpoint(joiner, cfg.backbone.checkpoint, strict=cfg.backbone.strict)
+    if cfg.backbone.freeze:
+        joiner.requires_grad_(False)
+    return joiner
