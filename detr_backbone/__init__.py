@@ -6,6 +6,7 @@ from .config import BackboneConfig, Config, JoinerConfig, PositionConfig, regist
 from .freezing import freeze_stages, parameter_stages
 from .joiner import Joiner, build_backbone, build_position_encoding
 from .nested_tensor import NestedTensor, nested_tensor_from_tensor_list
+from .param_groups import joiner_parameter_groups
 from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
 from .weights import CheckpointMismatchError, LoadReport, load_checkpoint, read_state_dict
 
@@ -30,6 +31,7 @@ __all__ = [
     "build_position_encoding",
     "downsample_mask",
     "freeze_stages",
+    "joiner_parameter_groups",
     "load_checkpoint",
     "nested_tensor_from_tensor_list",
     "parameter_stages",

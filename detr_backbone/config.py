@@ -56,8 +56,10 @@ class PositionConfig:
     offset: float = 0.0  # sine: -0.5 reproduces Deformable-DETR
     eps: float = 1e-6  # sine
     num_embeddings: int = 50  # learned: rows and columns of the table
+    lr: Optional[float] = None  # learned: the table's lr; null = lr_backbone (what DETR's name match gave it)
 
     def __post_init__(self) -> None:
+        _require(self.lr is None or self.lr >= 0, f"position.lr={self.lr} must be null or >= 0")
         _require(self.kind in POSITION_KINDS, f"position.kind={self.kind!r} is not one of {', '.join(POSITION_KINDS)}")
         _require(self.temperature > 0, f"position.temperature={self.temperature} must be > 0")
         _require(self.num_embeddings > 0, f"position.num_embeddings={self.num_embeddings} must be > 0")
@@ -89,6 +91,10 @@ class JoinerConfig:
     @property
     def train_backbone(self) -> bool:
         return self.lr_backbone > 0
+
+    @property
+    def position_lr(self) -> float:
+        return self.lr_backbone if self.position.lr is None else self.position.lr
 
     @classmethod
     def from_args(cls, args: Any) -> JoinerConfig:

@@ -69,4 +69,6 @@ def build_backbone(args: Any) -> Joiner:
         load_checkpoint(joiner, cfg.backbone.checkpoint, strict=cfg.backbone.strict)
     if cfg.backbone.freeze:
         joiner.requires_grad_(False)
+    if cfg.position_lr == 0:
+        joiner[1].requires_grad_(False)  # a table that can never move must not claim to train
     return joiner

@@ -1,0 +1,94 @@
+"""Hydra configs: the real conf/ tree composes, validates, builds, and train.py runs from it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from detr_backbone import GroupNormBackbone, PositionEmbeddingLearned, TimmBackbone, build_backbone, register_configs
+from detr_backbone.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+register_configs()
+
+
+def compose_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_every_group_option_composes_against_the_schema():
+    backbones = sorted(p.stem for p in (ROOT / "conf" / "backbone").glob("*.yaml"))
+    assert backbones == ["resnet101", "resnet101_gn", "resnet18", "resnet50", "resnet50_gn", "timm"]
+    for backbone in backbones:
+        for position in ("sine", "learned"):
+            cfg = compose_config(f"backbone={backbone}", f"position={position}")
+            OmegaConf.to_object(cfg)  # runs the schema's own checks
+            assert cfg.position.kind == position
+
+
+def test_top_level_knobs_reach_the_backbone_group():
+    cfg = compose_config("backbone=resnet101_gn", "dilation=true", "return_interm_layers=true", "freeze_backbone=true")
+    assert (cfg.backbone.kind, cfg.backbone.name) == ("groupnorm", "resnet101")
+    assert cfg.backbone.dilation and cfg.backbone.return_interm_layers and cfg.backbone.freeze
+    joiner = build_backbone(cfg)
+    assert isinstance(joiner[0], GroupNormBackbone) and joiner[0].feature_strides == [4, 8, 16, 16]
+    assert not any(p.requires_grad for p in joiner.parameters())
+
+
+def test_group_values_build_the_right_modules():
+    cfg = compose_config("backbone=timm", "backbone.name=efficientnet_b0", "position=learned", "hidden_dim=64")
+    joiner = build_backbone(cfg)
+    assert isinstance(joiner[0], TimmBackbone) and isinstance(joiner[1], PositionEmbeddingLearned)
+    assert joiner[1].row_embed.weight.shape == (50, 32) and joiner.num_channels == 320
+
+
+def test_misspelled_key_and_bad_type_fail_at_composition():
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_config("backbone.dilaton=true")
+    assert "dilaton" in str(error.value.__cause__)
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_config("hidden_dim=big")
+    assert "hidden_dim" in str(error.value.__cause__)
+
+
+def test_schema_defaults_match_detr():
+    cfg = Config()
+    assert (cfg.hidden_dim, cfg.lr_backbone, cfg.position.temperature, cfg.position.normalize) == (256, 1e-5, 10000.0, True)
+
+
+def run_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={cwd}/run", f"hydra.sweep.dir={cwd}/multirun"],
+        capture_output=True, text=True, cwd=cwd, env=env, timeout=300,
+    )  # fmt: skip
+
+
+def test_train_py_writes_its_run_folder(tmp_path):
+    result = run_train("backbone=resnet18", "position=learned", "image_size=128", "dilation=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "level 0: features (2, 512, 4, 4)" in log and "12,800 trainable" in log
+    saved = OmegaConf.load(tmp_path / "run" / ".hydra" / "config.yaml")
+    assert saved.backbone.name == "resnet18" and saved.position.kind == "learned"
+
+
+def test_train_py_sweep_writes_one_folder_per_job(tmp_path):
+    result = run_train("-m", "backbone=resnet18", "position=sine,learned", "image_size=96", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    jobs = sorted(p.name for p in (tmp_path / "multirun").iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]
+    assert [OmegaConf.load(tmp_path / "multirun" / j / ".hydra" / "config.yaml").position.kind for j in jobs] == ["sine", "learned"]
+
+
+def test_train_py_reports_a_bad_value_in_one_line(tmp_path):
+    result = run_train("backbone.kind=resnet", cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == "error: backbone.kind='resnet' is not one of torchvision, groupnorm, timm"
