@@ -1,8 +1,8 @@
 """Backbones, positional encodings and the Joiner of DETR-style detectors."""
-from torchvision.ops import FrozenBatchNorm2d
 
 from .backbone import Backbone, BackboneBase, GroupNorm32, GroupNormBackbone, TimmBackbone, downsample_mask
 from .config import BackboneConfig, Config, JoinerConfig, PositionConfig, register_configs
+from .frozen_batch_norm import FrozenBatchNorm2d
 from .freezing import freeze_stages, parameter_stages
 from .joiner import Joiner, build_backbone, build_position_encoding
 from .nested_tensor import NestedTensor, nested_tensor_from_tensor_list

@@ -17,9 +17,9 @@ import torchvision
 from timm.utils.model import freeze_batch_norm_2d
 from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.ops import FrozenBatchNorm2d
 
 from .freezing import detr_trainable_layers, freeze_stages
+from .frozen_batch_norm import FrozenBatchNorm2d
 from .nested_tensor import NestedTensor
 from .weights import explain_download_errors
 

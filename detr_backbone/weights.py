@@ -72,9 +72,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as error:
+        reason = str(error).strip().partition("\n")[0]
         raise ValueError(
             f"could not read checkpoint {os.fspath(path)!r} with weights_only=True: the file is truncated, "
-            f"corrupt or holds more than tensors ({type(error).__name__}: {str(error).splitlines()[0]})"
+            f"corrupt or holds more than tensors ({type(error).__name__}: {reason})"
         ) from error
     for wrapper in ("model", "state_dict"):
         if isinstance(content, Mapping) and isinstance(content.get(wrapper), Mapping):
@@ -84,8 +85,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     return {key.removeprefix(DDP_PREFIX): value for key, value in content.items()}
 
 
-def split_detector_state(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]] | None:
-    """(body, positional table) tensors of a detector's state dict, or None if it is not a detector's."""
+def split_detector_state(state: Mapping[str, Tensor]) -> tuple[dict, dict, list[str]] | None:
+    """(body tensors, positional-table tensors, other keys) of a detector's or a Joiner's state dict.
+
+    None when ``state`` is neither, i.e. the state dict of the backbone network alone.
+    """
+    if any(key.startswith("0.body.") for key in state):  # a Joiner's own state dict
+        state = {"backbone." + key: value for key, value in state.items()}
     anchor = next((key for key in state if BODY_KEY in key), None)
     if anchor is None:
         return None
@@ -93,38 +99,59 @@ def split_detector_state(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor]
     body_prefix, position_prefix = prefix + BODY_KEY, prefix + POSITION_KEY
     body = {key[len(body_prefix):]: value for key, value in state.items() if key.startswith(body_prefix)}
     position = {key[len(position_prefix):]: value for key, value in state.items() if key.startswith(position_prefix)}
-    return body, position
+    others = [key for key in state if not key.startswith((body_prefix, position_prefix))]
+    return body, position, others
 
 
-def load_into(module: nn.Module, state: Mapping[str, Tensor], report: LoadReport, prefix: str = "") -> None:
-    """Load ``state`` into ``module``; keys of top-level modules it does not have are skipped, not errors."""
-    children = {name for name, _ in module.named_children()} | {name for name, _ in module.named_parameters(recurse=False)}
-    children |= {name for name, _ in module.named_buffers(recurse=False)}
-    kept = {key: value for key, value in state.items() if key.split(".")[0] in children}
-    report.skipped += [prefix + key for key in state if key not in kept]
-    try:
-        result = module.load_state_dict(kept, strict=False)
-    except RuntimeError as error:  # shape mismatches
-        raise CheckpointMismatchError(f"{report.path}: {error}") from error
-    report.missing += [prefix + key for key in result.missing_keys]
-    report.unexpected += [prefix + key for key in result.unexpected_keys]
-    report.loaded += len(kept.keys() & module.state_dict().keys())
+def match_keys(module: nn.Module, state: Mapping[str, Tensor], report: LoadReport, prefix: str, skip_foreign: bool) -> dict:
+    """The tensors of ``state`` that fit ``module``; the rest is recorded in ``report``.
+
+    With ``skip_foreign``, keys of top-level modules that ``module`` does not have (a classifier
+    head, say) are skipped rather than unexpected. ``num_batches_tracked`` has no place in frozen
+    norms and is dropped silently, as the frozen norms themselves do.
+    """
+    expected = module.state_dict()
+    roots = {key.split(".")[0] for key in expected}
+    fitting = {}
+    for key, value in state.items():
+        if key in expected:
+            if value.shape != expected[key].shape:
+                raise CheckpointMismatchError(
+                    f"{report.path}: {prefix}{key} has shape {tuple(value.shape)} in the checkpoint "
+                    f"but {tuple(expected[key].shape)} in the model"
+                )
+            fitting[key] = value
+        elif skip_foreign and key.split(".")[0] not in roots:
+            report.skipped.append(prefix + key)
+        elif not key.endswith("num_batches_tracked"):
+            report.unexpected.append(prefix + key)
+    report.missing += [prefix + key for key in expected if key not in fitting]
+    report.loaded += len(fitting)
+    return fitting
 
 
 def load_checkpoint(joiner: nn.Sequential, path: str | os.PathLike, strict: bool = True) -> LoadReport:
-    """Load a checkpoint file into a Joiner's backbone body (and positional table, for detectors)."""
+    """Load a checkpoint file into a Joiner's backbone body (and positional table, for detectors).
+
+    Keys are matched before anything is copied, so a strict load that fails leaves the Joiner as it was.
+    """
     state = read_state_dict(path)
     report = LoadReport(os.fspath(path))
     backbone, position = joiner[0], joiner[1]
     detector = split_detector_state(state)
     if detector is None:
-        load_into(backbone.body, state, report, prefix="body.")
+        loads = [(backbone.body, match_keys(backbone.body, state, report, "body.", skip_foreign=True))]
     else:
-        body_state, position_state = detector
-        load_into(backbone.body, body_state, report, prefix=BODY_KEY)
-        load_into(position, position_state, report, prefix=POSITION_KEY)
+        body_state, position_state, others = detector
+        report.skipped += others
+        loads = [
+            (backbone.body, match_keys(backbone.body, body_state, report, BODY_KEY, skip_foreign=True)),
+            (position, match_keys(position, position_state, report, POSITION_KEY, skip_foreign=False)),
+        ]
     if not report.ok:
         if strict:
             raise CheckpointMismatchError(f"checkpoint does not fit the model (strict loading):\n{report}")
         warnings.warn(f"non-strict checkpoint load:\n{report}", stacklevel=2)
+    for module, fitting in loads:
+        module.load_state_dict(fitting, strict=False)
     return report

@@ -195,12 +195,17 @@ def padded_batch() -> NestedTensor:
 
 @pytest.mark.parametrize("position", ["sine", "learned"])
 def test_joiner_bf16_model_casts_positions_to_feature_dtype(position):
-    """A bf16 model gives bf16 features; positions follow them and stay within bf16 rounding of fp32."""
+    """A bf16 backbone gives bf16 features; positions (computed in fp32) are cast to them, within bf16 rounding.
+
+    Only the backbone is cast, so the learned table stays fp32 and the Joiner's cast is what is tested.
+    """
     model = joiner(position)
     batch = padded_batch()
     with torch.no_grad():
         _, reference = model(batch)
-        features, positions = copy.deepcopy(model).to(torch.bfloat16)(batch.to(torch.bfloat16))
+        bf16_model = copy.deepcopy(model)
+        bf16_model[0].to(torch.bfloat16)
+        features, positions = bf16_model(batch.to(torch.bfloat16))
     assert len(features) == len(positions) == 1
     feature, pos = features[0], positions[0]
     assert feature.tensors.dtype == torch.bfloat16 and pos.dtype == torch.bfloat16
@@ -225,11 +230,6 @@ def test_joiner_autocast_positions_follow_features(position):
     torch.testing.assert_close(positions[0].float(), reference[0], atol=1e-2, rtol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torchvision FrozenBatchNorm2d computes x * fp32 scale + fp32 shift, which promotes autocast's "
-    "bf16 activations back to fp32, so the ResNet features leave autocast as float32",
-)
 def test_joiner_autocast_features_are_bf16():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         features, positions = joiner("sine")(padded_batch())
