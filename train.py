@@ -1,40 +1,32 @@
-"""Build the configured Joiner and run it on a padded batch.
+"""Train a DETR detector around the configured Joiner.
 
+    python train.py                                      # the CPU default: learns the shapes data
     python train.py backbone=resnet101_gn dilation=true
     python train.py -m backbone=resnet50,resnet101 position=sine,learned
+    python train.py ckpt_path=outputs/<run>/checkpoints/last.ckpt    # resume
 """
 from __future__ import annotations
 
-import logging
+from pathlib import Path
 
 import hydra
-import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from detr_backbone import CheckpointMismatchError, build_backbone, nested_tensor_from_tensor_list, register_configs
-from detr_backbone.summary import describe
+from detr_backbone.train_config import register_configs
+from detr_backbone.training import Job, validated
+from detr_backbone.weights import CheckpointMismatchError
 
-log = logging.getLogger(__name__)
 register_configs()
 
 
-def sample_batch(batch_size: int, image_size: int, generator: torch.Generator):
-    """Images of different sizes, as a detection batch has, so the padding mask is real."""
-    sizes = [(image_size - 32 * (i % 3), image_size - 48 * (i % 2)) for i in range(batch_size)]
-    return nested_tensor_from_tensor_list([torch.randn(3, h, w, generator=generator) for h, w in sizes])
-
-
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    torch.manual_seed(cfg.seed)
+def main(cfg: DictConfig) -> float | None:
     try:
-        joiner = build_backbone(cfg)
+        job = Job(validated(cfg), Path(HydraConfig.get().runtime.output_dir))
     except (ValueError, CheckpointMismatchError) as error:
         raise SystemExit(f"error: {error}") from None
-    images = sample_batch(cfg.batch_size, cfg.image_size, torch.Generator().manual_seed(cfg.seed))
-    with torch.no_grad():
-        features, positions = joiner.eval()(images)
-    log.info("\n%s", describe(joiner, images, features, positions))
+    return job.run()
 
 
 if __name__ == "__main__":

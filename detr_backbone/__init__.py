@@ -1,13 +1,14 @@
 """Backbones, positional encodings and the Joiner of DETR-style detectors."""
 
 from .backbone import Backbone, BackboneBase, GroupNorm32, GroupNormBackbone, TimmBackbone, downsample_mask
-from .config import BackboneConfig, Config, JoinerConfig, PositionConfig, register_configs
+from .config import BackboneConfig, JoinerConfig, PositionConfig
 from .frozen_batch_norm import FrozenBatchNorm2d
 from .freezing import freeze_stages, parameter_stages
 from .joiner import Joiner, build_backbone, build_position_encoding
 from .nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 from .param_groups import joiner_parameter_groups
 from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
+from .train_config import Config, register_configs
 from .weights import CheckpointMismatchError, LoadReport, load_checkpoint, read_state_dict
 
 __all__ = [

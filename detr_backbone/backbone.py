@@ -38,6 +38,12 @@ class GroupNorm32(nn.GroupNorm):
         super().__init__(num_groups, num_channels, **kwargs)
 
 
+def check_main_layer(main_layer: int) -> int:
+    if not -LEVELS <= main_layer < LEVELS:
+        raise ValueError(f"main_layer must index one of the last four feature levels (-4..3), got {main_layer}")
+    return main_layer
+
+
 def downsample_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
     """Resize a padding mask to a feature map, as DETR does (nearest interpolation)."""
     return F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
@@ -77,7 +83,11 @@ class BackboneBase(nn.Module):
 
 
 class Backbone(BackboneBase):
-    """A torchvision ResNet with frozen BatchNorm, without avgpool and fc (DETR's ``Backbone``)."""
+    """A torchvision ResNet with frozen BatchNorm, without avgpool and fc (DETR's ``Backbone``).
+
+    Without intermediate layers it returns ``main_layer`` (-1: layer4, -2: layer3 at stride 16, ...)
+    and the body ends there.
+    """
 
     norm_layer: type[nn.Module] = FrozenBatchNorm2d
 
@@ -90,20 +100,18 @@ class Backbone(BackboneBase):
         *,
         pretrained: bool = False,
         trainable_layers: int | None = None,
+        main_layer: int = -1,
     ):
         resnet = self.build_resnet(name, dilation, pretrained)
-        if return_interm_layers:
-            return_layers = {layer: str(level) for level, layer in enumerate(RESNET_STAGES)}
-        else:
-            return_layers = {RESNET_STAGES[-1]: "0"}
-        levels = range(LEVELS) if return_interm_layers else [LEVELS - 1]
+        levels = range(LEVELS) if return_interm_layers else [check_main_layer(main_layer) % LEVELS]
         expansion = resnet.layer1[0].expansion
         channels = [64 * expansion * 2**level for level in levels]
         strides = [16 if dilation and level == LEVELS - 1 else 4 * 2**level for level in levels]
         if trainable_layers is None:
             trainable_layers = detr_trainable_layers(train_backbone)
-        body = IntermediateLayerGetter(resnet, return_layers=return_layers)
-        super().__init__(body, RESNET_STAGES, trainable_layers, channels, strides)
+        # the getter drops every stage after the last one returned
+        body = IntermediateLayerGetter(resnet, return_layers={RESNET_STAGES[level]: str(i) for i, level in enumerate(levels)})
+        super().__init__(body, RESNET_STAGES[: levels[-1] + 1], trainable_layers, channels, strides)
 
     def build_resnet(self, name: str, dilation: bool, pretrained: bool) -> torchvision.models.ResNet:
         if name not in TORCHVISION_RESNETS:
@@ -161,9 +169,7 @@ class TimmBackbone(BackboneBase):
         pretrained: bool = False,
         trainable_layers: int | None = None,
     ):
-        if not -LEVELS <= main_layer < LEVELS:
-            raise ValueError(f"main_layer must index one of the last four feature levels (-4..3), got {main_layer}")
-        out_indices = tuple(range(-LEVELS, 0)) if return_interm_layers else (main_layer % LEVELS - LEVELS,)
+        out_indices = tuple(range(-LEVELS, 0)) if return_interm_layers else (check_main_layer(main_layer) % LEVELS - LEVELS,)
         body = create_timm_features(name, out_indices, dilation, pretrained)
         freeze_batch_norm_2d(body)
         info = body.feature_info

@@ -36,7 +36,7 @@ class BackboneConfig:
     pretrained: bool = False  # torchvision / timm ImageNet weights (needs network or a filled cache)
     checkpoint: Optional[str] = None  # weights file: state dict, GN ImageNet checkpoint or detector checkpoint
     strict: bool = True  # checkpoint keys must match exactly
-    main_layer: int = -1  # timm: which of the last four levels is returned without return_interm_layers
+    main_layer: int = -1  # which of the four levels is returned without return_interm_layers (-1: last)
 
     def __post_init__(self) -> None:
         _require(self.kind in BACKBONE_KINDS, f"backbone.kind={self.kind!r} is not one of {', '.join(BACKBONE_KINDS)}")
@@ -152,26 +152,3 @@ def structured(schema: type[Schema], values: Any, where: str) -> Schema:
         valid = ", ".join(f.name for f in fields(schema))
         message = str(error).splitlines()[0]
         raise ValueError(f"invalid {where} config: {message} (valid keys: {valid})") from None
-
-
-@dataclass
-class Config:
-    """The primary config of ``train.py``: the config groups plus the knobs typed on the command line."""
-
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    position: PositionConfig = field(default_factory=PositionConfig)
-    hidden_dim: int = 256
-    lr_backbone: float = 1e-5
-    dilation: bool = False
-    return_interm_layers: bool = False
-    freeze_backbone: bool = False
-    seed: int = 42
-    batch_size: int = 2
-    image_size: int = 512
-
-
-def register_configs() -> None:
-    """Make the schema available to Hydra as ``config_schema`` (the first entry of conf/config.yaml)."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="config_schema", node=Config)

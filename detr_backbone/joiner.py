@@ -47,15 +47,10 @@ def build_position_encoding(args: Any) -> nn.Module:
 
 def build_backbone_network(cfg: JoinerConfig) -> BackboneBase:
     spec = cfg.backbone
-    options = {"pretrained": spec.pretrained, "trainable_layers": spec.trainable_layers}
+    options = {"pretrained": spec.pretrained, "trainable_layers": spec.trainable_layers, "main_layer": spec.main_layer}
     if spec.kind == "timm":
         return TimmBackbone(
-            spec.name,
-            spec.return_interm_layers,
-            spec.main_layer,
-            train_backbone=cfg.train_backbone,
-            dilation=spec.dilation,
-            **options,
+            spec.name, spec.return_interm_layers, train_backbone=cfg.train_backbone, dilation=spec.dilation, **options
         )
     family = GroupNormBackbone if spec.kind == "groupnorm" else Backbone
     return family(spec.name, cfg.train_backbone, spec.return_interm_layers, spec.dilation, **options)

@@ -148,10 +148,13 @@ def test_timm_convnext_stages_and_stem():
     assert all(not body.get_parameter(n).requires_grad for n, _ in body.named_parameters() if n.startswith("stem"))
 
 
-def test_main_layer_cuts_the_body_so_every_trainable_parameter_gets_a_gradient():
-    backbone = TimmBackbone("resnet18", main_layer=-2, trainable_layers=5)
+@pytest.mark.parametrize("kind", ["torchvision", "groupnorm", "timm"])
+def test_main_layer_cuts_the_body_so_every_trainable_parameter_gets_a_gradient(kind):
+    backbone = joiner_of(kind, "resnet18", main_layer=-2, trainable_layers=5)[0]
     assert not hasattr(backbone.body, "layer4") and backbone.num_channels == 256
-    out = backbone(batch((64, 64)))["0"].tensors
+    assert backbone.feature_strides == [16]
+    out = backbone(batch((64, 96)))["0"].tensors
+    assert out.shape == (1, 256, 4, 6)
     out.sum().backward()
     assert all(p.grad is not None for p in backbone.parameters() if p.requires_grad)
 

@@ -7,25 +7,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from detr_backbone import GroupNormBackbone, PositionEmbeddingLearned, TimmBackbone, build_backbone, register_configs
-from detr_backbone.config import Config
+from detr_backbone import GroupNormBackbone, PositionEmbeddingLearned, TimmBackbone, build_backbone
+from detr_backbone.train_config import Config
 
-ROOT = Path(__file__).resolve().parents[1]
-register_configs()
-
-
-def compose_config(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+from .jobs import ROOT, TINY, compose_config
 
 
 def test_every_group_option_composes_against_the_schema():
     backbones = sorted(p.stem for p in (ROOT / "conf" / "backbone").glob("*.yaml"))
-    assert backbones == ["resnet101", "resnet101_gn", "resnet18", "resnet50", "resnet50_gn", "timm"]
+    assert backbones == ["resnet101", "resnet101_gn", "resnet18", "resnet18_gn", "resnet50", "resnet50_gn", "timm"]
     for backbone in backbones:
         for position in ("sine", "learned"):
             cfg = compose_config(f"backbone={backbone}", f"position={position}")
@@ -72,20 +65,24 @@ def run_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_train_py_writes_its_run_folder(tmp_path):
-    result = run_train("backbone=resnet18", "position=learned", "image_size=128", "dilation=false", cwd=tmp_path)
+    result = run_train(*TINY, "position=learned", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    log = (tmp_path / "run" / "train.log").read_text()
-    assert "level 0: features (2, 512, 4, 4)" in log and "12,800 trainable" in log
-    saved = OmegaConf.load(tmp_path / "run" / ".hydra" / "config.yaml")
+    run = tmp_path / "run"
+    saved = OmegaConf.load(run / ".hydra" / "config.yaml")
     assert saved.backbone.name == "resnet18" and saved.position.kind == "learned"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and len(list((run / "checkpoints").glob("epoch000-*.ckpt"))) == 1
+    metrics = (run / "csv" / "metrics.csv").read_text().splitlines()
+    header = metrics[0].split(",")
+    assert {"train/loss", "val/map_50", "test/map_50", "lr-AdamW/head"} <= set(header)
 
 
 def test_train_py_sweep_writes_one_folder_per_job(tmp_path):
-    result = run_train("-m", "backbone=resnet18", "position=sine,learned", "image_size=96", cwd=tmp_path)
+    result = run_train("-m", *TINY, "position=sine,learned", "test_after_fit=false", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     jobs = sorted(p.name for p in (tmp_path / "multirun").iterdir() if p.is_dir())
     assert jobs == ["0", "1"]
     assert [OmegaConf.load(tmp_path / "multirun" / j / ".hydra" / "config.yaml").position.kind for j in jobs] == ["sine", "learned"]
+    assert all((tmp_path / "multirun" / j / "checkpoints" / "last.ckpt").is_file() for j in jobs)
 
 
 def test_train_py_reports_a_bad_value_in_one_line(tmp_path):

@@ -1,0 +1,114 @@
+"""DETR's set loss: match predictions to targets, then classify every query and regress matched boxes."""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_convert, generalized_box_iou
+
+from .matcher import HungarianMatcher, Indices
+
+DEFAULT_LOSS_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+AUX_SUFFIX = re.compile(r"(?P<name>.+?)(?:_\d+)?")
+
+
+def identity(num_boxes: Tensor) -> Tensor:
+    return num_boxes
+
+
+class SetCriterion(nn.Module):
+    """Losses of DETR's outputs against targets (a list of dicts with "labels" and cxcywh "boxes").
+
+    Returns ``loss_ce``, ``loss_bbox``, ``loss_giou``, the same with suffix ``_{i}`` for each
+    ``aux_outputs`` entry, and ``class_error`` (a detached metric). Everything is computed in
+    float32 with autocast off: the matching and the normalisation by ``num_boxes`` are too
+    sensitive for half precision. ``num_boxes_reduce`` receives the local box count (a float32
+    tensor) and returns the count to normalise by, e.g. its mean over processes.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        eos_coef: float = 0.1,
+        loss_weights: Mapping[str, float] | None = None,
+        num_boxes_reduce: Callable[[Tensor], Tensor] = identity,
+    ):
+        super().__init__()
+        weights = dict(DEFAULT_LOSS_WEIGHTS if loss_weights is None else loss_weights)
+        if not weights or not set(weights) <= set(DEFAULT_LOSS_WEIGHTS):
+            raise ValueError(f"loss_weights must have some of the keys {sorted(DEFAULT_LOSS_WEIGHTS)}, got {sorted(weights)}")
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.eos_coef = eos_coef
+        self.loss_weights = weights
+        self.num_boxes_reduce = num_boxes_reduce
+        # "no object" answers most queries; down-weighting it keeps the real classes from being drowned
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+
+    def forward(self, outputs: Mapping, targets: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        device = outputs["pred_logits"].device
+        with torch.autocast(device_type=device.type, enabled=False):
+            num_boxes = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+            num_boxes = self.num_boxes_reduce(num_boxes).clamp(min=1)
+            losses = self.layer_losses(outputs, targets, num_boxes)
+            for index, aux in enumerate(outputs.get("aux_outputs", [])):
+                aux_losses = self.layer_losses(aux, targets, num_boxes)
+                del aux_losses["class_error"]  # a metric of the final prediction only
+                losses.update({f"{name}_{index}": value for name, value in aux_losses.items()})
+        return losses
+
+    def layer_losses(
+        self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]], num_boxes: Tensor
+    ) -> dict[str, Tensor]:
+        logits = outputs["pred_logits"].float()
+        boxes = outputs["pred_boxes"].float()
+        indices = self.matcher({"pred_logits": logits, "pred_boxes": boxes}, targets)
+        matched = matched_queries(indices)
+        target_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
+        target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(boxes.device, torch.float32)
+        return {
+            **self.label_losses(logits, matched, target_labels),
+            **self.box_losses(boxes[matched], target_boxes, num_boxes),
+        }
+
+    def label_losses(self, logits: Tensor, matched: tuple[Tensor, Tensor], target_labels: Tensor) -> dict[str, Tensor]:
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        target_classes[matched] = target_labels
+        loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, weight=self.empty_weight.float())
+        return {"loss_ce": loss_ce, "class_error": class_error(logits[matched].detach(), target_labels)}
+
+    def box_losses(self, boxes: Tensor, target_boxes: Tensor, num_boxes: Tensor) -> dict[str, Tensor]:
+        loss_bbox = F.l1_loss(boxes, target_boxes, reduction="none").sum() / num_boxes
+        giou = generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy"))
+        loss_giou = (1 - torch.diag(giou)).sum() / num_boxes
+        return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    def weighted_total(self, losses: Mapping[str, Tensor]) -> Tensor:
+        """The training loss: each weighted loss, auxiliary ones with the weight of their base name."""
+        weighted = [
+            self.loss_weights[base] * value
+            for name, value in losses.items()
+            if (base := AUX_SUFFIX.fullmatch(name)["name"]) in self.loss_weights
+        ]
+        return torch.stack(weighted).sum()
+
+
+def matched_queries(indices: Indices) -> tuple[Tensor, Tensor]:
+    """(image index, query index) of every matched query, for advanced indexing of (B, Q, ...) tensors."""
+    images = torch.cat([torch.full_like(queries, image) for image, (queries, _) in enumerate(indices)])
+    queries = torch.cat([queries for queries, _ in indices])
+    return images, queries
+
+
+def class_error(logits: Tensor, target_labels: Tensor) -> Tensor:
+    """100 - top-1 accuracy of the matched queries, in percent (100 when there is nothing to match, as DETR)."""
+    if target_labels.numel() == 0:
+        return logits.new_tensor(100.0)
+    accuracy = (logits.argmax(-1) == target_labels).float().mean() * 100
+    return 100 - accuracy

@@ -1,0 +1,160 @@
+"""The Lightning DataModule that feeds (NestedTensor, targets) batches, and its builder from config."""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, is_dataclass
+from functools import partial
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from .coco import CocoDetection
+from .collate import DetectionCollate
+from .sampler import EpochShuffleSampler
+from .shapes import ShapesDataset
+from .transforms import detr_train_transforms, detr_val_transforms
+
+Split = Literal["train", "val", "test"]
+DatasetSource = Dataset | Callable[[], Dataset]  # a dataset, or a factory called once when first needed
+
+
+class DetectionDataModule(pl.LightningDataModule):
+    """Train / val / test loaders over detection datasets (a test set defaults to the val set)."""
+
+    def __init__(
+        self,
+        train_dataset: DatasetSource,
+        val_dataset: DatasetSource,
+        test_dataset: DatasetSource | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        size_divisibility: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
+        # Only plain numbers go into checkpoints; datasets and factories are rebuilt from config.
+        self.save_hyperparameters(ignore=["train_dataset", "val_dataset", "test_dataset"])
+        self._sources: dict[Split, DatasetSource | None] = {
+            "train": train_dataset,
+            "val": val_dataset,
+            "test": test_dataset,
+        }
+        self._datasets: dict[Split, Dataset] = {}
+
+    def dataset(self, split: Split) -> Dataset:
+        """The dataset of ``split``, built from its factory on first use."""
+        if split == "test" and self._sources["test"] is None:
+            return self.dataset("val")
+        if split not in self._datasets:
+            source = self._sources[split]
+            self._datasets[split] = source if isinstance(source, Dataset) else source()
+        return self._datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        splits: dict[str | None, tuple[Split, ...]] = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("test",),
+        }
+        for split in splits.get(stage, ("train", "val", "test")):
+            self.dataset(split)
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset("train").num_classes
+
+    @property
+    def class_names(self) -> Sequence[str]:
+        return self.dataset("train").class_names
+
+    def _loader(self, split: Split, shuffle: bool) -> DataLoader:
+        workers = self.hparams.num_workers
+        dataset = self.dataset(split)
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            sampler=EpochShuffleSampler(dataset, self.hparams.seed) if shuffle else None,
+            num_workers=workers,
+            pin_memory=self.hparams.pin_memory,
+            persistent_workers=self.hparams.persistent_workers and workers > 0,
+            collate_fn=DetectionCollate(self.hparams.size_divisibility),
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+DATA_KINDS = ("shapes", "coco")
+LOADER_FIELDS = ("batch_size", "num_workers", "pin_memory", "persistent_workers", "size_divisibility", "seed")
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if is_dataclass(cfg) and not isinstance(cfg, type):
+        return asdict(cfg)
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    raise TypeError(f"data config must be a mapping or a dataclass, got {type(cfg).__name__}")
+
+
+def _present(values: Mapping[str, Any], renames: Mapping[str, str]) -> dict[str, Any]:
+    """``{argument: values[field]}`` for the fields that are set, so unset ones keep the callee's default."""
+    return {argument: values[field] for field, argument in renames.items() if values.get(field) is not None}
+
+
+def _require(values: Mapping[str, Any], fields: Sequence[str], kind: str) -> None:
+    missing = [field for field in fields if values.get(field) is None]
+    if missing:
+        raise ValueError(f"data config of kind {kind!r} is missing {', '.join(missing)}")
+
+
+def _shapes_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSource]:
+    _require(values, ("train_size", "val_size"), "shapes")
+    options = _present(values, {name: name for name in ("seed", "min_size", "max_size", "max_objects")})
+    return (
+        partial(ShapesDataset, values["train_size"], split="train", **options),
+        partial(ShapesDataset, values["val_size"], split="val", **options),
+    )
+
+
+def _coco_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSource]:
+    _require(values, ("train_images", "train_annotations", "val_images", "val_annotations"), "coco")
+    train_transforms = detr_train_transforms(**_present(values, {"scales": "scales", "max_resize": "max_size"}))
+    val_transforms = detr_val_transforms(**_present(values, {"val_resize": "size", "max_resize": "max_size"}))
+    return (
+        partial(CocoDetection, values["train_images"], values["train_annotations"], train_transforms),
+        partial(CocoDetection, values["val_images"], values["val_annotations"], val_transforms),
+    )
+
+
+def build_datamodule(cfg: Any) -> DetectionDataModule:
+    """A DetectionDataModule from a data config (mapping, DictConfig or dataclass).
+
+    Fields: kind ("shapes" | "coco") and the loader fields of DetectionDataModule; shapes adds
+    train_size, val_size (image counts), min_size, max_size (image sides), max_objects; coco adds
+    train_images, train_annotations, val_images, val_annotations, scales, max_resize (longest side
+    after resizing) and val_resize (the shorter side at evaluation). Unset optional fields keep the
+    defaults of the classes they feed.
+    """
+    values = _plain(cfg)
+    builders = {"shapes": _shapes_sources, "coco": _coco_sources}
+    kind = values.get("kind")
+    if kind not in builders:
+        raise ValueError(f"unknown data kind {kind!r}; valid kinds: {', '.join(DATA_KINDS)}")
+    train, val = builders[kind](values)
+    return DetectionDataModule(train, val, **_present(values, {field: field for field in LOADER_FIELDS}))

@@ -1,0 +1,157 @@
+"""Synthetic shapes: the embedded default detection dataset (no files, no network).
+
+Every image is a pure function of (seed, split, index), so workers, reruns and machines agree.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.ops import box_iou
+
+from .transforms import SampleTransform, Target, detection_target, detr_base_transforms
+
+CLASSES = ("rectangle", "ellipse", "triangle")
+SPLITS = ("train", "val", "test")
+
+MIN_RELATIVE_SIZE, MAX_RELATIVE_SIZE = 0.2, 0.6  # shape side as a fraction of the image side
+MAX_IOU = 0.3  # overlap allowed between a new shape and any earlier one
+PLACEMENT_TRIES = 10
+MIN_COLOR_DISTANCE = 150  # L1 over RGB between a shape and the background's base color
+MAX_GRADIENT = 30.0  # largest color change across a graded background, far below MIN_COLOR_DISTANCE
+
+
+def _background(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A plain or (half the time) linearly graded float canvas, and its base color."""
+    base = rng.integers(0, 256, size=3).astype(np.float64)
+    canvas = np.broadcast_to(base, (height, width, 3)).copy()
+    if rng.random() < 0.5:
+        angle = rng.uniform(0.0, 2 * math.pi)
+        amplitude = rng.uniform(10.0, MAX_GRADIENT)
+        ys, xs = np.mgrid[0:height, 0:width]
+        ramp = math.cos(angle) * (xs / width - 0.5) + math.sin(angle) * (ys / height - 0.5)
+        canvas += amplitude * ramp[..., None]
+    return np.clip(canvas, 0, 255), base
+
+
+def _contrasting_color(rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
+    for _ in range(PLACEMENT_TRIES):
+        color = rng.integers(0, 256, size=3)
+        if np.abs(color - base).sum() >= MIN_COLOR_DISTANCE:
+            return color
+    return np.where(base > 127, 0, 255)  # the far corner of the RGB cube always contrasts
+
+
+def _placement(rng: np.random.Generator, height: int, width: int, placed: list[Tensor]) -> Tensor | None:
+    """An XYXY box fully inside the image that overlaps no earlier shape by more than MAX_IOU."""
+    for _ in range(PLACEMENT_TRIES):
+        box_h = int(rng.integers(round(MIN_RELATIVE_SIZE * height), round(MAX_RELATIVE_SIZE * height) + 1))
+        box_w = int(rng.integers(round(MIN_RELATIVE_SIZE * width), round(MAX_RELATIVE_SIZE * width) + 1))
+        top = int(rng.integers(0, height - box_h + 1))
+        left = int(rng.integers(0, width - box_w + 1))
+        box = torch.tensor([[left, top, left + box_w, top + box_h]], dtype=torch.float32)
+        if not placed or box_iou(box, torch.cat(placed)).max() <= MAX_IOU:
+            return box
+    return None
+
+
+def _shape_mask(rng: np.random.Generator, kind: str, box: Tensor, height: int, width: int) -> np.ndarray:
+    """The pixels PIL fills for one shape inside ``box``, as a bool (height, width) mask."""
+    left, top, right, bottom = (int(v) for v in box[0])
+    right, bottom = right - 1, bottom - 1  # PIL's drawing boxes include their last pixel
+    mask = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(mask)
+    if kind == "rectangle":
+        draw.rectangle((left, top, right, bottom), fill=255)
+    elif kind == "ellipse":
+        draw.ellipse((left, top, right, bottom), fill=255)
+    else:  # triangle with its apex somewhere on the top or the bottom side
+        apex_x = left + rng.uniform(0.0, 1.0) * (right - left)
+        apex_y, base_y = (top, bottom) if rng.random() < 0.5 else (bottom, top)
+        draw.polygon([(apex_x, apex_y), (left, base_y), (right, base_y)], fill=255)
+    return np.asarray(mask) > 0
+
+
+def _tight_box(mask: np.ndarray) -> list[int]:
+    ys, xs = np.nonzero(mask)
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+class ShapesDataset(Dataset):
+    """Rectangles, ellipses and triangles on plain or graded backgrounds, with exact tight boxes.
+
+    Image height and width are drawn independently in [min_size, max_size], so batches carry real
+    padding. Boxes are computed from each shape's own pixel mask; a later shape may hide part of an
+    earlier one, whose box stays the full shape (as COCO boxes do for occluded objects).
+    """
+
+    num_classes = len(CLASSES)
+    class_names = CLASSES
+
+    def __init__(
+        self,
+        num_images: int,
+        seed: int = 0,
+        min_size: int = 96,
+        max_size: int = 128,
+        max_objects: int = 3,
+        split: str = "train",
+        noise: float = 3.0,
+        transforms: SampleTransform | None = None,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"ShapesDataset split={split!r} is not one of {', '.join(SPLITS)}")
+        if num_images < 0 or max_objects < 1 or noise < 0:
+            raise ValueError(
+                f"ShapesDataset needs num_images >= 0, max_objects >= 1 and noise >= 0, "
+                f"got {num_images}, {max_objects} and {noise}"
+            )
+        if not 10 <= min_size <= max_size:
+            raise ValueError(f"ShapesDataset needs 10 <= min_size <= max_size, got {min_size} and {max_size}")
+        self.num_images = num_images
+        self.seed = seed
+        self.min_size = min_size
+        self.max_size = max_size
+        self.max_objects = max_objects
+        self.split = split
+        self.noise = noise  # std of the Gaussian pixel noise, in 0..255 levels
+        self.transforms = transforms if transforms is not None else detr_base_transforms()
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Target]:
+        return self.transforms(*self.render(index))
+
+    def render(self, index: int) -> tuple[Image.Image, Target]:
+        """The untransformed sample: a PIL image and absolute XYXY boxes of its shapes."""
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"ShapesDataset index {index} out of range for {self.num_images} images")
+        # One independent stream per (seed, split, index): reproducible in any order and any worker.
+        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), index])
+        height, width = (int(side) for side in rng.integers(self.min_size, self.max_size + 1, size=2))
+        canvas, base_color = _background(rng, height, width)
+
+        boxes: list[list[int]] = []
+        labels: list[int] = []
+        placed: list[Tensor] = []
+        for _ in range(int(rng.integers(1, self.max_objects + 1))):
+            placement = _placement(rng, height, width, placed)
+            if placement is None:
+                continue
+            label = int(rng.integers(len(CLASSES)))
+            mask = _shape_mask(rng, CLASSES[label], placement, height, width)
+            canvas[mask] = _contrasting_color(rng, base_color)
+            placed.append(placement)
+            boxes.append(_tight_box(mask))
+            labels.append(label)
+
+        if self.noise > 0:
+            canvas = np.clip(canvas + rng.normal(0.0, self.noise, canvas.shape), 0, 255)
+        image = Image.fromarray(np.round(canvas).astype(np.uint8))
+        target = detection_target(torch.tensor(boxes), torch.tensor(labels), index, height, width)
+        return image, target

@@ -1,0 +1,66 @@
+"""The DETR detector: Joiner features -> transformer -> a class and a box for each object query."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .joiner import Joiner
+from .nested_tensor import NestedTensor, nested_tensor_from_tensor_list
+from .transformer import Transformer
+
+
+class MLP(nn.Module):
+    """``num_layers`` Linear layers with ReLU between them (none after the last)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(n_in, n_out) for n_in, n_out in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        *hidden, last = self.layers
+        for layer in hidden:
+            x = F.relu(layer(x))
+        return last(x)
+
+
+class DETR(nn.Module):
+    """Predicts ``num_queries`` (class, box) pairs per image; class ``num_classes`` means "no object".
+
+    ``forward`` takes a NestedTensor or a list of (3, H, W) images and returns ``pred_logits``
+    (B, Q, num_classes + 1), ``pred_boxes`` (B, Q, 4) as normalised (cx, cy, w, h), and with
+    ``aux_loss`` the same pair for every earlier decoder layer in ``aux_outputs``.
+    """
+
+    def __init__(self, backbone: Joiner, transformer: Transformer, num_classes: int, num_queries: int, aux_loss: bool = True):
+        super().__init__()
+        if aux_loss and not transformer.decoder.return_intermediate:
+            raise ValueError("aux_loss=True needs every decoder layer: build the transformer with return_intermediate_dec=True")
+        hidden_dim = transformer.d_model
+        self.num_queries = num_queries
+        self.num_classes = num_classes
+        self.aux_loss = aux_loss
+        self.transformer = transformer
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
+        self.backbone = backbone
+
+    def forward(self, samples: NestedTensor | Sequence[Tensor]) -> dict:
+        if not isinstance(samples, NestedTensor):
+            samples = nested_tensor_from_tensor_list(samples)
+        features, positions = self.backbone(samples)
+        src, mask = features[-1].decompose()
+        hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, positions[-1])[0]
+        logits = self.class_embed(hs)
+        boxes = self.bbox_embed(hs).sigmoid()
+        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = [
+                {"pred_logits": layer_logits, "pred_boxes": layer_boxes}
+                for layer_logits, layer_boxes in zip(logits[:-1], boxes[:-1])
+            ]
+        return out

@@ -1,0 +1,138 @@
+"""The LightningModule that trains a DETR detector around the Joiner.
+
+It owns what DETR's training script spread around: optimizer parameter groups chosen by module
+(head at ``lr``, trainable backbone at ``lr_backbone``, learned positional table at
+``position.lr``; frozen parameters in none), the step schedule, loss logging, and COCO-style
+mAP on validation and test. Hyperparameters are saved as plain dicts, so checkpoints load with
+``weights_only=True``.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torchmetrics.detection import MeanAveragePrecision
+from torchvision.ops import box_convert
+
+from .config import JoinerConfig, structured
+from .criterion import SetCriterion
+from .detr import DETR
+from .joiner import build_backbone
+from .matcher import HungarianMatcher
+from .nested_tensor import NestedTensor
+from .param_groups import joiner_parameter_groups, make_group
+from .postprocess import PostProcess
+from .train_config import HeadConfig, OptimConfig
+from .transformer import build_transformer
+
+Batch = tuple[NestedTensor, Sequence[Mapping[str, Tensor]]]
+MAP_KEYS = ("map", "map_50", "map_75")
+
+
+def build_detector(joiner_cfg: JoinerConfig, head: HeadConfig, num_classes: int) -> DETR:
+    transformer = build_transformer(
+        d_model=joiner_cfg.hidden_dim,
+        nhead=head.nheads,
+        num_encoder_layers=head.enc_layers,
+        num_decoder_layers=head.dec_layers,
+        dim_feedforward=head.dim_feedforward,
+        dropout=head.dropout,
+        normalize_before=head.pre_norm,
+        return_intermediate_dec=True,
+    )
+    return DETR(build_backbone(joiner_cfg), transformer, num_classes, head.num_queries, aux_loss=head.aux_loss)
+
+
+def build_criterion(head: HeadConfig, num_classes: int, num_boxes_reduce) -> SetCriterion:
+    matcher = HungarianMatcher(head.cost_class, head.cost_bbox, head.cost_giou)
+    weights = {"loss_ce": head.loss_ce, "loss_bbox": head.loss_bbox, "loss_giou": head.loss_giou}
+    return SetCriterion(num_classes, matcher, head.eos_coef, weights, num_boxes_reduce=num_boxes_reduce)
+
+
+def absolute_xyxy(target: Mapping[str, Tensor]) -> Tensor:
+    """A target's normalized cxcywh boxes in pixels of the original image."""
+    height, width = target["orig_size"].tolist()
+    scale = target["boxes"].new_tensor([width, height, width, height])
+    return box_convert(target["boxes"], "cxcywh", "xyxy") * scale
+
+
+class DetrModule(pl.LightningModule):
+    def __init__(self, joiner: Mapping[str, Any], head: Mapping[str, Any], optim: Mapping[str, Any], num_classes: int):
+        super().__init__()
+        self.joiner_cfg = JoinerConfig.from_args(joiner)
+        self.head_cfg = structured(HeadConfig, head, "model")
+        self.optim_cfg = structured(OptimConfig, optim, "optim")
+        self.detector = build_detector(self.joiner_cfg, self.head_cfg, num_classes)
+        self.criterion = build_criterion(self.head_cfg, num_classes, self.mean_over_processes)
+        self.postprocess = PostProcess()
+        self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+        self.test_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+        # The initial weights (pretrained, checkpoint file) live in the state dict from now on:
+        # rebuilding from a Lightning checkpoint must not reach for those sources again.
+        saved_joiner = asdict(self.joiner_cfg)
+        saved_joiner["backbone"].update(pretrained=False, checkpoint=None)
+        self.save_hyperparameters(
+            {"joiner": saved_joiner, "head": asdict(self.head_cfg), "optim": asdict(self.optim_cfg), "num_classes": num_classes}
+        )
+
+    def mean_over_processes(self, num_boxes: Tensor) -> Tensor:
+        """DETR normalises the box losses by the box count averaged over all processes."""
+        if self.trainer is None or self.trainer.world_size == 1:
+            return num_boxes
+        return self.trainer.strategy.reduce(num_boxes, reduce_op="mean")
+
+    def forward(self, images: NestedTensor) -> dict[str, Any]:
+        # NestedTensor is not a Tensor, so "-true" precisions do not cast it; follow the weights.
+        return self.detector(images.to(self.dtype))
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        images, targets = batch
+        losses = self.criterion(self(images), targets)
+        loss = self.criterion.weighted_total(losses)
+        self.log_losses("train", loss, losses, len(targets))
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self.evaluate("val", batch, self.val_map)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self.evaluate("test", batch, self.test_map)
+
+    def evaluate(self, stage: str, batch: Batch, metric: MeanAveragePrecision) -> None:
+        images, targets = batch
+        outputs = self(images)
+        losses = self.criterion(outputs, targets)
+        loss = self.criterion.weighted_total(losses)
+        self.log_losses(stage, loss, losses, len(targets))
+        sizes = torch.stack([target["orig_size"] for target in targets])
+        predictions = self.postprocess(outputs, sizes)
+        ground_truth = [{"boxes": absolute_xyxy(target), "labels": target["labels"]} for target in targets]
+        metric.update([{k: v.float() if v.is_floating_point() else v for k, v in p.items()} for p in predictions], ground_truth)
+
+    def log_losses(self, stage: str, loss: Tensor, losses: Mapping[str, Tensor], batch_size: int) -> None:
+        shown = {f"{stage}/{name}": value for name, value in losses.items() if name[-1].isalpha()}
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=stage != "train")
+        self.log_dict(shown, batch_size=batch_size, sync_dist=stage != "train")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_map("val", self.val_map)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_map("test", self.test_map)
+
+    def log_map(self, stage: str, metric: MeanAveragePrecision) -> None:
+        results = metric.compute()
+        self.log_dict({f"{stage}/{key}": results[key] for key in MAP_KEYS}, prog_bar=True, sync_dist=False)
+        metric.reset()
+
+    def configure_optimizers(self):
+        backbone_ids = {id(p) for p in self.detector.backbone.parameters()}
+        head = [p for p in self.detector.parameters() if id(p) not in backbone_ids]
+        groups = make_group("head", head, self.optim_cfg.lr) + joiner_parameter_groups(self.detector.backbone, self.joiner_cfg)
+        optimizer = torch.optim.AdamW(groups, lr=self.optim_cfg.lr, weight_decay=self.optim_cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.optim_cfg.lr_drop)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

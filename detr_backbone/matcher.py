@@ -1,0 +1,53 @@
+"""DETR's one-to-one assignment of predictions to ground-truth objects (Hungarian matching)."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+from torchvision.ops import box_convert, generalized_box_iou
+
+Indices = list[tuple[Tensor, Tensor]]
+
+
+class HungarianMatcher(nn.Module):
+    """Per image, the assignment of queries to targets that minimises
+
+    ``cost_bbox * L1(boxes) - cost_class * p(target class) - cost_giou * GIoU(boxes)``.
+
+    The class term is the probability itself, not its log: it is on the scale of the box terms
+    and stays finite for hopeless queries. Every target gets exactly one query; the others are
+    left for "no object".
+    """
+
+    def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0):
+        super().__init__()
+        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
+            raise ValueError("all matching costs are 0: every assignment would be equally good")
+        self.cost_class = cost_class
+        self.cost_bbox = cost_bbox
+        self.cost_giou = cost_giou
+
+    def cost_matrix(self, logits: Tensor, boxes: Tensor, target_labels: Tensor, target_boxes: Tensor) -> Tensor:
+        """(queries, targets) costs of one image from its logits (Q, K+1) and cxcywh boxes (Q, 4)."""
+        probabilities = logits.float().softmax(-1)
+        boxes, target_boxes = boxes.float(), target_boxes.float()
+        class_cost = -probabilities[:, target_labels]
+        bbox_cost = torch.cdist(boxes, target_boxes, p=1)
+        giou_cost = -generalized_box_iou(
+            box_convert(boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy")
+        )
+        return self.cost_bbox * bbox_cost + self.cost_class * class_cost + self.cost_giou * giou_cost
+
+    @torch.no_grad()
+    def forward(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> Indices:
+        """For each image, (query indices, target indices) as int64 tensors of equal length, on the CPU."""
+        indices = []
+        for logits, boxes, target in zip(outputs["pred_logits"], outputs["pred_boxes"], targets, strict=True):
+            cost = self.cost_matrix(logits, boxes, target["labels"], target["boxes"]).cpu()
+            if not torch.isfinite(cost).all():
+                raise ValueError("the matching cost has NaN or inf entries: the predictions or target boxes are not finite")
+            queries, objects = linear_sum_assignment(cost.numpy())
+            indices.append((torch.as_tensor(queries, dtype=torch.int64), torch.as_tensor(objects, dtype=torch.int64)))
+        return indices

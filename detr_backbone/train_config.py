@@ -1,0 +1,162 @@
+"""Schemas of the training job's config groups (model, data, trainer, callbacks, logger).
+
+Registered in Hydra's ConfigStore with the Joiner's schemas as ``config_schema``, the first
+entry of conf/config.yaml: every composed config is checked against them, so a misspelled key
+or a value of the wrong type fails at composition with the key named.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .config import BackboneConfig, PositionConfig, _require
+
+
+@dataclass
+class HeadConfig:
+    """The detector around the Joiner (conf/model/): DETR's transformer, heads and losses."""
+
+    num_queries: int = 100
+    enc_layers: int = 6
+    dec_layers: int = 6
+    nheads: int = 8
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    pre_norm: bool = False
+    aux_loss: bool = True
+    cost_class: float = 1.0  # Hungarian matching costs
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    loss_ce: float = 1.0  # loss weights
+    loss_bbox: float = 5.0
+    loss_giou: float = 2.0
+    eos_coef: float = 0.1  # weight of the no-object class in the cross-entropy
+
+    def __post_init__(self) -> None:
+        for name in ("num_queries", "dec_layers", "nheads", "dim_feedforward"):
+            _require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be > 0")
+        _require(self.enc_layers >= 0, f"model.enc_layers={self.enc_layers} must be >= 0")
+        _require(0 <= self.dropout < 1, f"model.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    lr_drop: int = 200  # epochs before the lr drops tenfold
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"lr={self.lr} must be > 0")
+        _require(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
+        _require(self.lr_drop > 0, f"lr_drop={self.lr_drop} must be > 0 epochs")
+
+
+@dataclass
+class DataConfig:
+    """conf/data/: ``shapes`` (embedded synthetic default) or ``coco`` (any COCO-format folder)."""
+
+    kind: str = "shapes"
+    batch_size: int = 8
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = False
+    size_divisibility: int = 0
+    seed: int = 0
+    train_size: int = 2000  # shapes
+    val_size: int = 200
+    min_size: int = 96
+    max_size: int = 128
+    max_objects: int = 3
+    train_images: Optional[str] = None  # coco
+    train_annotations: Optional[str] = None
+    val_images: Optional[str] = None
+    val_annotations: Optional[str] = None
+    scales: list[int] = field(default_factory=lambda: [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800])
+    max_resize: int = 1333
+    val_resize: int = 800
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments of ``pytorch_lightning.Trainer`` (conf/trainer/)."""
+
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: Any = "auto"
+    precision: str = "32-true"
+    max_epochs: int = 50
+    max_steps: int = -1
+    max_time: Optional[str] = None
+    gradient_clip_val: Optional[float] = 0.1
+    gradient_clip_algorithm: str = "norm"
+    accumulate_grad_batches: int = 1
+    check_val_every_n_epoch: Optional[int] = 1
+    val_check_interval: Any = None
+    log_every_n_steps: int = 10
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    num_sanity_val_steps: int = 2
+    fast_dev_run: Any = False
+    deterministic: Any = False
+    benchmark: Optional[bool] = None
+    enable_progress_bar: bool = True
+    enable_model_summary: bool = True
+    sync_batchnorm: bool = False
+    use_distributed_sampler: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    monitor: str = "val/map_50"
+    mode: str = "max"
+    save_top_k: int = 1
+    save_last: bool = True
+    every_n_epochs: int = 1
+
+
+@dataclass
+class CallbacksConfig:
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lr_monitor: bool = True
+    progress_bar: str = "tqdm"  # tqdm | rich | none
+
+
+@dataclass
+class LoggerConfig:
+    csv: bool = True
+    tensorboard: bool = False
+
+
+@dataclass
+class Config:
+    """The primary config: the groups, plus the knobs typed on the command line."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    position: PositionConfig = field(default_factory=PositionConfig)
+    model: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    hidden_dim: int = 256
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 1e-4
+    lr_drop: int = 200
+    clip_max_norm: float = 0.1
+    precision: str = "32-true"
+    dilation: bool = False
+    return_interm_layers: bool = False
+    freeze_backbone: bool = False
+    seed: int = 42
+    ckpt_path: Optional[str] = None  # resume from this Lightning checkpoint
+    test_after_fit: bool = True  # test the best checkpoint once fitting ends
+
+
+def register_configs() -> None:
+    """Make the schema available to Hydra as ``config_schema``."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="config_schema", node=Config)

@@ -1,0 +1,25 @@
+"""Helpers shared by the tests: compose the real conf/ tree, and the overrides of a job small enough for tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from detr_backbone.train_config import register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+register_configs()
+
+# A few steps on a handful of tiny images: enough to exercise the whole job in seconds.
+TINY = [
+    "backbone=resnet18", "hidden_dim=32", "model.enc_layers=1", "model.dec_layers=1", "model.dim_feedforward=64",
+    "model.num_queries=5", "data.train_size=8", "data.val_size=4", "data.batch_size=4", "data.num_workers=0",
+    "data.persistent_workers=false", "data.min_size=64", "data.max_size=80", "trainer.max_epochs=1",
+    "callbacks.progress_bar=none", "trainer.enable_model_summary=false", "trainer.accelerator=cpu",
+    "trainer.log_every_n_steps=1",
+]  # fmt: skip
+
+
+def compose_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
