@@ -65,7 +65,7 @@ def run_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_train_py_writes_its_run_folder(tmp_path):
-    result = run_train(*TINY, "position=learned", cwd=tmp_path)
+    result = run_train(*TINY, "position=learned", "logger=tensorboard", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     run = tmp_path / "run"
     saved = OmegaConf.load(run / ".hydra" / "config.yaml")
@@ -74,6 +74,7 @@ def test_train_py_writes_its_run_folder(tmp_path):
     metrics = (run / "csv" / "metrics.csv").read_text().splitlines()
     header = metrics[0].split(",")
     assert {"train/loss", "val/map_50", "test/map_50", "lr-AdamW/head"} <= set(header)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_train_py_sweep_writes_one_folder_per_job(tmp_path):

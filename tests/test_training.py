@@ -137,3 +137,10 @@ def test_backbone_position_dilation_combinations_train(tmp_path, overrides):
     run = job(tmp_path, *overrides, "trainer.fast_dev_run=1", "test_after_fit=false")
     run.run()
     assert run.trainer.global_step == 1 and torch.isfinite(run.trainer.callback_metrics["train/loss"])
+
+
+def test_run_returns_the_monitored_metric_for_sweepers(tmp_path):
+    run = job(tmp_path, "trainer.max_epochs=1", "test_after_fit=false")
+    value = run.run()
+    assert value == pytest.approx(float(run.trainer.callback_metrics["val/map_50"]))
+    assert 0.0 <= value <= 1.0
