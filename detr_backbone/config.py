@@ -20,7 +20,8 @@ POSITION_KINDS = ("sine", "learned")
 DETR_POSITION_NAMES = {"sine": "sine", "v2": "sine", "learned": "learned", "v3": "learned"}
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+    """Raise ValueError(message) unless condition: the checks of every config schema."""
     if not condition:
         raise ValueError(message)
 
@@ -39,12 +40,12 @@ class BackboneConfig:
     main_layer: int = -1  # which of the four levels is returned without return_interm_layers (-1: last)
 
     def __post_init__(self) -> None:
-        _require(self.kind in BACKBONE_KINDS, f"backbone.kind={self.kind!r} is not one of {', '.join(BACKBONE_KINDS)}")
-        _require(
+        require(self.kind in BACKBONE_KINDS, f"backbone.kind={self.kind!r} is not one of {', '.join(BACKBONE_KINDS)}")
+        require(
             self.trainable_layers is None or 0 <= self.trainable_layers <= NUM_STAGES,
             f"backbone.trainable_layers={self.trainable_layers} must be null (DETR's rule) or 0..{NUM_STAGES}",
         )
-        _require(-4 <= self.main_layer <= 3, f"backbone.main_layer={self.main_layer} must be in -4..3")
+        require(-4 <= self.main_layer <= 3, f"backbone.main_layer={self.main_layer} must be in -4..3")
 
 
 @dataclass
@@ -59,11 +60,11 @@ class PositionConfig:
     lr: Optional[float] = None  # learned: the table's lr; null = lr_backbone (what DETR's name match gave it)
 
     def __post_init__(self) -> None:
-        _require(self.lr is None or self.lr >= 0, f"position.lr={self.lr} must be null or >= 0")
-        _require(self.kind in POSITION_KINDS, f"position.kind={self.kind!r} is not one of {', '.join(POSITION_KINDS)}")
-        _require(self.temperature > 0, f"position.temperature={self.temperature} must be > 0")
-        _require(self.num_embeddings > 0, f"position.num_embeddings={self.num_embeddings} must be > 0")
-        _require(
+        require(self.lr is None or self.lr >= 0, f"position.lr={self.lr} must be null or >= 0")
+        require(self.kind in POSITION_KINDS, f"position.kind={self.kind!r} is not one of {', '.join(POSITION_KINDS)}")
+        require(self.temperature > 0, f"position.temperature={self.temperature} must be > 0")
+        require(self.num_embeddings > 0, f"position.num_embeddings={self.num_embeddings} must be > 0")
+        require(
             self.scale is None or self.normalize,
             f"position.scale={self.scale} is only used with position.normalize=true",
         )
@@ -77,12 +78,12 @@ class JoinerConfig:
     lr_backbone: float = 1e-5
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.hidden_dim > 0 and self.hidden_dim % 2 == 0,
             f"hidden_dim={self.hidden_dim} must be a positive even number (half for rows, half for columns)",
         )
-        _require(self.lr_backbone >= 0, f"lr_backbone={self.lr_backbone} must be >= 0 (0 freezes the backbone)")
-        _require(
+        require(self.lr_backbone >= 0, f"lr_backbone={self.lr_backbone} must be >= 0 (0 freezes the backbone)")
+        require(
             self.lr_backbone > 0 or not self.backbone.trainable_layers,
             f"backbone.trainable_layers={self.backbone.trainable_layers} trains stages that lr_backbone=0 "
             "would never update; set lr_backbone > 0 or trainable_layers=0",
@@ -121,7 +122,7 @@ class JoinerConfig:
         else:
             kind = "torchvision"
         encoding = get("position_embedding", "sine")
-        _require(
+        require(
             encoding in DETR_POSITION_NAMES,
             f"position_embedding={encoding!r} is not one of {', '.join(DETR_POSITION_NAMES)}",
         )

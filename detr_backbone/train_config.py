@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .config import BackboneConfig, PositionConfig, _require
+from .config import BackboneConfig, PositionConfig, require
 
 
 @dataclass
@@ -34,9 +34,9 @@ class HeadConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_queries", "dec_layers", "nheads", "dim_feedforward"):
-            _require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be > 0")
-        _require(self.enc_layers >= 0, f"model.enc_layers={self.enc_layers} must be >= 0")
-        _require(0 <= self.dropout < 1, f"model.dropout={self.dropout} must be in [0, 1)")
+            require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be > 0")
+        require(self.enc_layers >= 0, f"model.enc_layers={self.enc_layers} must be >= 0")
+        require(0 <= self.dropout < 1, f"model.dropout={self.dropout} must be in [0, 1)")
 
 
 @dataclass
@@ -46,9 +46,9 @@ class OptimConfig:
     lr_drop: int = 200  # epochs before the lr drops tenfold
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, f"lr={self.lr} must be > 0")
-        _require(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
-        _require(self.lr_drop > 0, f"lr_drop={self.lr_drop} must be > 0 epochs")
+        require(self.lr > 0, f"lr={self.lr} must be > 0")
+        require(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
+        require(self.lr_drop > 0, f"lr_drop={self.lr_drop} must be > 0 epochs")
 
 
 @dataclass

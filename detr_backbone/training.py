@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 
-from .config import JoinerConfig, _require
+from .config import JoinerConfig, require
 from .data import build_datamodule
 from .lightning_module import DetrModule
 from .train_config import CallbacksConfig, Config, LoggerConfig
@@ -20,7 +20,7 @@ PROGRESS_BARS = {"tqdm": TQDMProgressBar, "rich": RichProgressBar}
 def validated(cfg: DictConfig | Config) -> Config:
     """The composed config as schema objects: every group's own checks run here, before any work."""
     config = cfg if isinstance(cfg, Config) else OmegaConf.to_object(cfg)
-    _require(
+    require(
         config.callbacks.progress_bar in (*PROGRESS_BARS, "none"),
         f"callbacks.progress_bar={config.callbacks.progress_bar!r} is not one of {', '.join(PROGRESS_BARS)}, none",
     )
