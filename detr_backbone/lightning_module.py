@@ -91,10 +91,7 @@ class DetrModule(pl.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         images, targets = batch
-        losses = self.criterion(self(images), targets)
-        loss = self.criterion.weighted_total(losses)
-        self.log_losses("train", loss, losses, len(targets))
-        return loss
+        return self.loss("train", self(images), targets)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self.evaluate("val", batch, self.val_map)
@@ -105,18 +102,21 @@ class DetrModule(pl.LightningModule):
     def evaluate(self, stage: str, batch: Batch, metric: MeanAveragePrecision) -> None:
         images, targets = batch
         outputs = self(images)
-        losses = self.criterion(outputs, targets)
-        loss = self.criterion.weighted_total(losses)
-        self.log_losses(stage, loss, losses, len(targets))
-        sizes = torch.stack([target["orig_size"] for target in targets])
-        predictions = self.postprocess(outputs, sizes)
-        ground_truth = [{"boxes": absolute_xyxy(target), "labels": target["labels"]} for target in targets]
-        metric.update([{k: v.float() if v.is_floating_point() else v for k, v in p.items()} for p in predictions], ground_truth)
+        self.loss(stage, outputs, targets)
+        predictions = self.postprocess(outputs, torch.stack([target["orig_size"] for target in targets]))
+        # the metric accumulates in float32 whatever the precision the model ran at
+        predictions = [{"scores": p["scores"].float(), "labels": p["labels"], "boxes": p["boxes"].float()} for p in predictions]
+        metric.update(predictions, [{"boxes": absolute_xyxy(target), "labels": target["labels"]} for target in targets])
 
-    def log_losses(self, stage: str, loss: Tensor, losses: Mapping[str, Tensor], batch_size: int) -> None:
+    def loss(self, stage: str, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]) -> Tensor:
+        """The weighted training loss, logged with its parts (auxiliary-layer losses are not logged)."""
+        losses = self.criterion(outputs, targets)
+        total = self.criterion.weighted_total(losses)
         shown = {f"{stage}/{name}": value for name, value in losses.items() if name[-1].isalpha()}
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=stage != "train")
-        self.log_dict(shown, batch_size=batch_size, sync_dist=stage != "train")
+        sync = stage != "train"
+        self.log(f"{stage}/loss", total, prog_bar=True, batch_size=len(targets), sync_dist=sync)
+        self.log_dict(shown, batch_size=len(targets), sync_dist=sync)
+        return total
 
     def on_validation_epoch_end(self) -> None:
         self.log_map("val", self.val_map)
