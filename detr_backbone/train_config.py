@@ -117,10 +117,30 @@ class CheckpointConfig:
 
 
 @dataclass
+class PredictionsConfig:
+    """The PNG grid of validation images with predicted and ground-truth boxes, <run>/predictions/."""
+
+    enabled: bool = True
+    num_images: int = 4  # the first images of the validation set, the same every epoch
+    score_threshold: float = 0.5  # detections scoring below are not drawn
+    image_side: int = 256  # each image is scaled to this longer side
+
+    def __post_init__(self) -> None:
+        require(self.num_images >= 1, f"callbacks.predictions.num_images={self.num_images} must be >= 1")
+        require(
+            0 <= self.score_threshold <= 1,
+            f"callbacks.predictions.score_threshold={self.score_threshold} must be in [0, 1]",
+        )
+        require(self.image_side >= 16, f"callbacks.predictions.image_side={self.image_side} must be >= 16")
+
+
+@dataclass
 class CallbacksConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     lr_monitor: bool = True
     progress_bar: str = "tqdm"  # tqdm | rich | none
+    parameter_summary: bool = True  # trainable / frozen counts per part at fit start
+    predictions: PredictionsConfig = field(default_factory=PredictionsConfig)
 
 
 @dataclass

@@ -8,10 +8,13 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
 
 from .config import JoinerConfig, require
 from .data import build_datamodule
 from .lightning_module import DetrModule
+from .model_summary import ParameterSummary
+from .prediction_grid import PredictionGrid
 from .train_config import CallbacksConfig, Config, LoggerConfig
 
 PROGRESS_BARS = {"tqdm": TQDMProgressBar, "rich": RichProgressBar}
@@ -23,6 +26,10 @@ def validated(cfg: DictConfig | Config) -> Config:
     require(
         config.callbacks.progress_bar in (*PROGRESS_BARS, "none"),
         f"callbacks.progress_bar={config.callbacks.progress_bar!r} is not one of {', '.join(PROGRESS_BARS)}, none",
+    )
+    require(
+        config.callbacks.progress_bar != "rich" or bool(_RICH_AVAILABLE),
+        "callbacks.progress_bar='rich' needs the rich package (pip install rich); use tqdm or none without it",
     )
     JoinerConfig.from_args(config)  # cross-field checks of the Joiner's knobs
     return config
@@ -47,6 +54,13 @@ def build_callbacks(cfg: CallbacksConfig, run_dir: Path) -> list[Callback]:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.progress_bar in PROGRESS_BARS:
         callbacks.append(PROGRESS_BARS[cfg.progress_bar]())
+    if cfg.parameter_summary:
+        callbacks.append(ParameterSummary())
+    predictions = cfg.predictions
+    if predictions.enabled:
+        callbacks.append(
+            PredictionGrid(run_dir / "predictions", predictions.num_images, predictions.score_threshold, predictions.image_side)
+        )
     return callbacks
 
 

@@ -1,0 +1,103 @@
+"""After each validation, a PNG grid of a few fixed validation images with ground-truth boxes
+(green) and the detector's boxes above a score threshold (red, captioned "class score")."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import Tensor
+from torchvision.ops import box_convert
+
+from .nested_tensor import NestedTensor
+from .postprocess import PostProcess
+from .visualize import denormalize, draw_boxes, resize_longer_side, save_png, tile_grid
+
+TRUTH_COLOR = (0, 190, 0)
+PREDICTION_COLOR = (230, 30, 30)
+PANELS_PER_ROW = 4
+
+
+def class_name(label: int, class_names: Sequence[str] | None) -> str:
+    return class_names[label] if class_names is not None and 0 <= label < len(class_names) else str(label)
+
+
+def prediction_panel(
+    image: Tensor,
+    target: Mapping[str, Tensor],
+    detection: Mapping[str, Tensor],
+    class_names: Sequence[str] | None,
+    score_threshold: float,
+    side: int,
+) -> Tensor:
+    """One padded, normalized model input (3, H, W) as uint8 pixels of its unpadded region, scaled to
+    ``side`` on its longer side, with its target's boxes and the detections scoring >= ``score_threshold``.
+
+    ``target`` holds DETR's normalized cxcywh ``boxes`` and the unpadded ``size`` (h, w); ``detection``
+    holds ``scores``, ``labels`` and XYXY ``boxes`` in pixels of that unpadded image.
+    """
+    height, width = target["size"].tolist()
+    panel, scale = resize_longer_side(denormalize(image[:, :height, :width]), side)
+    truth = box_convert(target["boxes"].float().cpu(), "cxcywh", "xyxy") * torch.tensor([width, height, width, height])
+    panel = draw_boxes(panel, truth * scale, [""] * len(truth), TRUTH_COLOR)
+    keep = detection["scores"] >= score_threshold
+    captions = [
+        f"{class_name(int(label), class_names)} {float(score):.2f}"
+        for label, score in zip(detection["labels"][keep], detection["scores"][keep])
+    ]
+    return draw_boxes(panel, detection["boxes"][keep].float().cpu() * scale, captions, PREDICTION_COLOR)
+
+
+class PredictionGrid(Callback):
+    """Writes ``folder/epochNNN.png`` (0-based epoch, as in checkpoint names) after every validation
+    of a fit, on the global-zero process only, and adds it to TensorBoard when that logger is on.
+
+    The images are the first ``num_images`` of the validation set, collated once and reused, so
+    the grids of successive epochs show the same images and cost one small forward pass each.
+    """
+
+    def __init__(self, folder: Path, num_images: int = 4, score_threshold: float = 0.5, image_side: int = 256):
+        self.folder = Path(folder)
+        self.num_images = num_images
+        self.score_threshold = score_threshold
+        self.image_side = image_side
+        self.postprocess = PostProcess()
+        self._batch: tuple[NestedTensor, list[Mapping[str, Tensor]], Sequence[str] | None] | None = None
+
+    def fixed_batch(self, trainer: pl.Trainer) -> tuple[NestedTensor, list[Mapping[str, Tensor]], Sequence[str] | None]:
+        """The first validation images as one batch, through the validation loader's own collate."""
+        if self._batch is None:
+            loader = trainer.val_dataloaders
+            loader = loader[0] if isinstance(loader, Sequence) else loader
+            dataset = loader.dataset
+            samples = [dataset[index] for index in range(min(self.num_images, len(dataset)))]
+            images, targets = loader.collate_fn(samples)
+            self._batch = images, targets, getattr(dataset, "class_names", None)
+        return self._batch
+
+    def render(self, trainer: pl.Trainer, module: pl.LightningModule) -> Tensor:
+        """The grid as a uint8 (3, H, W) image."""
+        images, targets, class_names = self.fixed_batch(trainer)
+        was_training = module.training
+        module.eval()
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            outputs = module(images.to(module.device))
+        module.train(was_training)
+        detections = self.postprocess(outputs, torch.stack([target["size"] for target in targets]).to(module.device))
+        panels = [
+            prediction_panel(image, target, detection, class_names, self.score_threshold, self.image_side)
+            for image, target, detection in zip(images.tensors, targets, detections)
+        ]
+        return tile_grid(panels, nrow=min(len(panels), PANELS_PER_ROW))
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        grid = self.render(trainer, pl_module)
+        save_png(grid, self.folder / f"epoch{trainer.current_epoch:03d}.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("val/predictions", grid, global_step=trainer.global_step)
