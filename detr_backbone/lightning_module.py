@@ -13,6 +13,7 @@ from dataclasses import asdict
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.plugins.precision import MixedPrecision
 import torch
 from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
@@ -81,9 +82,10 @@ class DetrModule(pl.LightningModule):
 
     def mean_over_processes(self, num_boxes: Tensor) -> Tensor:
         """DETR normalises the box losses by the box count averaged over all processes."""
-        if self.trainer is None or self.trainer.world_size == 1:
+        trainer = self._trainer  # the public property raises when no Trainer runs the module (a plain loop)
+        if trainer is None or trainer.world_size == 1:
             return num_boxes
-        return self.trainer.strategy.reduce(num_boxes, reduce_op="mean")
+        return trainer.strategy.reduce(num_boxes, reduce_op="mean")
 
     def forward(self, images: NestedTensor) -> dict[str, Any]:
         # NestedTensor is not a Tensor, so "-true" precisions do not cast it; follow the weights.
@@ -129,10 +131,21 @@ class DetrModule(pl.LightningModule):
         self.log_dict({f"{stage}/{key}": results[key] for key in MAP_KEYS}, prog_bar=True, sync_dist=False)
         metric.reset()
 
+    def fused_optimizer_allowed(self) -> bool:
+        """The fused AdamW kernel (several times faster on a CPU) wherever Lightning can clip its gradients.
+
+        Lightning's mixed-precision plugin refuses to clip for any optimizer able to unscale fp16
+        gradients itself, which fused AdamW is.
+        """
+        trainer = self._trainer
+        return trainer is None or not isinstance(trainer.precision_plugin, MixedPrecision)
+
     def configure_optimizers(self):
         backbone_ids = {id(p) for p in self.detector.backbone.parameters()}
         head = [p for p in self.detector.parameters() if id(p) not in backbone_ids]
         groups = make_group("head", head, self.optim_cfg.lr) + joiner_parameter_groups(self.detector.backbone, self.joiner_cfg)
-        optimizer = torch.optim.AdamW(groups, lr=self.optim_cfg.lr, weight_decay=self.optim_cfg.weight_decay)
+        optimizer = torch.optim.AdamW(
+            groups, lr=self.optim_cfg.lr, weight_decay=self.optim_cfg.weight_decay, fused=self.fused_optimizer_allowed()
+        )
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.optim_cfg.lr_drop)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

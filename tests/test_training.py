@@ -121,6 +121,8 @@ def test_every_precision_trains(tmp_path, precision):
     assert torch.isfinite(loss)
     dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
     assert run.module.detector.class_embed.weight.dtype == dtype
+    # Lightning clips no fused optimizer under its mixed-precision plugin
+    assert run.trainer.optimizers[0].defaults["fused"] is precision.endswith("-true")
 
 
 @pytest.mark.parametrize(
