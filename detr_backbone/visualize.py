@@ -44,7 +44,9 @@ def draw_boxes(image: Tensor, boxes: Tensor, captions: Sequence[str], color: tup
     """XYXY pixel ``boxes`` with their captions drawn on a uint8 (3, H, W) image."""
     if len(boxes) == 0:
         return image
-    return draw_bounding_boxes(image, boxes.float().cpu(), labels=list(captions), colors=color, width=width)
+    return draw_bounding_boxes(
+        image, boxes.float().cpu(), labels=list(captions), colors=color, width=width, label_colors=(255, 255, 255), fill_labels=True
+    )
 
 
 def caption(tile: Tensor, text: str) -> Tensor:
@@ -90,5 +92,5 @@ def tile_grid(tiles: Sequence[Tensor], nrow: int) -> Tensor:
 def save_png(image: Tensor, path: Path) -> Path:
     """A uint8 (3, H, W) image written as a PNG (folders created); returns the path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path, optimize=True)
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
     return path

@@ -21,6 +21,7 @@ from detr_backbone.training import Job, validated
 from detr_backbone.visualize import NEGATIVE, POSITIVE, heatmap
 
 from .jobs import TINY, compose_config
+from .test_config import run_train
 
 RENDER_MODEL = ["backbone=resnet18", "hidden_dim=32", "data.min_size=64", "data.max_size=80"]
 
@@ -165,6 +166,14 @@ def test_the_grid_is_written_by_global_zero_only(tmp_path, fitted):
     assert not (tmp_path / "predictions").exists()
 
 
+def test_ddp_draws_on_global_zero_only(tmp_path):
+    result = run_train(*TINY, "trainer=ddp", "trainer.max_epochs=2", "test_after_fit=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert "GLOBAL_RANK: 1" in output and output.count("Parameters by part:") == 1
+    assert sorted(p.name for p in (tmp_path / "run" / "predictions").iterdir()) == ["epoch000.png", "epoch001.png"]
+
+
 # --- one panel, pixel by pixel -----------------------------------------------------------------
 
 
@@ -193,7 +202,7 @@ def test_panel_undoes_normalization_crops_padding_and_draws_boxes_above_threshol
     untouched = torch.ones(60, 80, dtype=torch.bool)
     untouched[14:47, 9:32] = False
     untouched[9:52, 39:72] = False
-    untouched[9:25, 39:] = False  # the caption "ellipse 0.90" runs past the box's right edge
+    untouched[9:28, 39:] = False  # the caption "ellipse 0.90" and its background run past the box's right edge
     assert torch.equal(panel[:, untouched], pixels[:, untouched])
     doubled = prediction_panel(padded, target, detection, None, 0.5, side=160)
     assert doubled.shape == (3, 120, 160)
