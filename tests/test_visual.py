@@ -16,6 +16,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from detr_backbone.data import IMAGENET_MEAN, IMAGENET_STD, ShapesDataset
 from detr_backbone.model_summary import ParameterSummary, count_parts, format_counts
 from detr_backbone.prediction_grid import PREDICTION_COLOR, TRUTH_COLOR, PredictionGrid, prediction_panel
+from detr_backbone.render import compose_config as render_config
+from detr_backbone.render import load_joiner
 from detr_backbone.render import main as render_main
 from detr_backbone.training import Job, validated
 from detr_backbone.visualize import NEGATIVE, POSITIVE, heatmap
@@ -287,8 +289,6 @@ def test_render_from_a_training_checkpoint(tmp_path, fitted):
     ckpt = fitted.dir / "checkpoints" / "last.ckpt"
     paths = render_main(["--ckpt", str(ckpt), "--out", str(tmp_path), "data.min_size=64", "data.max_size=80"])
     assert all(p.stat().st_size > 0 for p in paths)
-    from detr_backbone.render import compose_config as render_config, load_joiner
-
     joiner = load_joiner(render_config([]), str(ckpt))
     saved = torch.load(ckpt, weights_only=True)["state_dict"]
     for key, value in joiner.state_dict().items():
