@@ -114,6 +114,13 @@ class CheckpointConfig:
     save_top_k: int = 1
     save_last: bool = True
     every_n_epochs: int = 1
+    every_n_train_steps: Optional[int] = None  # also write last.ckpt every n steps, so a killed run resumes mid-epoch
+
+    def __post_init__(self) -> None:
+        require(
+            self.every_n_train_steps is None or self.every_n_train_steps > 0,
+            f"callbacks.checkpoint.every_n_train_steps={self.every_n_train_steps} must be null (off) or > 0",
+        )
 
 
 @dataclass
@@ -139,6 +146,7 @@ class CallbacksConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     lr_monitor: bool = True
     progress_bar: str = "tqdm"  # tqdm | rich | none
+    non_finite_loss: str = "stop"  # a NaN / infinite training loss: stop (error naming the step) | skip (the step)
     parameter_summary: bool = True  # trainable / frozen counts per part at fit start
     predictions: PredictionsConfig = field(default_factory=PredictionsConfig)
 

@@ -10,11 +10,14 @@ from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelChec
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
 
+from .checkpoint_io import AtomicCheckpointIO
 from .config import JoinerConfig, require
 from .data import build_datamodule
 from .lightning_module import DetrModule
+from .loss_guard import NON_FINITE_ACTIONS, NonFiniteLossGuard
 from .model_summary import ParameterSummary
 from .prediction_grid import PredictionGrid
+from .step_checkpoint import StepCheckpoint
 from .train_config import CallbacksConfig, Config, LoggerConfig
 
 PROGRESS_BARS = {"tqdm": TQDMProgressBar, "rich": RichProgressBar}
@@ -30,6 +33,10 @@ def validated(cfg: DictConfig | Config) -> Config:
     require(
         config.callbacks.progress_bar != "rich" or bool(_RICH_AVAILABLE),
         "callbacks.progress_bar='rich' needs the rich package (pip install rich); use tqdm or none without it",
+    )
+    require(
+        config.callbacks.non_finite_loss in NON_FINITE_ACTIONS,
+        f"callbacks.non_finite_loss={config.callbacks.non_finite_loss!r} is not one of {', '.join(NON_FINITE_ACTIONS)}",
     )
     JoinerConfig.from_args(config)  # cross-field checks of the Joiner's knobs
     return config
@@ -48,8 +55,12 @@ def build_callbacks(cfg: CallbacksConfig, run_dir: Path) -> list[Callback]:
             save_top_k=checkpoint.save_top_k,
             save_last=checkpoint.save_last,
             every_n_epochs=checkpoint.every_n_epochs,
-        )
+            enable_version_counter=False,  # last.ckpt is shared with the step checkpoint below
+        ),
+        NonFiniteLossGuard(cfg.non_finite_loss),
     ]
+    if checkpoint.every_n_train_steps:
+        callbacks.append(StepCheckpoint(run_dir / "checkpoints", checkpoint.every_n_train_steps))
     if cfg.lr_monitor:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.progress_bar in PROGRESS_BARS:
@@ -94,6 +105,7 @@ class Job:
             callbacks=callbacks,
             logger=build_loggers(cfg.logger, run_dir) or False,
             default_root_dir=run_dir,
+            plugins=[AtomicCheckpointIO()],  # a killed write never corrupts last.ckpt
         )
 
     def run(self) -> float | None:

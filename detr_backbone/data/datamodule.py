@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .coco import CocoDetection
 from .collate import DetectionCollate
+from .resumable import ResumableDataLoader
 from .sampler import EpochShuffleSampler
 from .shapes import ShapesDataset
 from .transforms import detr_train_transforms, detr_val_transforms
@@ -77,7 +78,9 @@ class DetectionDataModule(pl.LightningDataModule):
     def _loader(self, split: Split, shuffle: bool) -> DataLoader:
         workers = self.hparams.num_workers
         dataset = self.dataset(split)
-        return DataLoader(
+        # the train loader resumes mid-epoch where a checkpoint left it (data/resumable.py)
+        loader = ResumableDataLoader if shuffle else DataLoader
+        return loader(
             dataset,
             batch_size=self.hparams.batch_size,
             sampler=EpochShuffleSampler(dataset, self.hparams.seed) if shuffle else None,

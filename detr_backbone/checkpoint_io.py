@@ -1,0 +1,57 @@
+"""Checkpoint writes that are all or nothing: a killed or failing write never leaves a corrupt file.
+
+Lightning's own writer opens the target path and writes into it, or stages it in the system's
+temporary folder and moves it across file systems; a process killed meanwhile can leave a
+truncated ``last.ckpt``, the very file a resume needs. Here the checkpoint goes to a temporary
+file in the target's own folder, is flushed to disk, and replaces the target in one atomic
+``os.replace``: readers see the old checkpoint or the new one, never a part.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning_fabric.utilities.types import _PATH
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)``, atomically: ``path`` keeps its old content if anything fails."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as stream:
+            torch.save(obj, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, target)
+    except BaseException:  # KeyboardInterrupt included: never leave the partial file behind
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_directory(target.parent)  # make the rename itself survive a power cut
+
+
+def _fsync_directory(directory: Path) -> None:
+    if os.name != "posix":  # directories cannot be opened for fsync on Windows
+        return
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` with local checkpoints written by ``atomic_torch_save``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"AtomicCheckpointIO takes no storage_options, got {storage_options!r}")
+        if "://" in str(path):  # remote storage: Lightning's fsspec writer handles it
+            super().save_checkpoint(checkpoint, path)
+            return
+        atomic_torch_save(checkpoint, path)

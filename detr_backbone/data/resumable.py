@@ -1,0 +1,66 @@
+"""A DataLoader that resumes mid-epoch: the batches already trained on are not drawn again.
+
+Lightning checkpoints every train loader that has ``state_dict`` / ``load_state_dict`` and hands
+the state back when it resumes an unfinished epoch (it calls ``load_state_dict`` before the
+epoch's first ``iter``). Without it a resumed epoch starts its sampler from the top, so the run
+would train again on the epoch's first batches and never see its last ones.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sized
+from itertools import islice
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+
+class _SkipFirstBatches:
+    """The loader's batch sampler, minus the batches of the current pass that were already trained on.
+
+    The skip happens on indices, so the skipped samples are never loaded. Skipping whole batches of
+    the per-process batch sampler keeps the order right under DistributedSampler too.
+    """
+
+    def __init__(self, batches: Sized, loader: ResumableDataLoader):
+        self.batches = batches
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator, so only the iteration that is actually read takes the skip: a DataLoader
+        # iterator with workers calls ``iter`` twice before it reads any index.
+        skip, self.loader._batches_to_skip = self.loader._batches_to_skip, 0
+        yield from islice(self.batches, skip, None)
+
+    def __len__(self) -> int:
+        return len(self.batches)  # the full pass: Lightning counts the skipped batches as done
+
+
+class ResumableDataLoader(DataLoader):
+    """``DataLoader`` whose state is the number of batches it handed out in the current pass."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._batches_handed_out = 0
+        self._batches_to_skip = 0
+
+    @property
+    def _index_sampler(self):
+        indices = super()._index_sampler
+        return _SkipFirstBatches(indices, self) if self._auto_collation else indices
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: the sampler is only asked for its order at the first ``next``, after
+        # Lightning has called ``set_epoch`` (it calls ``iter`` earlier when it resumes).
+        self._batches_handed_out = self._batches_to_skip
+        for batch in super().__iter__():
+            self._batches_handed_out += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches": self._batches_handed_out}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        batches = int(state["batches"])
+        if not 0 <= batches <= len(self):
+            raise ValueError(f"checkpointed loader position {batches} is outside this loader's {len(self)} batches")
+        self._batches_to_skip = batches % len(self)  # a finished pass resumes at the next one's start

@@ -1,0 +1,204 @@
+"""Faults: a run killed mid-epoch resumes exactly, checkpoint writes are atomic, NaN losses never train on."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from detr_backbone.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
+from detr_backbone.data import EpochShuffleSampler, ShapesDataset
+from detr_backbone.data.resumable import ResumableDataLoader
+from detr_backbone.lightning_module import DetrModule
+from detr_backbone.loss_guard import NonFiniteLossError, NonFiniteLossGuard
+from detr_backbone.training import Job, validated
+
+from .jobs import ROOT, TINY, compose_config
+
+# The smallest job that still trains: 8 images of 32-48 pixels in batches of 2, a ResNet-18-GN cut after layer3.
+SMALL = (
+    *(o for o in TINY if not o.startswith(("backbone=", "data.batch_size", "data.min_size", "data.max_size"))),
+    "backbone=resnet18_gn", "data.batch_size=2", "data.min_size=32", "data.max_size=48", "data.train_size=8",
+    "data.val_size=2", "callbacks.predictions.enabled=false", "callbacks.parameter_summary=false", "test_after_fit=false",
+)  # fmt: skip
+# 4 steps per epoch, last.ckpt every 3 steps, two epochs (8 steps).
+RESUMABLE = (*SMALL, "trainer.max_epochs=2", "callbacks.checkpoint.every_n_train_steps=3")
+
+# Runs train.py, but the training data blocks at its n-th sample after touching a marker file,
+# so the test knows where the run is when it kills it.
+BLOCKING_TRAIN = """
+import runpy, sys, time
+from pathlib import Path
+
+from detr_backbone.data.shapes import ShapesDataset
+
+marker, block_at, train_py = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+fetched = 0
+original = ShapesDataset.__getitem__
+
+def blocking_getitem(self, index):
+    global fetched
+    if self.split == "train":
+        if fetched == block_at:
+            marker.touch()
+            time.sleep(600)
+        fetched += 1
+    return original(self, index)
+
+ShapesDataset.__getitem__ = blocking_getitem
+sys.argv = [train_py, *sys.argv[4:]]
+runpy.run_path(train_py, run_name="__main__")
+"""
+
+
+def record_train_samples(monkeypatch) -> list[int]:
+    """The indices of the training samples the job loads, in order."""
+    seen: list[int] = []
+    original = ShapesDataset.__getitem__
+
+    def recording_getitem(self, index):
+        if self.split == "train":
+            seen.append(index)
+        return original(self, index)
+
+    monkeypatch.setattr(ShapesDataset, "__getitem__", recording_getitem)
+    return seen
+
+
+def test_run_killed_mid_epoch_resumes_with_the_uninterrupted_order_and_weights(tmp_path, monkeypatch):
+    seen = record_train_samples(monkeypatch)
+    straight = Job(validated(compose_config(*RESUMABLE)), tmp_path / "straight")
+    straight.run()
+    straight_order = list(seen)
+    assert len(straight_order) == 16
+
+    # The killed run blocks on sample 12: epoch 1, after 2 of its 4 batches; last.ckpt is from step 6.
+    marker = tmp_path / "blocked"
+    (tmp_path / "blocking_train.py").write_text(BLOCKING_TRAIN)
+    killed = subprocess.Popen(
+        [sys.executable, str(tmp_path / "blocking_train.py"), str(marker), "12", str(ROOT / "train.py"), *RESUMABLE,
+         f"hydra.run.dir={tmp_path}/killed"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not marker.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), killed.stderr.read() if killed.poll() is not None else "the run never reached sample 12"
+    os.kill(killed.pid, signal.SIGKILL)
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    assert (checkpoint["global_step"], checkpoint["epoch"]) == (6, 1)
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"batches": 2}]
+    assert not list(last.parent.glob(".*.tmp"))
+
+    seen.clear()
+    resumed = Job(validated(compose_config(*RESUMABLE, f"ckpt_path={last}")), tmp_path / "resumed")
+    resumed.run()
+    assert seen == straight_order[12:]  # the rest of epoch 1, in the uninterrupted order, nothing twice
+    assert resumed.trainer.global_step == straight.trainer.global_step == 8
+    assert resumed.trainer.current_epoch == 2
+    steps = {int(state["step"]) for state in resumed.trainer.optimizers[0].state.values()}
+    assert steps == {8}
+    for (name, a), b in zip(straight.module.state_dict().items(), resumed.module.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_loader_state_skips_the_batches_already_handed_out(replicas):
+    dataset = list(range(22))
+
+    def loaders():
+        samplers = [EpochShuffleSampler(dataset, seed=3) for _ in range(replicas)]
+        if replicas > 1:  # what Lightning does under DDP: shard the sampler's order per process
+            from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
+
+            samplers = [DistributedSamplerWrapper(s, num_replicas=replicas, rank=r, shuffle=False) for r, s in enumerate(samplers)]
+        return [ResumableDataLoader(dataset, batch_size=3, sampler=s) for s in samplers]
+
+    def set_epoch(loader, epoch):
+        loader.sampler.set_epoch(epoch)  # the wrapper forwards it, as Lightning relies on
+
+    for loader in (uninterrupted := loaders()):
+        set_epoch(loader, 5)
+    full = [[batch.tolist() for batch in loader] for loader in uninterrupted]
+    for rank, loader in enumerate(interrupted := loaders()):
+        set_epoch(loader, 5)
+        iterator = iter(loader)
+        for _ in range(2):
+            next(iterator)
+        assert loader.state_dict() == {"batches": 2}
+        resumed = loaders()[rank]
+        resumed.load_state_dict(loader.state_dict())
+        set_epoch(resumed, 5)
+        assert [batch.tolist() for batch in resumed] == full[rank][2:]
+        assert resumed.state_dict() == {"batches": len(full[rank])}
+        assert [batch.tolist() for batch in resumed] == full[rank]  # the next pass is whole again
+    with pytest.raises(ValueError, match=f"position 99 is outside this loader's {len(full[0])} batches"):
+        interrupted[0].load_state_dict({"batches": 99})
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    atomic_torch_save({"step": torch.tensor(1)}, target)
+    before = target.read_bytes()
+
+    def half_write_then_fail(obj, stream):
+        stream.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", half_write_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_torch_save({"step": torch.tensor(2)}, target)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]  # no temporary file left behind
+    monkeypatch.undo()
+    atomic_torch_save({"step": torch.tensor(3)}, target)
+    assert int(torch.load(target, weights_only=True)["step"]) == 3
+
+
+def test_trainer_writes_checkpoints_through_the_atomic_writer(tmp_path):
+    job = Job(validated(compose_config(*SMALL)), tmp_path)
+    assert type(job.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+
+
+def poison_loss_at(monkeypatch, bad_batch: int) -> None:
+    original = DetrModule.training_step
+
+    def training_step(self, batch, batch_idx):
+        loss = original(self, batch, batch_idx)
+        return loss * float("nan") if batch_idx == bad_batch else loss
+
+    monkeypatch.setattr(DetrModule, "training_step", training_step)
+
+
+def test_nan_loss_stops_the_run_naming_the_step_before_the_weights_change(tmp_path, monkeypatch):
+    poison_loss_at(monkeypatch, bad_batch=1)
+    job = Job(validated(compose_config(*SMALL)), tmp_path)
+    with pytest.raises(NonFiniteLossError, match=r"training loss is nan at global step 1 \(epoch 0, batch 1\)"):
+        job.run()
+    assert job.trainer.global_step == 1
+    assert all(torch.isfinite(p).all() for p in job.module.parameters())
+    assert {int(state["step"]) for state in job.trainer.optimizers[0].state.values()} == {1}
+
+
+def test_nan_loss_step_is_skipped_when_asked(tmp_path, monkeypatch):
+    poison_loss_at(monkeypatch, bad_batch=1)
+    job = Job(validated(compose_config(*SMALL, "callbacks.non_finite_loss=skip")), tmp_path)
+    with pytest.warns(UserWarning, match=r"skipped the optimizer step at global step 1 \(epoch 0, batch 1\)"):
+        job.run()
+    guard = next(c for c in job.trainer.callbacks if isinstance(c, NonFiniteLossGuard))
+    assert guard.skipped_steps == 1 and job.trainer.global_step == 4
+    assert all(torch.isfinite(p).all() for p in job.module.parameters())
+    # AdamW moved every parameter on the three good steps only: the skipped one left moments and counts alone
+    assert {int(state["step"]) for state in job.trainer.optimizers[0].state.values()} == {3}
+
+
+def test_bad_non_finite_action_is_rejected():
+    with pytest.raises(ValueError, match="callbacks.non_finite_loss='ignore' is not one of stop, skip"):
+        validated(compose_config(*SMALL, "callbacks.non_finite_loss=ignore"))
