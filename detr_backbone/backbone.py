@@ -71,9 +71,18 @@ class BackboneBase(nn.Module):
         self.feature_channels = list(channels)
         self.feature_strides = list(strides)
         self.num_channels = self.feature_channels[-1]
+        self.channels_last = False
+
+    def use_channels_last(self) -> None:
+        """Run the body in NHWC: weights converted now, images on every call (values unchanged)."""
+        self.body.to(memory_format=torch.channels_last)
+        self.channels_last = True
 
     def forward(self, tensor_list: NestedTensor) -> dict[str, NestedTensor]:
-        features = self.body(tensor_list.tensors)
+        images = tensor_list.tensors
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        features = self.body(images)
         if isinstance(features, dict):
             features = features.values()
         return OrderedDict(

@@ -38,6 +38,10 @@ class BackboneConfig:
     checkpoint: Optional[str] = None  # weights file: state dict, GN ImageNet checkpoint or detector checkpoint
     strict: bool = True  # checkpoint keys must match exactly
     main_layer: int = -1  # which of the four levels is returned without return_interm_layers (-1: last)
+    # fast paths (README: Performance); each gives the plain path's numbers within float rounding
+    channels_last: Optional[bool] = None  # NHWC weights and inputs; null: on where it measured faster (not GroupNorm)
+    fold_frozen_bn: bool = True  # frozen BatchNorm applied through the conv weights (torchvision kind)
+    compile: bool = False  # torch.compile the Joiner (the first batches pay the compilation)
 
     def __post_init__(self) -> None:
         require(self.kind in BACKBONE_KINDS, f"backbone.kind={self.kind!r} is not one of {', '.join(BACKBONE_KINDS)}")
@@ -58,12 +62,14 @@ class PositionConfig:
     eps: float = 1e-6  # sine
     num_embeddings: int = 50  # learned: rows and columns of the table
     lr: Optional[float] = None  # learned: the table's lr; null = lr_backbone (what DETR's name match gave it)
+    cache_size: int = 32  # sine: encodings kept for repeated masks (0: recompute every call)
 
     def __post_init__(self) -> None:
         require(self.lr is None or self.lr >= 0, f"position.lr={self.lr} must be null or >= 0")
         require(self.kind in POSITION_KINDS, f"position.kind={self.kind!r} is not one of {', '.join(POSITION_KINDS)}")
         require(self.temperature > 0, f"position.temperature={self.temperature} must be > 0")
         require(self.num_embeddings > 0, f"position.num_embeddings={self.num_embeddings} must be > 0")
+        require(self.cache_size >= 0, f"position.cache_size={self.cache_size} must be >= 0 (0 disables the cache)")
         require(
             self.scale is None or self.normalize,
             f"position.scale={self.scale} is only used with position.normalize=true",
@@ -132,6 +138,9 @@ class JoinerConfig:
             dilation=bool(get("dilation", False)),
             return_interm_layers=bool(get("masks", False)),
             freeze=bool(get("freeze_backbone", False)),
+            # DETR's own code path, for bit-identical numbers; our configs default to the fast paths
+            channels_last=False,
+            fold_frozen_bn=False,
         )
         position = PositionConfig(kind=DETR_POSITION_NAMES[encoding], normalize=True)
         return cls(backbone, position, hidden_dim=get("hidden_dim", 256), lr_backbone=get("lr_backbone", 1e-5))

@@ -13,7 +13,31 @@ class FrozenBatchNorm2d(_TorchvisionFrozenBatchNorm2d):
     and handing float32 features to the rest of the detector. In float32 this is DETR's arithmetic.
     """
 
-    def forward(self, x: Tensor) -> Tensor:
+    def scale_shift(self) -> tuple[Tensor, Tensor]:
+        """Per-channel ``(scale, shift)`` with ``bn(x) = x * scale + shift``, in the buffers' dtype."""
         scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, shift = self.scale_shift()
         return x * scale.to(x.dtype)[None, :, None, None] + shift.to(x.dtype)[None, :, None, None]
+
+
+class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """A frozen BatchNorm whose affine map the preceding convolution applies: forward is the identity.
+
+    It keeps its buffers, so the state dict is unchanged; ``bn_folding.FoldedConv2d`` reads them.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+def as_folded(bn: FrozenBatchNorm2d) -> FoldedFrozenBatchNorm2d:
+    """The same buffers (shared, not copied) behind the identity forward."""
+    folded = FoldedFrozenBatchNorm2d(bn.weight.shape[0], eps=bn.eps)
+    for name, buffer in bn.named_buffers(recurse=False):
+        setattr(folded, name, buffer)
+    return folded
+
+

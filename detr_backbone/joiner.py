@@ -6,10 +6,15 @@ from typing import Any
 from torch import Tensor, nn
 
 from .backbone import Backbone, BackboneBase, GroupNormBackbone, TimmBackbone
+from .bn_folding import fold_frozen_batch_norm
 from .config import JoinerConfig
 from .nested_tensor import NestedTensor
 from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
 from .weights import load_checkpoint
+
+# Where NHWC measured faster on a CPU (README: Performance): oneDNN's convolutions gain, while
+# GroupNorm's NHWC kernels lose more than the convolutions gain.
+CHANNELS_LAST_BY_DEFAULT = {"torchvision": True, "groupnorm": False, "timm": True}
 
 
 class Joiner(nn.Sequential):
@@ -42,6 +47,7 @@ def build_position_encoding(args: Any) -> nn.Module:
         position.scale,
         eps=position.eps,
         offset=position.offset,
+        cache_size=position.cache_size,
     )
 
 
@@ -49,11 +55,17 @@ def build_backbone_network(cfg: JoinerConfig) -> BackboneBase:
     spec = cfg.backbone
     options = {"pretrained": spec.pretrained, "trainable_layers": spec.trainable_layers, "main_layer": spec.main_layer}
     if spec.kind == "timm":
-        return TimmBackbone(
+        backbone = TimmBackbone(
             spec.name, spec.return_interm_layers, train_backbone=cfg.train_backbone, dilation=spec.dilation, **options
         )
-    family = GroupNormBackbone if spec.kind == "groupnorm" else Backbone
-    return family(spec.name, cfg.train_backbone, spec.return_interm_layers, spec.dilation, **options)
+    else:
+        family = GroupNormBackbone if spec.kind == "groupnorm" else Backbone
+        backbone = family(spec.name, cfg.train_backbone, spec.return_interm_layers, spec.dilation, **options)
+    if spec.fold_frozen_bn:
+        fold_frozen_batch_norm(backbone.body)
+    if CHANNELS_LAST_BY_DEFAULT[spec.kind] if spec.channels_last is None else spec.channels_last:
+        backbone.use_channels_last()
+    return backbone
 
 
 def build_backbone(args: Any) -> Joiner:
@@ -66,4 +78,6 @@ def build_backbone(args: Any) -> Joiner:
         joiner.requires_grad_(False)
     if cfg.position_lr == 0:
         joiner[1].requires_grad_(False)  # a table that can never move must not claim to train
+    if cfg.backbone.compile:
+        joiner.compile()  # in place: the module tree and state dict keys stay DETR's
     return joiner

@@ -6,6 +6,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .encoding_cache import MaskKeyedCache
 from .nested_tensor import NestedTensor
 
 
@@ -16,6 +17,9 @@ class PositionEmbeddingSine(nn.Module):
     the last valid row/column. ``offset`` (Deformable-DETR uses -0.5) shifts positions to pixel
     centres before normalising. Output channels: y block then x block, each interleaving sin (even)
     and cos (odd), ``2 * num_pos_feats`` in all. Always computed in float32.
+
+    The encoding depends only on the mask, so ``cache_size > 0`` keeps the last ``cache_size``
+    results, keyed by the mask's shape, device and content (fixed-size batches hit every time).
     """
 
     def __init__(
@@ -27,6 +31,7 @@ class PositionEmbeddingSine(nn.Module):
         *,
         eps: float = 1e-6,
         offset: float = 0.0,
+        cache_size: int = 0,
     ):
         super().__init__()
         if scale is not None and not normalize:
@@ -41,9 +46,13 @@ class PositionEmbeddingSine(nn.Module):
         self.scale = 2 * math.pi if scale is None else scale
         self.eps = eps
         self.offset = offset
+        self.cache = MaskKeyedCache(cache_size)
 
     def forward(self, tensor_list: NestedTensor) -> Tensor:
-        not_mask = ~tensor_list.mask
+        return self.cache.get_or_compute(tensor_list.mask, self.encode)
+
+    def encode(self, mask: Tensor) -> Tensor:
+        not_mask = ~mask
         y_embed = not_mask.cumsum(1, dtype=torch.float32)
         x_embed = not_mask.cumsum(2, dtype=torch.float32)
         if self.normalize:
@@ -58,7 +67,8 @@ class PositionEmbeddingSine(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_pos_feats={self.num_pos_feats}, temperature={self.temperature}, normalize={self.normalize}, "
-            f"scale={self.scale:.4f}, eps={self.eps}, offset={self.offset}"
+            f"scale={self.scale:.4f}, eps={self.eps}, offset={self.offset}, "
+            f"cache_size={self.cache.max_entries}"
         )
 
 

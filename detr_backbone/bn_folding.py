@@ -1,0 +1,65 @@
+"""Frozen BatchNorm folded into the convolution before it, at forward time.
+
+``conv(x, W) * scale + shift == conv(x, W * scale) + shift``: the folded convolution computes the
+right-hand side with the norm's current buffers on every call, so the BatchNorm's elementwise pass
+over the feature map disappears while gradients still reach ``W`` (a trained stage keeps training).
+Nothing is renamed or copied: the convolution keeps its parameters, the norm keeps its buffers
+under its own name, so the state dict is DETR's and checkpoints load before or after folding.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .frozen_batch_norm import FoldedFrozenBatchNorm2d, FrozenBatchNorm2d, as_folded
+
+
+class FoldedConv2d(nn.Conv2d):
+    """A Conv2d that applies the frozen BatchNorm following it (held, not registered: no new keys)."""
+
+    norm: FoldedFrozenBatchNorm2d
+
+    @classmethod
+    def folding(cls, conv: nn.Conv2d, norm: FoldedFrozenBatchNorm2d) -> FoldedConv2d:
+        folded = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
+        )  # fmt: skip
+        folded.weight, folded.bias = conv.weight, conv.bias
+        folded.train(conv.training)
+        object.__setattr__(folded, "norm", norm)  # a plain attribute: the norm stays registered where it was
+        return folded
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, shift = self.norm.scale_shift()
+        weight = self.weight * scale.to(self.weight.dtype)[:, None, None, None]
+        bias = shift if self.bias is None else self.bias * scale + shift
+        return self._conv_forward(x, weight, bias.to(weight.dtype))
+
+
+def _norm_after(conv_name: str) -> str | None:
+    """Where torchvision's ResNets put the norm that reads a convolution: conv2 -> bn2, downsample.0 -> .1."""
+    if conv_name.startswith("conv"):
+        return "bn" + conv_name.removeprefix("conv")
+    if conv_name.isdigit():
+        return str(int(conv_name) + 1)
+    return None
+
+
+def fold_frozen_batch_norm(module: nn.Module) -> int:
+    """Fold every FrozenBatchNorm2d of ``module`` into the convolution that feeds it; returns how many.
+
+    Pairs are found by torchvision's ResNet naming (``convK``/``bnK`` siblings, and consecutive
+    entries of a Sequential); other norms (GroupNorm, timm's frozen norms) are left as they are.
+    """
+    folded = 0
+    for parent in list(module.modules()):
+        children = dict(parent.named_children())
+        for name, conv in children.items():
+            norm_name = _norm_after(name)
+            norm = children.get(norm_name)
+            if type(conv) is nn.Conv2d and type(norm) is FrozenBatchNorm2d and norm.weight.numel() == conv.out_channels:
+                identity = as_folded(norm)
+                setattr(parent, norm_name, identity)
+                setattr(parent, name, FoldedConv2d.folding(conv, identity))
+                folded += 1
+    return folded
