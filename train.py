@@ -13,6 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from detr_backbone.loss_guard import NonFiniteLossError
 from detr_backbone.train_config import register_configs
 from detr_backbone.training import Job, validated
 from detr_backbone.weights import CheckpointMismatchError
@@ -20,13 +21,24 @@ from detr_backbone.weights import CheckpointMismatchError
 register_configs()
 
 
+def one_line(error: Exception) -> str:
+    """``error: <message>`` on one line (a checkpoint mismatch lists its keys on several)."""
+    text = "error:"
+    for line in filter(None, (line.strip() for line in str(error).splitlines())):
+        text += (" " if text.endswith(":") else "; ") + line
+    return text
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
         job = Job(validated(cfg), Path(HydraConfig.get().runtime.output_dir))
-    except (ValueError, CheckpointMismatchError) as error:
-        raise SystemExit(f"error: {error}") from None
-    return job.run()
+    except (ValueError, FileNotFoundError, CheckpointMismatchError) as error:
+        raise SystemExit(one_line(error)) from None
+    try:
+        return job.run()
+    except NonFiniteLossError as error:
+        raise SystemExit(one_line(error)) from None
 
 
 if __name__ == "__main__":

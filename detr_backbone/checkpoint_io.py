@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -55,3 +56,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path)
             return
         atomic_torch_save(checkpoint, path)
+
+
+def check_resume_checkpoint(path: str | os.PathLike) -> None:
+    """Fail early, in one line, when ``ckpt_path`` cannot be resumed from: missing or cut short.
+
+    ``torch.save`` writes a zip archive whose directory sits at the very end, so a file cut short
+    (a write killed before atomic writes, a partial copy) is recognised without reading it whole.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"ckpt_path={os.fspath(path)!r} does not exist; give a checkpoint file such as <run>/checkpoints/last.ckpt")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"ckpt_path={os.fspath(path)!r} is not a complete checkpoint (truncated or not written by torch.save); "
+            "resume from another one, e.g. the best epoch checkpoint in the same folder"
+        )

@@ -10,7 +10,7 @@ from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelChec
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
 
-from .checkpoint_io import AtomicCheckpointIO
+from .checkpoint_io import AtomicCheckpointIO, check_resume_checkpoint
 from .config import JoinerConfig, require
 from .data import build_datamodule
 from .lightning_module import DetrModule
@@ -38,6 +38,8 @@ def validated(cfg: DictConfig | Config) -> Config:
         config.callbacks.non_finite_loss in NON_FINITE_ACTIONS,
         f"callbacks.non_finite_loss={config.callbacks.non_finite_loss!r} is not one of {', '.join(NON_FINITE_ACTIONS)}",
     )
+    if config.ckpt_path is not None:
+        check_resume_checkpoint(config.ckpt_path)
     JoinerConfig.from_args(config)  # cross-field checks of the Joiner's knobs
     return config
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -48,6 +49,10 @@ def load_rgb_image(path: Path) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {error}") from error
 
 
+class DegenerateBoxWarning(UserWarning):
+    """Boxes without area (zero width or height, or wholly outside the image) were dropped."""
+
+
 class CocoDetection(Dataset):
     """COCO instances as DETR reads them: crowd regions dropped, boxes clipped to the image, and
     category ids mapped to contiguous labels 0..K-1 in sorted id order (``category_ids[label]`` = id)."""
@@ -77,11 +82,20 @@ class CocoDetection(Dataset):
     def load(self, index: int) -> tuple[Image.Image, Target]:
         """The untransformed sample: the RGB image and absolute XYXY boxes of its non-crowd objects."""
         image_id = self.image_ids[index]
-        image = load_rgb_image(self.image_dir / self.coco.imgs[image_id]["file_name"])
+        path = self.image_dir / self.coco.imgs[image_id]["file_name"]
+        image = load_rgb_image(path)
         annotations = [ann for ann in self.coco.imgToAnns[image_id] if not ann.get("iscrowd", 0)]
         xywh = torch.tensor([ann["bbox"] for ann in annotations], dtype=torch.float32).reshape(-1, 4)
         boxes = clip_boxes_to_image(box_convert(xywh, "xywh", "xyxy"), (image.height, image.width))
         labels = torch.tensor([self._label_of[ann["category_id"]] for ann in annotations], dtype=torch.int64)
         # Like DETR, drop boxes with no area (zero-size or wholly outside the image once clipped).
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        if not keep.all():
+            dropped = [ann["id"] for ann, kept in zip(annotations, keep.tolist()) if not kept]
+            warnings.warn(
+                f"{path}: dropped {len(dropped)} of {len(annotations)} boxes with no area inside the "
+                f"{image.width}x{image.height} image (annotation ids {dropped})",
+                DegenerateBoxWarning,
+                stacklevel=2,
+            )
         return image, detection_target(boxes[keep], labels[keep], image_id, image.height, image.width)
