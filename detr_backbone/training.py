@@ -14,10 +14,10 @@ from .checkpoint_io import AtomicCheckpointIO, check_resume_checkpoint
 from .config import JoinerConfig, require
 from .data import build_datamodule
 from .lightning_module import DetrModule
+from .last_checkpoint import LastCheckpoint
 from .loss_guard import NON_FINITE_ACTIONS, NonFiniteLossGuard
 from .model_summary import ParameterSummary
 from .prediction_grid import PredictionGrid
-from .step_checkpoint import StepCheckpoint
 from .train_config import CallbacksConfig, Config, LoggerConfig
 
 PROGRESS_BARS = {"tqdm": TQDMProgressBar, "rich": RichProgressBar}
@@ -55,14 +55,12 @@ def build_callbacks(cfg: CallbacksConfig, run_dir: Path) -> list[Callback]:
             monitor=checkpoint.monitor,
             mode=checkpoint.mode,
             save_top_k=checkpoint.save_top_k,
-            save_last=checkpoint.save_last,
             every_n_epochs=checkpoint.every_n_epochs,
-            enable_version_counter=False,  # last.ckpt is shared with the step checkpoint below
         ),
         NonFiniteLossGuard(cfg.non_finite_loss),
     ]
-    if checkpoint.every_n_train_steps:
-        callbacks.append(StepCheckpoint(run_dir / "checkpoints", checkpoint.every_n_train_steps))
+    if checkpoint.save_last:
+        callbacks.append(LastCheckpoint(run_dir / "checkpoints", checkpoint.every_n_train_steps))
     if cfg.lr_monitor:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.progress_bar in PROGRESS_BARS:

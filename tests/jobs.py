@@ -20,6 +20,15 @@ TINY = [
 ]  # fmt: skip
 
 
+# Smaller still, for jobs that run several times in one test: 8 images of 32-48 pixels in batches of 2,
+# a ResNet-18-GN cut after layer3, no picture or summary callbacks, no test after fitting.
+SMALL = [
+    *(o for o in TINY if not o.startswith(("backbone=", "data.batch_size", "data.min_size", "data.max_size"))),
+    "backbone=resnet18_gn", "data.batch_size=2", "data.min_size=32", "data.max_size=48", "data.train_size=8",
+    "data.val_size=2", "callbacks.predictions.enabled=false", "callbacks.parameter_summary=false", "test_after_fit=false",
+]  # fmt: skip
+
+
 def compose_config(*overrides: str):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))

@@ -17,14 +17,8 @@ from detr_backbone.lightning_module import DetrModule
 from detr_backbone.loss_guard import NonFiniteLossError, NonFiniteLossGuard
 from detr_backbone.training import Job, validated
 
-from .jobs import ROOT, TINY, compose_config
+from .jobs import ROOT, SMALL, compose_config
 
-# The smallest job that still trains: 8 images of 32-48 pixels in batches of 2, a ResNet-18-GN cut after layer3.
-SMALL = (
-    *(o for o in TINY if not o.startswith(("backbone=", "data.batch_size", "data.min_size", "data.max_size"))),
-    "backbone=resnet18_gn", "data.batch_size=2", "data.min_size=32", "data.max_size=48", "data.train_size=8",
-    "data.val_size=2", "callbacks.predictions.enabled=false", "callbacks.parameter_summary=false", "test_after_fit=false",
-)  # fmt: skip
 # 4 steps per epoch, last.ckpt every 3 steps, two epochs (8 steps).
 RESUMABLE = (*SMALL, "trainer.max_epochs=2", "callbacks.checkpoint.every_n_train_steps=3")
 
