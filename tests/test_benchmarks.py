@@ -1,0 +1,90 @@
+"""The benchmark script: the reference it times is DETR's computation, and --quick runs end to end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import joiner as joiner_bench
+from benchmarks import run
+from benchmarks.machine import peak_memory_mb, theoretical_cpu_peak
+from benchmarks.reference import ReferenceJoiner
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_reference_layout_computes_what_our_plain_joiner_computes():
+    torch.manual_seed(0)
+    reference = ReferenceJoiner("resnet18", hidden_dim=joiner_bench.HIDDEN_DIM).eval()
+    ours = joiner_bench.build_ours(joiner_bench.MODELS["resnet18"], joiner_bench.PLAIN)
+    ours[0].body.load_state_dict(reference.body.state_dict())
+    batch = joiner_bench.detr_batch(64, 96, torch.device("cpu"))
+    with torch.no_grad():
+        feature, mask, position = reference(batch.tensors, batch.mask)
+        (our_feature,), (our_position,) = ours.eval()(batch)
+    assert torch.equal(feature, our_feature.tensors) and torch.equal(mask, our_feature.mask)
+    assert position.shape[1] == joiner_bench.HIDDEN_DIM and torch.equal(position, our_position)
+    assert batch.mask[1].any() and not batch.mask[0].any()  # the second image is padded
+
+
+def test_reference_freezes_like_detr():
+    trained = {name for name, p in ReferenceJoiner("resnet18").named_parameters() if p.requires_grad}
+    assert trained and all(name.startswith(("body.layer2", "body.layer3", "body.layer4")) for name in trained)
+
+
+def test_peak_memory_sees_a_large_allocation():
+    grown = peak_memory_mb(lambda: torch.ones(64, 2**20).sum(), torch.device("cpu"))  # 256 MiB, then freed
+    assert 200 < grown < 400
+
+
+def test_theoretical_peak_derivation_is_stated():
+    peak = theoretical_cpu_peak()
+    if peak is None:
+        pytest.skip("no lscpu or no vector flags on this machine")
+    assert peak["gflops"] == pytest.approx(peak["cores"] * peak["ghz"] * peak["flop_per_cycle"])
+    assert "cores" in peak["derivation"] and "FLOP/cycle" in peak["derivation"]
+
+
+def test_quick_run_writes_every_section(tmp_path):
+    output = tmp_path / "quick.json"
+    run.main(["--quick", "--output", str(output)])
+    results = json.loads(output.read_text())
+    assert set(results) == {"machine", "settings", "joiner", "loop", "default_job", "data"}
+    assert results["machine"]["measured_peak_gflops"] > 0
+    rows = results["joiner"]
+    assert [(row["model"], row["mode"]) for row in rows] == [("resnet18", "inference"), ("resnet18", "train")]
+    for row in rows:
+        assert row["batch"] == [2, 3, 64, 96] and row["gflop"] > 0
+        variants = row["variants"]
+        assert set(variants) == {"reference", "plain", "default", "channels_last", "fold_frozen_bn", "pos_cache"}
+        assert variants["reference"]["ratio_to_reference"] == 1.0
+        for numbers in variants.values():
+            assert numbers["images_per_s"] == pytest.approx(2 / numbers["median_s"])
+            assert numbers["gflops"] == pytest.approx(row["gflop"] / numbers["median_s"])
+    loop = results["loop"]
+    assert loop["overhead_pct"] == pytest.approx(100 * (loop["lightning_s_per_step"] / loop["plain_s_per_step"] - 1))
+    assert set(results["default_job"]["variants"]) == {"plain", "channels_last", "pos_cache", "default"}
+    assert set(results["data"]["batches_per_s_by_workers"]) == {"0", "1"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--size", "16x16"], "at least 32x32"),
+        (["--size", "big"], "HEIGHTxWIDTH"),
+        (["--models", "resnet51"], "unknown model"),
+        (["--sections", "joiner,speed"], "unknown section"),
+        (["--repeats", "0"], "must be >= 1"),
+    ],
+)
+def test_bad_flags_are_named(argv, fragment, capsys):
+    with pytest.raises(SystemExit):
+        run.parse_args(argv)
+    assert fragment in capsys.readouterr().err
