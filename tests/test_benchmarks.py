@@ -12,12 +12,7 @@ from benchmarks.machine import peak_memory_mb, theoretical_cpu_peak
 from benchmarks.reference import ReferenceJoiner
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_reference_layout_computes_what_our_plain_joiner_computes():

@@ -24,12 +24,7 @@ PLAIN = {"channels_last": False, "fold_frozen_bn": False}
 RTOL, ATOL_FRACTION = 1e-4, 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def joiner_with(name="resnet18", kind="torchvision", cache_size=None, **backbone):
