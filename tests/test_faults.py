@@ -19,8 +19,8 @@ from detr_backbone.training import Job, validated
 
 from .jobs import ROOT, SMALL, compose_config
 
-# 4 steps per epoch, last.ckpt every 3 steps, two epochs (8 steps).
-RESUMABLE = (*SMALL, "trainer.max_epochs=2", "callbacks.checkpoint.every_n_train_steps=3")
+# 6 images in batches of 2: 3 steps per epoch, last.ckpt every 2 steps (and after each epoch), two epochs.
+RESUMABLE = (*SMALL, "data.train_size=6", "trainer.max_epochs=2", "callbacks.checkpoint.every_n_train_steps=2")
 
 # Runs train.py, but the training data blocks at its n-th sample after touching a marker file,
 # so the test knows where the run is when it kills it.
@@ -68,37 +68,37 @@ def test_run_killed_mid_epoch_resumes_with_the_uninterrupted_order_and_weights(t
     straight = Job(validated(compose_config(*RESUMABLE)), tmp_path / "straight")
     straight.run()
     straight_order = list(seen)
-    assert len(straight_order) == 16
+    assert len(straight_order) == 12
 
-    # The killed run blocks on sample 12: epoch 1, after 2 of its 4 batches; last.ckpt is from step 6.
+    # The killed run blocks on sample 8: epoch 1, after 1 of its 3 batches; last.ckpt is from step 4.
     marker = tmp_path / "blocked"
     (tmp_path / "blocking_train.py").write_text(BLOCKING_TRAIN)
     killed = subprocess.Popen(
-        [sys.executable, str(tmp_path / "blocking_train.py"), str(marker), "12", str(ROOT / "train.py"), *RESUMABLE,
+        [sys.executable, str(tmp_path / "blocking_train.py"), str(marker), "8", str(ROOT / "train.py"), *RESUMABLE,
          f"hydra.run.dir={tmp_path}/killed"],
         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 240
     while not marker.exists() and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert marker.exists(), killed.stderr.read() if killed.poll() is not None else "the run never reached sample 12"
+    assert marker.exists(), killed.stderr.read() if killed.poll() is not None else "the run never reached sample 8"
     os.kill(killed.pid, signal.SIGKILL)
     assert killed.wait(timeout=60) == -signal.SIGKILL
 
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True)
-    assert (checkpoint["global_step"], checkpoint["epoch"]) == (6, 1)
-    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"batches": 2}]
+    assert (checkpoint["global_step"], checkpoint["epoch"]) == (4, 1)
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"batches": 1}]
     assert not list(last.parent.glob(".*.tmp"))
 
     seen.clear()
     resumed = Job(validated(compose_config(*RESUMABLE, f"ckpt_path={last}")), tmp_path / "resumed")
     resumed.run()
-    assert seen == straight_order[12:]  # the rest of epoch 1, in the uninterrupted order, nothing twice
-    assert resumed.trainer.global_step == straight.trainer.global_step == 8
+    assert seen == straight_order[8:]  # the rest of epoch 1, in the uninterrupted order, nothing twice
+    assert resumed.trainer.global_step == straight.trainer.global_step == 6
     assert resumed.trainer.current_epoch == 2
     steps = {int(state["step"]) for state in resumed.trainer.optimizers[0].state.values()}
-    assert steps == {8}
+    assert steps == {6}
     for (name, a), b in zip(straight.module.state_dict().items(), resumed.module.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
