@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -103,8 +104,8 @@ def test_run_killed_mid_epoch_resumes_with_the_uninterrupted_order_and_weights(t
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("replicas", [1, 2])
-def test_loader_state_skips_the_batches_already_handed_out(replicas):
+@pytest.mark.parametrize(("replicas", "workers"), [(1, 0), (2, 0), (1, 1)])
+def test_loader_state_skips_the_batches_already_handed_out(replicas, workers):
     dataset = list(range(22))
 
     def loaders():
@@ -113,26 +114,26 @@ def test_loader_state_skips_the_batches_already_handed_out(replicas):
             from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
 
             samplers = [DistributedSamplerWrapper(s, num_replicas=replicas, rank=r, shuffle=False) for r, s in enumerate(samplers)]
-        return [ResumableDataLoader(dataset, batch_size=3, sampler=s) for s in samplers]
+        options = {"num_workers": workers, "persistent_workers": workers > 0}
+        return [ResumableDataLoader(dataset, batch_size=3, sampler=s, **options) for s in samplers]
 
-    def set_epoch(loader, epoch):
-        loader.sampler.set_epoch(epoch)  # the wrapper forwards it, as Lightning relies on
-
-    for loader in (uninterrupted := loaders()):
-        set_epoch(loader, 5)
-    full = [[batch.tolist() for batch in loader] for loader in uninterrupted]
-    for rank, loader in enumerate(interrupted := loaders()):
-        set_epoch(loader, 5)
+    def epoch_pass(loader, epoch):
+        """Lightning's order on resume: ``iter`` first, ``set_epoch`` (forwarded by the wrapper) after."""
         iterator = iter(loader)
+        loader.sampler.set_epoch(epoch)
+        return iterator
+
+    full = [[batch.tolist() for batch in epoch_pass(loader, 5)] for loader in loaders()]
+    for rank, loader in enumerate(interrupted := loaders()):
+        iterator = epoch_pass(loader, 5)
         for _ in range(2):
             next(iterator)
         assert loader.state_dict() == {"batches": 2}
         resumed = loaders()[rank]
         resumed.load_state_dict(loader.state_dict())
-        set_epoch(resumed, 5)
-        assert [batch.tolist() for batch in resumed] == full[rank][2:]
+        assert [batch.tolist() for batch in epoch_pass(resumed, 5)] == full[rank][2:]
         assert resumed.state_dict() == {"batches": len(full[rank])}
-        assert [batch.tolist() for batch in resumed] == full[rank]  # the next pass is whole again
+        assert [batch.tolist() for batch in epoch_pass(resumed, 5)] == full[rank]  # the next pass is whole again
     with pytest.raises(ValueError, match=f"position 99 is outside this loader's {len(full[0])} batches"):
         interrupted[0].load_state_dict({"batches": 99})
 
@@ -159,6 +160,26 @@ def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypa
 def test_trainer_writes_checkpoints_through_the_atomic_writer(tmp_path):
     job = Job(validated(compose_config(*SMALL)), tmp_path)
     assert type(job.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+
+
+def test_guard_decides_with_the_other_processes():
+    """Under DDP one process's NaN poisons everyone's all-reduced gradients: all stop, or all skip."""
+    other_process_bad = SimpleNamespace(reduce_boolean_decision=lambda local_bad, all: True)
+    trainer = SimpleNamespace(
+        strategy=other_process_bad, global_step=7, current_epoch=1, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=3))
+    )
+    layer = torch.nn.Linear(2, 1)
+    layer(torch.ones(1, 2)).sum().backward()
+    optimizer = torch.optim.AdamW(layer.parameters())
+    stop = NonFiniteLossGuard("stop")
+    stop.on_before_backward(trainer, None, torch.tensor(0.5))  # finite here
+    with pytest.raises(NonFiniteLossError, match=r"loss is non-finite on another process at global step 7 \(epoch 1, batch 3\)"):
+        stop.on_before_optimizer_step(trainer, None, optimizer)
+    skip = NonFiniteLossGuard("skip")
+    skip.on_before_backward(trainer, None, torch.tensor(0.5))
+    with pytest.warns(UserWarning, match="skipped the optimizer step at global step 7"):
+        skip.on_before_optimizer_step(trainer, None, optimizer)
+    assert all(p.grad is None for p in layer.parameters()) and skip.skipped_steps == 1
 
 
 def poison_loss_at(monkeypatch, bad_batch: int) -> None:
