@@ -30,17 +30,20 @@ class NonFiniteLossGuard(Callback):
         self._bad_loss: float | None = None
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        # With gradient accumulation several backwards feed one step: any bad one spoils it.
         value = loss.detach()
-        self._bad_loss = None if torch.isfinite(value).all() else float(value.float().sum())
+        if self._bad_loss is None and not torch.isfinite(value).all():
+            self._bad_loss = float(value.float().sum())
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self._bad_loss is not None, all=False):
+        bad_loss, self._bad_loss = self._bad_loss, None
+        if not trainer.strategy.reduce_boolean_decision(bad_loss is not None, all=False):
             return
         where = (
             f"global step {trainer.global_step} (epoch {trainer.current_epoch}, "
             f"batch {trainer.fit_loop.epoch_loop.batch_idx})"
         )
-        loss = "non-finite on another process" if self._bad_loss is None else str(self._bad_loss)
+        loss = "non-finite on another process" if bad_loss is None else str(bad_loss)
         if self.action == "stop":
             raise NonFiniteLossError(
                 f"training loss is {loss} at {where}; the weights are those of the step before. "

@@ -202,6 +202,14 @@ def test_nan_loss_stops_the_run_naming_the_step_before_the_weights_change(tmp_pa
     assert {int(state["step"]) for state in job.trainer.optimizers[0].state.values()} == {1}
 
 
+def test_a_bad_micro_batch_spoils_its_accumulated_step(tmp_path, monkeypatch):
+    poison_loss_at(monkeypatch, bad_batch=0)  # the first of the two batches accumulated into step 0
+    job = Job(validated(compose_config(*SMALL, "trainer.accumulate_grad_batches=2")), tmp_path)
+    with pytest.raises(NonFiniteLossError, match=r"training loss is nan at global step 0 \(epoch 0, batch 1\)"):
+        job.run()
+    assert all(torch.isfinite(p).all() for p in job.module.parameters())
+
+
 def test_nan_loss_step_is_skipped_when_asked(tmp_path, monkeypatch):
     poison_loss_at(monkeypatch, bad_batch=1)
     job = Job(validated(compose_config(*SMALL, "callbacks.non_finite_loss=skip")), tmp_path)
