@@ -100,8 +100,11 @@ class Job:
         self.module = build_module(cfg, self.datamodule.num_classes)
         callbacks = build_callbacks(cfg.callbacks, run_dir)
         self.checkpoint = callbacks[0]
+        trainer_args = asdict(cfg.trainer)
+        # without a bar of our choosing, Lightning would add its default one
+        trainer_args["enable_progress_bar"] &= cfg.callbacks.progress_bar != "none"
         self.trainer = pl.Trainer(
-            **asdict(cfg.trainer),
+            **trainer_args,
             callbacks=callbacks,
             logger=build_loggers(cfg.logger, run_dir) or False,
             default_root_dir=run_dir,

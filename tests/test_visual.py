@@ -239,6 +239,11 @@ def test_rich_bar_needs_rich(tmp_path):
             validated(compose_config(*TINY, "callbacks.progress_bar=rich"))
 
 
+def test_no_progress_bar_means_none_at_all(tmp_path):
+    assert job(tmp_path, "callbacks.progress_bar=none").trainer.progress_bar_callback is None
+    assert isinstance(job(tmp_path, "callbacks.progress_bar=tqdm").trainer.progress_bar_callback, TQDMProgressBar)
+
+
 # --- the render command ------------------------------------------------------------------------
 
 
