@@ -71,6 +71,7 @@ class BackboneBase(nn.Module):
         self.feature_channels = list(channels)
         self.feature_strides = list(strides)
         self.num_channels = self.feature_channels[-1]
+        self.in_channels = next(m.in_channels for m in body.modules() if isinstance(m, nn.Conv2d))
         self.channels_last = False
 
     def use_channels_last(self) -> None:
@@ -80,6 +81,10 @@ class BackboneBase(nn.Module):
 
     def forward(self, tensor_list: NestedTensor) -> dict[str, NestedTensor]:
         images = tensor_list.tensors
+        if images.dim() != 4 or images.shape[1] != self.in_channels:
+            raise ValueError(
+                f"the backbone takes images of shape (batch, {self.in_channels}, height, width), got {tuple(images.shape)}"
+            )
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         features = self.body(images)

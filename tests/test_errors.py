@@ -83,12 +83,13 @@ def test_mask_that_does_not_match_its_images():
     assert one_line_error(error).startswith("NestedTensor mask of shape (2, 32, 40) does not match tensors of shape (2, 3, 32, 48)")
 
 
-def test_images_with_the_wrong_number_of_channels():
-    joiner = build_backbone({"backbone": {"name": "resnet18"}, "hidden_dim": 16, "lr_backbone": 0.0})
+@pytest.mark.parametrize("kind, name", [("torchvision", "resnet18"), ("timm", "efficientnet_b0")])
+def test_images_with_the_wrong_number_of_channels(kind, name):
+    joiner = build_backbone({"backbone": {"kind": kind, "name": name}, "hidden_dim": 16, "lr_backbone": 0.0})
     grey = NestedTensor(torch.zeros(1, 1, 32, 32), torch.zeros(1, 32, 32, dtype=torch.bool))
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(ValueError) as error:
         joiner(grey)
-    assert "to have 3 channels, but got 1 channels instead" in one_line_error(error)
+    assert one_line_error(error) == "the backbone takes images of shape (batch, 3, height, width), got (1, 1, 32, 32)"
 
 
 # --- data ---------------------------------------------------------------------------------------
