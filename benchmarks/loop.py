@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import itertools
 import statistics
 import tempfile
@@ -186,6 +187,7 @@ def data_loading(cfg: Config, batches: int, worker_counts: Sequence[int]) -> dic
             next(loader)
         rates[str(workers)] = batches / (time.perf_counter() - start)
         del loader
+        gc.collect()  # shut these workers down now, not inside the next loader's forked workers
     return {
         "batches": batches,
         "batches_per_s_by_workers": rates,

@@ -24,19 +24,25 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measured_peak_gflops(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
-    """The best fp32 rate of a large square matmul: what the BLAS reaches on this machine, now."""
+def square_matmul(device: torch.device, size: int = 2048) -> tuple[Callable[[], object], int]:
+    """A large fp32 matmul and its FLOP count: the rate the BLAS reaches is the machine's practical peak."""
     a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    return (lambda: a @ b), 2 * size**3
+
+
+def measured_peak_gflops(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
+    """The best rate of ``repeats`` square matmuls, after three untimed ones."""
+    call, flops = square_matmul(device, size)
     for _ in range(3):
-        a @ b
+        call()
     best = float("inf")
     for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        a @ b
+        call()
         synchronize(device)
         best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
+    return flops / best / 1e9
 
 
 def theoretical_cpu_peak() -> dict | None:
@@ -71,7 +77,7 @@ def theoretical_cpu_peak() -> dict | None:
     }
 
 
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's ceiling for its dynamic threshold on 64-bit
 
 
@@ -82,7 +88,9 @@ def rss_tracks_live_memory():
     glibc serves a large block from the heap, where a free keeps the pages, once its dynamic mmap
     threshold has risen; the resident set then no longer falls when tensors die, and a second
     call's peak reads as ~0. A low fixed threshold puts every tensor of 64 KiB or more in its own
-    mapping, returned on free. Timing runs outside this block, at glibc's ceiling threshold.
+    mapping, returned on free. Afterwards both thresholds are set where glibc's own adjustment
+    ends for large blocks (mmap 32 MiB, trim twice that): left at the fixed-threshold trim default
+    (128 KiB), every step would hand its activations back to the kernel and fault them in again.
     """
     name = ctypes.util.find_library("c")
     libc = ctypes.CDLL(name) if name else None
@@ -95,6 +103,7 @@ def rss_tracks_live_memory():
         yield
     finally:
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD_MAX)
 
 
 def _rss_bytes() -> int:

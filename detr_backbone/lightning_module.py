@@ -45,7 +45,10 @@ def build_detector(joiner_cfg: JoinerConfig, head: HeadConfig, num_classes: int)
         normalize_before=head.pre_norm,
         return_intermediate_dec=True,
     )
-    return DETR(build_backbone(joiner_cfg), transformer, num_classes, head.num_queries, aux_loss=head.aux_loss)
+    detector = DETR(build_backbone(joiner_cfg), transformer, num_classes, head.num_queries, aux_loss=head.aux_loss)
+    if head.compile:
+        detector.compile()  # in place: state dict keys unchanged
+    return detector
 
 
 def build_criterion(head: HeadConfig, num_classes: int, num_boxes_reduce) -> SetCriterion:

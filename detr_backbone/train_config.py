@@ -31,6 +31,7 @@ class HeadConfig:
     loss_bbox: float = 5.0
     loss_giou: float = 2.0
     eos_coef: float = 0.1  # weight of the no-object class in the cross-entropy
+    compile: bool = False  # torch.compile the whole detector in place (backbone.compile: the Joiner only)
 
     def __post_init__(self) -> None:
         for name in ("num_queries", "dec_layers", "nheads", "dim_feedforward"):

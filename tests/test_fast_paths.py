@@ -3,10 +3,12 @@ DETR's state dict, and is switched by config."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from argparse import Namespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from detr_backbone import NestedTensor, build_backbone, nested_tensor_from_tensor_list
@@ -14,7 +16,9 @@ from detr_backbone.bn_folding import FoldedConv2d, fold_frozen_batch_norm
 from detr_backbone.config import BackboneConfig, JoinerConfig, PositionConfig
 from detr_backbone.data import build_datamodule
 from detr_backbone.frozen_batch_norm import FrozenBatchNorm2d
+from detr_backbone.lightning_module import build_detector
 from detr_backbone.position_encoding import PositionEmbeddingSine
+from detr_backbone.train_config import HeadConfig
 from detr_backbone.weights import load_checkpoint
 
 from .jobs import compose_config
@@ -244,3 +248,13 @@ def test_size_divisibility_reaches_the_collate():
     images, _ = next(iter(loader))
     assert images.tensors.shape[-2] % 32 == 0 and images.tensors.shape[-1] % 32 == 0
     assert images.mask[:, -1].any()  # 64-96 px images padded up to 96 or 128: real padding
+
+
+def test_model_compile_option_compiles_the_detector_in_place():
+    cfg = compose_config("hidden_dim=32", "model.enc_layers=1", "model.dec_layers=1", "model.dim_feedforward=64", "model.compile=true")
+    head = HeadConfig(**OmegaConf.to_container(cfg.model, resolve=True))
+    joiner_cfg = JoinerConfig.from_args({"backbone": {"name": "resnet18"}, "hidden_dim": 32})
+    compiled = build_detector(joiner_cfg, head, num_classes=3)
+    eager = build_detector(joiner_cfg, dataclasses.replace(head, compile=False), num_classes=3)
+    assert compiled._compiled_call_impl is not None and eager._compiled_call_impl is None
+    assert list(compiled.state_dict()) == list(eager.state_dict())
