@@ -62,7 +62,7 @@ class PositionConfig:
     eps: float = 1e-6  # sine
     num_embeddings: int = 50  # learned: rows and columns of the table
     lr: Optional[float] = None  # learned: the table's lr; null = lr_backbone (what DETR's name match gave it)
-    cache_size: int = 32  # sine: encodings kept for repeated masks (0: recompute every call)
+    cache_size: int = 0  # sine: encodings kept for repeated masks; off: no gain measured, a key per call
 
     def __post_init__(self) -> None:
         require(self.lr is None or self.lr >= 0, f"position.lr={self.lr} must be null or >= 0")
