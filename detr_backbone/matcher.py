@@ -30,7 +30,7 @@ class HungarianMatcher(nn.Module):
         self.cost_giou = cost_giou
 
     def cost_matrix(self, logits: Tensor, boxes: Tensor, target_labels: Tensor, target_boxes: Tensor) -> Tensor:
-        """(queries, targets) costs of one image from its logits (Q, K+1) and cxcywh boxes (Q, 4)."""
+        """(queries, targets) costs from logits (Q, K+1) and cxcywh boxes (Q, 4), queries of any images."""
         probabilities = logits.float().softmax(-1)
         boxes, target_boxes = boxes.float(), target_boxes.float()
         class_cost = -probabilities[:, target_labels]
@@ -43,11 +43,24 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def forward(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> Indices:
         """For each image, (query indices, target indices) as int64 tensors of equal length, on the CPU."""
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        batch, num_queries = logits.shape[:2]
+        if len(targets) != batch:
+            raise ValueError(f"the matcher got {len(targets)} targets for a batch of {batch} images")
+        # One cost matrix for every query against every target of the batch (a few large ops instead
+        # of many small ones per image); each image then keeps its own block.
+        cost = self.cost_matrix(
+            logits.flatten(0, 1),
+            boxes.flatten(0, 1),
+            torch.cat([target["labels"] for target in targets]),
+            torch.cat([target["boxes"] for target in targets]),
+        )
+        cost = cost.view(batch, num_queries, -1).cpu()
+        if not torch.isfinite(cost).all():
+            raise ValueError("the matching cost has NaN or inf entries: the predictions or target boxes are not finite")
+        blocks = cost.split([len(target["labels"]) for target in targets], dim=-1)
         indices = []
-        for logits, boxes, target in zip(outputs["pred_logits"], outputs["pred_boxes"], targets, strict=True):
-            cost = self.cost_matrix(logits, boxes, target["labels"], target["boxes"]).cpu()
-            if not torch.isfinite(cost).all():
-                raise ValueError("the matching cost has NaN or inf entries: the predictions or target boxes are not finite")
-            queries, objects = linear_sum_assignment(cost.numpy())
+        for image, block in enumerate(blocks):
+            queries, objects = linear_sum_assignment(block[image].numpy())
             indices.append((torch.as_tensor(queries, dtype=torch.int64), torch.as_tensor(objects, dtype=torch.int64)))
         return indices

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from detr_backbone import build_backbone, nested_tensor_from_tensor_list
@@ -268,6 +269,26 @@ def test_matcher_finds_the_swap_and_handles_empty_targets():
     assert queries.tolist() == [0, 1] and objects.tolist() == [1, 0]
     assert queries.dtype == objects.dtype == torch.int64
     assert no_queries.shape == no_objects.shape == (0,) and no_queries.dtype == torch.int64
+
+
+def test_batched_matching_equals_matching_each_image_alone():
+    torch.manual_seed(0)
+    counts = [3, 0, 1, 5]
+    outputs = {"pred_logits": torch.randn(4, 6, 4), "pred_boxes": torch.rand(4, 6, 4) * 0.5 + 0.25}
+    targets = [target(torch.randint(3, (n,)).tolist(), (torch.rand(n, 4) * 0.5 + 0.25).tolist()) for n in counts]
+    matcher = HungarianMatcher()
+    batched = matcher(outputs, targets)
+    for image, (queries, objects) in enumerate(batched):
+        alone = matcher.cost_matrix(outputs["pred_logits"][image], outputs["pred_boxes"][image], targets[image]["labels"], targets[image]["boxes"])
+        expected_queries, expected_objects = linear_sum_assignment(alone.numpy())
+        assert queries.tolist() == expected_queries.tolist() and objects.tolist() == expected_objects.tolist()
+        assert len(queries) == counts[image]
+
+
+def test_matcher_rejects_a_target_count_unlike_the_batch():
+    outputs, targets = two_by_two()
+    with pytest.raises(ValueError, match="the matcher got 2 targets for a batch of 1 images"):
+        HungarianMatcher()(outputs, targets + targets)
 
 
 def test_matcher_rejects_all_zero_costs():
