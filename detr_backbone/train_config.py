@@ -68,6 +68,7 @@ class DataConfig:
     min_size: int = 96
     max_size: int = 128
     max_objects: int = 3
+    cache: bool = False  # shapes: keep each rendered image in memory, so it is drawn once per process
     train_images: Optional[str] = None  # coco
     train_annotations: Optional[str] = None
     val_images: Optional[str] = None

@@ -21,7 +21,7 @@ TINY = [
 
 
 # Smaller still, for jobs that run several times in one test: 8 images of 32-48 pixels in batches of 2,
-# a ResNet-18-GN cut after layer3, no picture or summary callbacks, no test after fitting.
+# a ResNet-18-GN cut after layer2, no picture or summary callbacks, no test after fitting.
 SMALL = [
     *(o for o in TINY if not o.startswith(("backbone=", "data.batch_size", "data.min_size", "data.max_size"))),
     "backbone=resnet18_gn", "data.batch_size=2", "data.min_size=32", "data.max_size=48", "data.train_size=8",

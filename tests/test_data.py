@@ -60,6 +60,23 @@ def test_shapes_are_deterministic_per_index_and_differ_between_splits():
     assert not any(same_image(first[i][0], val[i][0]) or same_image(first[i][0], other_seed[i][0]) for i in range(4))
 
 
+def test_shapes_cache_draws_each_image_once_and_serves_the_same_samples(monkeypatch):
+    plain, cached = ShapesDataset(5, seed=7), ShapesDataset(5, seed=7, cache=True)
+    drawn = []
+    draw = ShapesDataset._draw
+    monkeypatch.setattr(ShapesDataset, "_draw", lambda self, index: drawn.append((self is cached, index)) or draw(self, index))
+    for index in (3, 1, 3, 1, 3):
+        image, target = cached[index]
+        expected_image, expected_target = plain[index]
+        assert torch.equal(image, expected_image)
+        assert all(torch.equal(target[key], expected_target[key]) for key in expected_target)
+    assert [index for is_cached, index in drawn if is_cached] == [3, 1]
+    assert [index for is_cached, index in drawn if not is_cached] == [3, 1, 3, 1, 3]
+    for value in target.values():  # a consumer that edits its sample in place leaves the cache intact
+        value.fill_(-1)
+    assert all(torch.equal(value, plain[3][1][key]) for key, value in cached[3][1].items())
+
+
 def test_shapes_image_sizes_vary_within_bounds_and_targets_are_well_formed():
     dataset = ShapesDataset(24, min_size=40, max_size=60, max_objects=3)
     sizes = set()

@@ -128,7 +128,7 @@ def _require(values: Mapping[str, Any], fields: Sequence[str], kind: str) -> Non
 
 def _shapes_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSource]:
     _require(values, ("train_size", "val_size"), "shapes")
-    options = _present(values, {name: name for name in ("seed", "min_size", "max_size", "max_objects")})
+    options = _present(values, {name: name for name in ("seed", "min_size", "max_size", "max_objects", "cache")})
     return (
         partial(ShapesDataset, values["train_size"], split="train", **options),
         partial(ShapesDataset, values["val_size"], split="val", **options),
@@ -149,7 +149,7 @@ def build_datamodule(cfg: Any) -> DetectionDataModule:
     """A DetectionDataModule from a data config (mapping, DictConfig or dataclass).
 
     Fields: kind ("shapes" | "coco") and the loader fields of DetectionDataModule; shapes adds
-    train_size, val_size (image counts), min_size, max_size (image sides), max_objects; coco adds
+    train_size, val_size (image counts), min_size, max_size (image sides), max_objects, cache; coco adds
     train_images, train_annotations, val_images, val_annotations, scales, max_resize (longest side
     after resizing) and val_resize (the shorter side at evaluation). Unset optional fields keep the
     defaults of the classes they feed.
