@@ -175,21 +175,33 @@ def default_job_fast_paths(cfg: Config, steps: int, repeats: int, warmup: int, c
     }
 
 
-def data_loading(cfg: Config, batches: int, worker_counts: Sequence[int]) -> dict:
-    """Batches per second the job's training loader delivers with 0, 1, 2 workers (first batch excluded)."""
-    rates = {}
-    for workers in worker_counts:
-        data = dataclasses.replace(cfg.data, num_workers=workers, persistent_workers=workers > 0)
-        loader = iter(build_datamodule(data).train_dataloader())
-        next(loader)
+def loader_rate(data, batches: int, warm: bool) -> float:
+    """Batches per second of a training loader over its first ``batches`` batches (first excluded);
+    ``warm`` times a second pass, once a cached dataset holds every image of the first."""
+    loader = build_datamodule(data).train_dataloader()
+    for _ in range(2 if warm else 1):  # without set_epoch, both passes serve the same order
+        batch_iterator = iter(loader)
+        next(batch_iterator)
         start = time.perf_counter()
         for _ in range(batches):
-            next(loader)
-        rates[str(workers)] = batches / (time.perf_counter() - start)
-        del loader
-        gc.collect()  # shut these workers down now, not inside the next loader's forked workers
+            next(batch_iterator)
+        elapsed = time.perf_counter() - start
+    del loader, batch_iterator
+    gc.collect()  # shut these workers down now, not inside the next loader's forked workers
+    return batches / elapsed
+
+
+def data_loading(cfg: Config, batches: int, worker_counts: Sequence[int]) -> dict:
+    """Batches per second the job's training loader delivers: drawing every image with 0, 1, 2
+    workers, and from the shapes cache once it is filled (in-process; a worker's cache would last
+    only as long as the worker)."""
+    def loader(workers: int, cache: bool):
+        return dataclasses.replace(cfg.data, num_workers=workers, persistent_workers=workers > 0, cache=cache)
+
+    rates = {str(workers): loader_rate(loader(workers, cache=False), batches, warm=False) for workers in worker_counts}
     return {
         "batches": batches,
         "batches_per_s_by_workers": rates,
-        "job_loader": {field: getattr(cfg.data, field) for field in ("num_workers", "pin_memory", "persistent_workers", "size_divisibility")},
+        "batches_per_s_cached_in_process": loader_rate(loader(0, cache=True), batches, warm=True),
+        "job_loader": {field: getattr(cfg.data, field) for field in ("num_workers", "pin_memory", "persistent_workers", "size_divisibility", "cache")},
     }

@@ -155,7 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {name:<14}{v['median_s'] * 1e3:8.1f} ms   x{v['speedup_vs_plain']:.2f} vs plain")
     if "data" in args.sections:
         results["data"] = loop.data_loading(cfg, 2 if args.quick else 40, (0, 1) if args.quick else (0, 1, 2))
-        print("\ndata loading (batches/s by workers):", {k: round(v, 1) for k, v in results["data"]["batches_per_s_by_workers"].items()})
+        data = results["data"]
+        print("\ndata loading (batches/s by workers):", {k: round(v, 1) for k, v in data["batches_per_s_by_workers"].items()},
+              f"cached, in-process: {data['batches_per_s_cached_in_process']:.1f}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2, default=str))
     print(f"\nwrote {args.output}")

@@ -69,6 +69,7 @@ def test_quick_run_writes_every_section(tmp_path):
     assert loop["overhead_pct"] == pytest.approx(100 * (loop["lightning_s_per_step"] / loop["plain_s_per_step"] - 1))
     assert set(results["default_job"]["variants"]) == {"plain", "channels_last", "pos_cache", "default"}
     assert set(results["data"]["batches_per_s_by_workers"]) == {"0", "1"}
+    assert results["data"]["batches_per_s_cached_in_process"] > 0
 
 
 @pytest.mark.parametrize(
