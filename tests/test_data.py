@@ -414,3 +414,6 @@ def test_build_datamodule_rejects_unknown_kinds_and_missing_fields():
         build_datamodule({**SHAPES_CONFIG, "kind": "voc"})
     with pytest.raises(ValueError, match="train_annotations"):
         build_datamodule({"kind": "coco", "train_images": "x", "val_images": "y", "val_annotations": "z"})
+    coco = {"kind": "coco", "train_images": "a", "train_annotations": "b", "val_images": "c", "val_annotations": "d"}
+    with pytest.raises(ValueError, match="data.cache=true applies to data=shapes only"):
+        build_datamodule({**coco, "cache": True})

@@ -137,6 +137,8 @@ def _shapes_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSo
 
 def _coco_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSource]:
     _require(values, ("train_images", "train_annotations", "val_images", "val_annotations"), "coco")
+    if values.get("cache"):
+        raise ValueError("data.cache=true applies to data=shapes only: COCO images are read and augmented afresh each time")
     train_transforms = detr_train_transforms(**_present(values, {"scales": "scales", "max_resize": "max_size"}))
     val_transforms = detr_val_transforms(**_present(values, {"val_resize": "size", "max_resize": "max_size"}))
     return (
