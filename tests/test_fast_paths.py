@@ -242,7 +242,10 @@ def test_compile_option_compiles_in_place_and_keeps_keys():
 
 
 def test_size_divisibility_reaches_the_collate():
-    cfg = compose_config("data.size_divisibility=32", "data.num_workers=0", "data.persistent_workers=false", "data.train_size=8")
+    cfg = compose_config(
+        "data.size_divisibility=32", "data.num_workers=0", "data.persistent_workers=false", "data.train_size=8",
+        "data.min_size=64", "data.max_size=96",
+    )
     loader = build_datamodule(cfg.data).train_dataloader()
     assert loader.collate_fn.size_divisibility == 32
     images, _ = next(iter(loader))
