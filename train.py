@@ -13,9 +13,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from detr_backbone.loss_guard import NonFiniteLossError
-from detr_backbone.train_config import register_configs
-from detr_backbone.training import Job, validated
+from detr_backbone.training import Job, register_configs, validated
+from detr_backbone.training.callbacks import NonFiniteLossError
 from detr_backbone.weights import CheckpointMismatchError
 
 register_configs()

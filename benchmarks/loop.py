@@ -21,9 +21,9 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from detr_backbone.data import build_datamodule
-from detr_backbone.lightning_module import DetrModule
-from detr_backbone.train_config import Config, register_configs
-from detr_backbone.training import build_module, validated
+from detr_backbone.training.module import DetrModule
+from detr_backbone.training.config import Config, register_configs
+from detr_backbone.training.job import build_module, validated
 
 from .machine import synchronize
 from .timing import interleaved_medians

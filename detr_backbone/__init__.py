@@ -1,4 +1,9 @@
-"""Backbones, positional encodings and the Joiner of DETR-style detectors."""
+"""Backbones, positional encodings and the Joiner of DETR-style detectors.
+
+The package is layered, each layer importing only those listed before it: this backbone library
+(the root modules), ``detection`` (detectors and their losses), ``data``, ``training`` (the
+LightningModule, the job and its callbacks) and ``commands``.
+"""
 
 from .backbone import Backbone, BackboneBase, GroupNorm32, GroupNormBackbone, TimmBackbone, downsample_mask
 from .config import BackboneConfig, JoinerConfig, PositionConfig
@@ -8,7 +13,6 @@ from .joiner import Joiner, build_backbone, build_position_encoding
 from .nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 from .param_groups import joiner_parameter_groups
 from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
-from .train_config import Config, register_configs
 from .weights import CheckpointMismatchError, LoadReport, load_checkpoint, read_state_dict
 
 __all__ = [
@@ -16,7 +20,6 @@ __all__ = [
     "BackboneBase",
     "BackboneConfig",
     "CheckpointMismatchError",
-    "Config",
     "FrozenBatchNorm2d",
     "GroupNorm32",
     "GroupNormBackbone",
@@ -37,5 +40,4 @@ __all__ = [
     "nested_tensor_from_tensor_list",
     "parameter_stages",
     "read_state_dict",
-    "register_configs",
 ]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from detr_backbone.train_config import register_configs
+from detr_backbone.training.config import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()

@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from detr_backbone import GroupNormBackbone, PositionEmbeddingLearned, TimmBackbone, build_backbone
-from detr_backbone.train_config import Config
+from detr_backbone.training.config import Config
 
 from .jobs import ROOT, TINY, compose_config
 

@@ -10,11 +10,11 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from detr_backbone import build_backbone, nested_tensor_from_tensor_list
-from detr_backbone.criterion import SetCriterion
-from detr_backbone.detr import DETR, MLP
-from detr_backbone.matcher import HungarianMatcher
-from detr_backbone.postprocess import PostProcess
-from detr_backbone.transformer import Transformer, TransformerDecoderLayer, TransformerEncoderLayer, build_transformer
+from detr_backbone.detection.criterion import SetCriterion
+from detr_backbone.detection.detr import DETR, MLP
+from detr_backbone.detection.matcher import HungarianMatcher
+from detr_backbone.detection.postprocess import PostProcess
+from detr_backbone.detection.transformer import Transformer, TransformerDecoderLayer, TransformerEncoderLayer, build_transformer
 
 D_MODEL = 32
 

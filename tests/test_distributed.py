@@ -12,8 +12,8 @@ import pytorch_lightning as pl
 import torch
 
 from detr_backbone.data import build_datamodule
-from detr_backbone.lightning_module import DetrModule
-from detr_backbone.training import validated
+from detr_backbone.training.module import DetrModule
+from detr_backbone.training.job import validated
 
 from .jobs import ROOT, SMALL, compose_config
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from detr_backbone import NestedTensor, PositionEmbeddingLearned, build_backbone
 from detr_backbone.data.coco import CocoDetection, DegenerateBoxWarning
-from detr_backbone.training import build_module, validated
+from detr_backbone.training.job import build_module, validated
 from detr_backbone.weights import CheckpointMismatchError
 
 from .jobs import ROOT, TINY, compose_config

@@ -11,12 +11,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from detr_backbone.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
+from detr_backbone.training.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 from detr_backbone.data import EpochShuffleSampler, ShapesDataset
 from detr_backbone.data.resumable import ResumableDataLoader
-from detr_backbone.lightning_module import DetrModule
-from detr_backbone.loss_guard import NonFiniteLossError, NonFiniteLossGuard
-from detr_backbone.training import Job, validated
+from detr_backbone.training.module import DetrModule
+from detr_backbone.training.callbacks.loss_guard import NonFiniteLossError, NonFiniteLossGuard
+from detr_backbone.training.job import Job, validated
 
 from .jobs import ROOT, SMALL, compose_config
 

@@ -11,14 +11,14 @@ from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
 
 from .checkpoint_io import AtomicCheckpointIO, check_resume_checkpoint
-from .config import JoinerConfig, require
-from .data import build_datamodule
-from .lightning_module import DetrModule
-from .last_checkpoint import LastCheckpoint
-from .loss_guard import NON_FINITE_ACTIONS, NonFiniteLossGuard
-from .model_summary import ParameterSummary
-from .prediction_grid import PredictionGrid
-from .train_config import CallbacksConfig, Config, LoggerConfig
+from ..config import JoinerConfig, require
+from ..data import build_datamodule
+from .module import DetrModule
+from .callbacks.last_checkpoint import LastCheckpoint
+from .callbacks.loss_guard import NON_FINITE_ACTIONS, NonFiniteLossGuard
+from .callbacks.model_summary import ParameterSummary
+from .callbacks.prediction_grid import PredictionGrid
+from .config import CallbacksConfig, Config, LoggerConfig
 
 PROGRESS_BARS = {"tqdm": TQDMProgressBar, "rich": RichProgressBar}
 

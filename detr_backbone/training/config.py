@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .config import BackboneConfig, PositionConfig, require
+from ..config import BackboneConfig, PositionConfig, require
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Render what the Joiner computes for one image: its positional encodings and backbone feature maps.
 
-    python -m detr_backbone.render --out render                        # a validation sample, a fresh model
-    python -m detr_backbone.render --image photo.jpg --out render backbone=resnet50 position=learned
-    python -m detr_backbone.render --ckpt outputs/<run>/checkpoints/last.ckpt --out render
+    python -m detr_backbone render --out render                        # a validation sample, a fresh model
+    python -m detr_backbone render --image photo.jpg --out render backbone=resnet50 position=learned
+    python -m detr_backbone render --ckpt outputs/<run>/checkpoints/last.ckpt --out render
 
 Writes ``input.png`` (the image as the model sees it), ``position.png`` (a few channels of each
 axis of the positional map of every returned level: low to high frequency for the sine encoding)
@@ -24,19 +24,19 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
-from .config import JoinerConfig
-from .data import build_datamodule, detection_target, detr_base_transforms
-from .data.coco import load_rgb_image
-from .joiner import Joiner, build_backbone
-from .lightning_module import DetrModule
-from .nested_tensor import NestedTensor, nested_tensor_from_tensor_list
-from .position_encoding import PositionEmbeddingSine
-from .train_config import Config, register_configs
-from .training import validated
-from .visualize import caption, denormalize, heatmap, resize_longer_side, save_png, tile_grid, valid_size
-from .weights import CheckpointMismatchError
+from ..config import JoinerConfig
+from ..data import build_datamodule, detection_target, detr_base_transforms
+from ..data.coco import load_rgb_image
+from ..joiner import Joiner, build_backbone
+from ..training.module import DetrModule
+from ..nested_tensor import NestedTensor, nested_tensor_from_tensor_list
+from ..position_encoding import PositionEmbeddingSine
+from ..training.config import Config, register_configs
+from ..training.job import validated
+from ..data.visualize import caption, denormalize, heatmap, resize_longer_side, save_png, tile_grid, valid_size
+from ..weights import CheckpointMismatchError
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # overrides that shape the model; with --ckpt the checkpoint's own saved config decides those
 MODEL_KEYS = ("backbone", "position", "hidden_dim", "lr_backbone", "dilation", "return_interm_layers", "freeze_backbone", "model")
 
@@ -146,7 +146,7 @@ def render(joiner: Joiner, image: Tensor, out: Path, channels: int = 6, top_k: i
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m detr_backbone.render", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m detr_backbone render", description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", help="an image file; default: a validation sample of the configured data")
     parser.add_argument("--index", type=int, default=0, help="which validation sample when no --image is given")
     parser.add_argument("--ckpt", help="a checkpoint written by train.py; default: a freshly built model")

@@ -19,16 +19,16 @@ from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import box_convert
 
-from .config import JoinerConfig, structured
-from .criterion import SetCriterion
-from .detr import DETR
-from .joiner import build_backbone
-from .matcher import HungarianMatcher
-from .nested_tensor import NestedTensor
-from .param_groups import joiner_parameter_groups, make_group
-from .postprocess import PostProcess
-from .train_config import HeadConfig, OptimConfig
-from .transformer import build_transformer
+from ..config import JoinerConfig, structured
+from ..detection.criterion import SetCriterion
+from ..detection.detr import DETR
+from ..joiner import build_backbone
+from ..detection.matcher import HungarianMatcher
+from ..nested_tensor import NestedTensor
+from ..param_groups import joiner_parameter_groups, make_group
+from ..detection.postprocess import PostProcess
+from .config import HeadConfig, OptimConfig
+from ..detection.transformer import build_transformer
 
 Batch = tuple[NestedTensor, Sequence[Mapping[str, Tensor]]]
 MAP_KEYS = ("map", "map_50", "map_75")

@@ -12,7 +12,7 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes, make_grid
 
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 GRID_PADDING = 2
 BACKGROUND = 255  # white between and around tiles

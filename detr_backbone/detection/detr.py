@@ -6,8 +6,8 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .joiner import Joiner
-from .nested_tensor import NestedTensor, nested_tensor_from_tensor_list
+from ..joiner import Joiner
+from ..nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 from .transformer import Transformer
 
 
