@@ -1,0 +1,56 @@
+"""The README and docs/: every config key has a row, every relative link and anchor resolves."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from pathlib import Path
+
+import pytest
+
+from detr_backbone.training.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def schema_keys(schema: type, prefix: str = "") -> list[str]:
+    """Dotted names of every leaf field of a dataclass schema, optional sub-schemas included."""
+    keys = []
+    hints = typing.get_type_hints(schema)
+    for field in dataclasses.fields(schema):
+        kind = hints[field.name]
+        nested = [arg for arg in typing.get_args(kind) if dataclasses.is_dataclass(arg)]
+        if dataclasses.is_dataclass(kind) or nested:
+            keys += schema_keys(kind if dataclasses.is_dataclass(kind) else nested[0], f"{prefix}{field.name}.")
+        else:
+            keys.append(prefix + field.name)
+    return keys
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+def test_every_config_key_is_documented():
+    reference = (ROOT / "docs" / "configuration.md").read_text()
+    keys = schema_keys(Config)
+    assert {"backbone.kind", "model.num_queries", "callbacks.checkpoint.monitor", "ckpt_path"} <= set(keys)
+    missing = [key for key in keys if f"`{key}`" not in reference]
+    assert not missing, f"docs/configuration.md has no entry for {missing}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_relative_links_and_anchors_resolve(page):
+    broken = []
+    for target in LINK.findall(page.read_text()):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in anchors(linked)):
+            broken.append(target)
+    assert not broken, f"{page.name}: broken links {broken}"
