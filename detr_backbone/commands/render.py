@@ -27,13 +27,13 @@ from torch import Tensor
 from ..config import JoinerConfig
 from ..data import build_datamodule, detection_target, detr_base_transforms
 from ..data.coco import load_rgb_image
+from ..data.visualize import caption, denormalize, heatmap, resize_longer_side, save_png, tile_grid, valid_size
 from ..joiner import Joiner, build_backbone
-from ..training.module import DetrModule
 from ..nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 from ..position_encoding import PositionEmbeddingSine
 from ..training.config import Config, register_configs
 from ..training.job import validated
-from ..data.visualize import caption, denormalize, heatmap, resize_longer_side, save_png, tile_grid, valid_size
+from ..training.module import DetrModule
 from ..weights import CheckpointMismatchError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"

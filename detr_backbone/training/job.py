@@ -10,15 +10,15 @@ from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelChec
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
 
-from .checkpoint_io import AtomicCheckpointIO, check_resume_checkpoint
 from ..config import JoinerConfig, require
 from ..data import build_datamodule
-from .module import DetrModule
 from .callbacks.last_checkpoint import LastCheckpoint
 from .callbacks.loss_guard import NON_FINITE_ACTIONS, NonFiniteLossGuard
 from .callbacks.model_summary import ParameterSummary
 from .callbacks.prediction_grid import PredictionGrid
+from .checkpoint_io import AtomicCheckpointIO, check_resume_checkpoint
 from .config import CallbacksConfig, Config, LoggerConfig
+from .module import DetrModule
 
 PROGRESS_BARS = {"tqdm": TQDMProgressBar, "rich": RichProgressBar}
 

@@ -13,8 +13,8 @@ from dataclasses import asdict
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.plugins.precision import MixedPrecision
 import torch
+from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import box_convert
@@ -22,13 +22,13 @@ from torchvision.ops import box_convert
 from ..config import JoinerConfig, structured
 from ..detection.criterion import SetCriterion
 from ..detection.detr import DETR
-from ..joiner import build_backbone
 from ..detection.matcher import HungarianMatcher
+from ..detection.postprocess import PostProcess
+from ..detection.transformer import build_transformer
+from ..joiner import build_backbone
 from ..nested_tensor import NestedTensor
 from ..param_groups import joiner_parameter_groups, make_group
-from ..detection.postprocess import PostProcess
 from .config import HeadConfig, OptimConfig
-from ..detection.transformer import build_transformer
 
 Batch = tuple[NestedTensor, Sequence[Mapping[str, Tensor]]]
 MAP_KEYS = ("map", "map_50", "map_75")

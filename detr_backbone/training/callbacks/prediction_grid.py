@@ -12,9 +12,9 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 from torchvision.ops import box_convert
 
-from ...nested_tensor import NestedTensor
-from ...detection.postprocess import PostProcess
 from ...data.visualize import denormalize, draw_boxes, resize_longer_side, save_png, tile_grid
+from ...detection.postprocess import PostProcess
+from ...nested_tensor import NestedTensor
 
 TRUTH_COLOR = (0, 190, 0)
 PREDICTION_COLOR = (230, 30, 30)
