@@ -21,9 +21,9 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from detr_backbone.data import build_datamodule
-from detr_backbone.training.module import DetrModule
 from detr_backbone.training.config import Config, register_configs
 from detr_backbone.training.job import build_module, validated
+from detr_backbone.training.module import DetrModule
 
 from .machine import synchronize
 from .timing import interleaved_medians
@@ -38,8 +38,8 @@ def job_config(overrides: Sequence[str] = ()) -> Config:
         return validated(compose(config_name="config", overrides=list(overrides)))
 
 
-def with_fast_paths(cfg: Config, channels_last: bool, cache_size: int, compile: bool = False) -> Config:
-    backbone = dataclasses.replace(cfg.backbone, channels_last=channels_last, compile=compile)
+def with_fast_paths(cfg: Config, channels_last: bool, cache_size: int) -> Config:
+    backbone = dataclasses.replace(cfg.backbone, channels_last=channels_last)
     return dataclasses.replace(cfg, backbone=backbone, position=dataclasses.replace(cfg.position, cache_size=cache_size))
 
 
@@ -144,16 +144,15 @@ def num_classes(cfg: Config) -> int:
     return build_datamodule(cfg.data).num_classes
 
 
-def default_job_fast_paths(cfg: Config, steps: int, repeats: int, warmup: int, compile_variant: bool, device: torch.device) -> dict:
-    """Seconds per plain-loop training step of the default job's detector with each fast path on and off."""
+def default_job_fast_paths(cfg: Config, steps: int, repeats: int, warmup: int, device: torch.device) -> dict:
+    """Seconds per plain-loop training step of the default job's detector with each fast path on and off
+    (torch.compile: benchmarks/compiled.py, which pads the batches as compiling does)."""
     variants = {
         "plain": with_fast_paths(cfg, channels_last=False, cache_size=0),
         "channels_last": with_fast_paths(cfg, channels_last=True, cache_size=0),
         "pos_cache": with_fast_paths(cfg, channels_last=False, cache_size=32),
         "default": cfg,
     }
-    if compile_variant:
-        variants["compiled"] = with_fast_paths(cfg, cfg.backbone.channels_last, cfg.position.cache_size, compile=True)
     batches = [to_device(batch, device) for batch in training_batches(cfg, steps)]
     classes = num_classes(cfg)
     calls: dict[str, Callable[[], None]] = {}

@@ -6,7 +6,11 @@ import sys
 from collections.abc import Sequence
 
 COMMANDS = {
+    "predict": "detect objects in images: drawn images and detections.json (COCO results)",
+    "evaluate": "COCO box metrics of a checkpoint on a data config's validation set, equal to pycocotools'",
+    "export": "a checkpoint's detector as ONNX or a torch.export program, checked against eager PyTorch",
     "render": "the Joiner's positional encodings and feature maps for one image, as PNG files",
+    "verify": "every problem of a COCO folder (missing or damaged images, wrong sizes, bad boxes and ids)",
 }
 
 

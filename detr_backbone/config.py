@@ -41,7 +41,7 @@ class BackboneConfig:
     # fast paths (README: Performance); each gives the plain path's numbers within float rounding
     channels_last: Optional[bool] = None  # NHWC weights and inputs; null: on where it measured faster (not GroupNorm)
     fold_frozen_bn: bool = True  # frozen BatchNorm applied through the conv weights (torchvision kind)
-    compile: bool = False  # torch.compile the Joiner (the first batches pay the compilation)
+    compile: bool = False  # torch.compile the Joiner (the first batch of each shape pays the compilation)
 
     def __post_init__(self) -> None:
         require(self.kind in BACKBONE_KINDS, f"backbone.kind={self.kind!r} is not one of {', '.join(BACKBONE_KINDS)}")

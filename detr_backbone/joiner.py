@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from .backbone import Backbone, BackboneBase, GroupNormBackbone, TimmBackbone
 from .bn_folding import fold_frozen_batch_norm
+from .compilation import compile_in_place
 from .config import JoinerConfig
 from .nested_tensor import NestedTensor
 from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
@@ -79,5 +80,5 @@ def build_backbone(args: Any) -> Joiner:
     if cfg.position_lr == 0:
         joiner[1].requires_grad_(False)  # a table that can never move must not claim to train
     if cfg.backbone.compile:
-        joiner.compile()  # in place: the module tree and state dict keys stay DETR's
+        compile_in_place(joiner)  # the module tree and state dict keys stay DETR's
     return joiner

@@ -7,7 +7,7 @@
 - a whole DETR / MDETR / Deformable-DETR detector checkpoint, or a Lightning checkpoint of one:
   the keys under ``backbone.0.body.`` go to the body, those under ``backbone.1.`` to the
   learned positional table.
-Files are read with ``weights_only=True``: a checkpoint cannot run code when it is loaded.
+Files are read with ``weights_only=True`` (or as safetensors): a checkpoint cannot run code when it is loaded.
 """
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ import pickle
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
 from torch import Tensor, nn
 
 DDP_PREFIX = "module."
@@ -60,23 +63,45 @@ class LoadReport:
         lines = [f"{self.path}: loaded {self.loaded} tensors, skipped {len(self.skipped)} keys of other modules"]
         for label, keys in (("missing from the checkpoint", self.missing), ("unexpected in the checkpoint", self.unexpected)):
             if keys:
-                shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
-                lines.append(f"  {label}: {shown}")
+                lines.append(f"  {label}: {first_keys(keys)}")
         return "\n".join(lines)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The tensors of a checkpoint file, unwrapped from ``{"model": ...}`` / ``{"state_dict": ...}``."""
+def first_keys(keys: list[str], shown: int = 8) -> str:
+    """The first ``shown`` keys, comma-separated, and how many there are when some are left out."""
+    return ", ".join(keys[:shown]) + (f", ... ({len(keys)} in all)" if len(keys) > shown else "")
+
+
+def is_safetensors_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts like a safetensors file: an 8-byte header length, then a JSON object."""
+    with open(path, "rb") as stream:
+        head = stream.read(9)
+    if len(head) < 9 or head[8:] != b"{":
+        return False
+    return 0 < int.from_bytes(head[:8], "little") < os.path.getsize(path)
+
+
+def load_weights_file(path: str | os.PathLike) -> Any:
+    """What a weights file holds, told apart by content: a safetensors file, or ``torch.save`` output
+    read with ``weights_only=True`` (so loading cannot run code)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file {os.fspath(path)!r} does not exist")
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as error:
+        if is_safetensors_file(path):
+            return load_safetensors(path, device="cpu")
+        with open(path, "rb") as stream:  # a stream, not the path: torch.load would go by a .safetensors suffix
+            return torch.load(stream, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, SafetensorError) as error:
         reason = str(error).strip().partition("\n")[0]
         raise ValueError(
             f"could not read checkpoint {os.fspath(path)!r} with weights_only=True: the file is truncated, "
             f"corrupt or holds more than tensors ({type(error).__name__}: {reason})"
         ) from error
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The tensors of a checkpoint file, unwrapped from ``{"model": ...}`` / ``{"state_dict": ...}``."""
+    content = load_weights_file(path)
     for wrapper in ("model", "state_dict"):
         if isinstance(content, Mapping) and isinstance(content.get(wrapper), Mapping):
             content = content[wrapper]

@@ -11,12 +11,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from detr_backbone.training.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 from detr_backbone.data import EpochShuffleSampler, ShapesDataset
 from detr_backbone.data.resumable import ResumableDataLoader
-from detr_backbone.training.module import DetrModule
 from detr_backbone.training.callbacks.loss_guard import NonFiniteLossError, NonFiniteLossGuard
+from detr_backbone.training.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 from detr_backbone.training.job import Job, validated
+from detr_backbone.training.module import DetrModule
 
 from .jobs import ROOT, SMALL, compose_config
 
@@ -89,7 +89,7 @@ def test_run_killed_mid_epoch_resumes_with_the_uninterrupted_order_and_weights(t
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True)
     assert (checkpoint["global_step"], checkpoint["epoch"]) == (4, 1)
-    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"batches": 1}]
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"batches": 1, "batch_size": 2, "replicas": 1}]
     assert not list(last.parent.glob(".*.tmp"))
 
     seen.clear()
@@ -128,11 +128,11 @@ def test_loader_state_skips_the_batches_already_handed_out(replicas, workers):
         iterator = epoch_pass(loader, 5)
         for _ in range(2):
             next(iterator)
-        assert loader.state_dict() == {"batches": 2}
+        assert loader.state_dict() == {"batches": 2, "batch_size": 3, "replicas": replicas}
         resumed = loaders()[rank]
         resumed.load_state_dict(loader.state_dict())
         assert [batch.tolist() for batch in epoch_pass(resumed, 5)] == full[rank][2:]
-        assert resumed.state_dict() == {"batches": len(full[rank])}
+        assert resumed.state_dict()["batches"] == len(full[rank])
         assert [batch.tolist() for batch in epoch_pass(resumed, 5)] == full[rank]  # the next pass is whole again
     with pytest.raises(ValueError, match=f"position 99 is outside this loader's {len(full[0])} batches"):
         interrupted[0].load_state_dict({"batches": 99})

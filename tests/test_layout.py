@@ -9,7 +9,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "detr_backbone"
 # lowest first; the root's own modules are the backbone library
-LAYERS = ("", "detection", "data", "training", "commands")
+LAYERS = ("", "detection", "data", "training", "inference", "commands")
 
 
 def layer_of(module: str) -> int:
@@ -77,6 +77,7 @@ def test_the_root_stays_the_backbone_library():
         ("detr_backbone.data", ["build_datamodule", "ShapesDataset", "CocoDetection"]),
         ("detr_backbone.training", ["DetrModule", "Job", "Config", "register_configs", "validated"]),
         ("detr_backbone.training.callbacks", ["LastCheckpoint", "NonFiniteLossGuard", "PredictionGrid", "ParameterSummary"]),
+        ("detr_backbone.inference", ["Predictor", "Detections", "load_detector", "export_detector", "load_exported", "coco_metrics"]),
     ],
 )
 def test_public_names_import_from_their_layer(module, names):

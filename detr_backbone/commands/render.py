@@ -13,30 +13,27 @@ arguments are Hydra overrides of conf/config.yaml, as for train.py.
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
 from ..config import JoinerConfig
-from ..data import build_datamodule, detection_target, detr_base_transforms
+from ..data import build_datamodule
 from ..data.coco import load_rgb_image
 from ..data.visualize import caption, denormalize, heatmap, resize_longer_side, save_png, tile_grid, valid_size
+from ..inference.checkpoint import load_training_module
+from ..inference.preprocess import EvalTransform
 from ..joiner import Joiner, build_backbone
 from ..nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 from ..position_encoding import PositionEmbeddingSine
 from ..training.config import Config, register_configs
 from ..training.job import validated
-from ..training.module import DetrModule
-from ..weights import CheckpointMismatchError
+from .cli import CONF_DIR, USER_ERRORS
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # overrides that shape the model; with --ckpt the checkpoint's own saved config decides those
 MODEL_KEYS = ("backbone", "position", "hidden_dim", "lr_backbone", "dilation", "return_interm_layers", "freeze_backbone", "model")
 
@@ -52,24 +49,13 @@ def load_joiner(cfg: Config, ckpt: str | None) -> Joiner:
     if ckpt is None:
         torch.manual_seed(cfg.seed)
         return build_backbone(JoinerConfig(cfg.backbone, cfg.position, cfg.hidden_dim, cfg.lr_backbone))
-    try:
-        module = DetrModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint file not found: {ckpt}") from None
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, RuntimeError) as error:
-        first_line = str(error).splitlines()[0] if str(error) else ""
-        raise ValueError(
-            f"{ckpt} is not a Lightning checkpoint of train.py's DetrModule ({type(error).__name__}: {first_line})"
-        ) from None
-    return module.detector.backbone
+    return load_training_module(ckpt).detector.backbone
 
 
 def model_input(cfg: Config, image: str | None, index: int) -> Tensor:
     """A normalized (3, H, W) image: the file at ``image``, else validation sample ``index`` of the configured data."""
     if image is not None:
-        picture = load_rgb_image(Path(image))
-        empty = detection_target(torch.zeros(0, 4), torch.zeros(0), 0, picture.height, picture.width)
-        return detr_base_transforms()(picture, empty)[0]
+        return EvalTransform()(load_rgb_image(Path(image)))[0]
     dataset = build_datamodule(cfg.data).dataset("val")
     if not 0 <= index < len(dataset):
         raise ValueError(f"--index {index} is out of range: the validation set has {len(dataset)} images")
@@ -172,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         joiner = load_joiner(cfg, args.ckpt)
         image = model_input(cfg, args.image, args.index)
         paths = render(joiner, image, Path(args.out), args.channels, args.top_k, args.tile)
-    except (ValueError, FileNotFoundError, CheckpointMismatchError, HydraException, OmegaConfBaseException) as error:
+    except USER_ERRORS as error:
         raise SystemExit(f"error: {str(error).splitlines()[0]}") from None
     for path in paths:
         print(path)

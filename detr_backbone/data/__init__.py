@@ -3,7 +3,7 @@ from .coco import CocoDetection
 from .collate import DetectionCollate, collate_detection
 from .datamodule import DATA_KINDS, DetectionDataModule, build_datamodule
 from .sampler import EpochShuffleSampler
-from .shapes import CLASSES, ShapesDataset
+from .shapes import CLASSES, SHAPE_KINDS, ShapesDataset
 from .transforms import (
     DETR_SCALES,
     IMAGENET_MEAN,
@@ -22,6 +22,7 @@ __all__ = [
     "DETR_SCALES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "SHAPE_KINDS",
     "CocoDetection",
     "DetectionCollate",
     "DetectionDataModule",

@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -14,11 +15,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.ops import box_convert, clip_boxes_to_image
 
+from .bad_samples import REPLACES, check_bad_samples_action, load_or_replace
+from .images import MissingImageError, UnreadableImageError, as_rgb
 from .transforms import SampleTransform, Target, detection_target, detr_base_transforms
 
 
-def load_coco(annotation_file: Path) -> COCO:
-    """pycocotools' index of ``annotation_file``, with errors that name the file."""
+def read_instances(annotation_file: Path) -> dict:
+    """The parsed JSON of a COCO instances file, with errors that name the file."""
     try:
         with annotation_file.open(encoding="utf-8") as stream:
             dataset = json.load(stream)
@@ -26,8 +29,13 @@ def load_coco(annotation_file: Path) -> COCO:
         raise ValueError(f"{annotation_file} is not valid JSON: {error}") from error
     if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
         raise ValueError(f"{annotation_file} is not a COCO instances file: expected an object with an 'images' list")
+    return dataset
+
+
+def load_coco(annotation_file: Path) -> COCO:
+    """pycocotools' index of ``annotation_file``, with errors that name the file."""
     coco = COCO()
-    coco.dataset = dataset
+    coco.dataset = read_instances(annotation_file)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
             coco.createIndex()
@@ -39,14 +47,27 @@ def load_coco(annotation_file: Path) -> COCO:
     return coco
 
 
-def load_rgb_image(path: Path) -> Image.Image:
+@contextlib.contextmanager
+def open_image(path: Path) -> Iterator[Image.Image]:
+    """PIL's lazily decoded image at ``path``; errors while opening or decoding it name the file."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            yield image
     except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
+        raise MissingImageError(f"image file not found: {path}") from None
+    except Image.DecompressionBombError as error:  # not an OSError: PIL refuses to decode the file at all
+        raise UnreadableImageError(
+            f"cannot read image {path}: {error} (PIL's decompression-bomb limit is twice "
+            f"PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}; raise it only for files you trust)"
+        ) from None
     except OSError as error:  # PIL.UnidentifiedImageError and truncated files are OSErrors
-        raise ValueError(f"cannot read image {path}: {error}") from error
+        raise UnreadableImageError(f"cannot read image {path}: {error}") from error
+
+
+def load_rgb_image(path: Path) -> Image.Image:
+    """The image at ``path``, decoded whole (a truncated file fails here), as 8-bit RGB."""
+    with open_image(path) as image:
+        return as_rgb(image)
 
 
 class DegenerateBoxWarning(UserWarning):
@@ -55,11 +76,18 @@ class DegenerateBoxWarning(UserWarning):
 
 class CocoDetection(Dataset):
     """COCO instances as DETR reads them: crowd regions dropped, boxes clipped to the image, and
-    category ids mapped to contiguous labels 0..K-1 in sorted id order (``category_ids[label]`` = id)."""
+    category ids mapped to contiguous labels 0..K-1 in sorted id order (``category_ids[label]`` = id).
+    An image that cannot be read raises, or with ``bad_samples="skip"`` is replaced (``data/bad_samples.py``)."""
 
     def __init__(
-        self, image_dir: str | Path, annotation_file: str | Path, transforms: SampleTransform | None = None
+        self,
+        image_dir: str | Path,
+        annotation_file: str | Path,
+        transforms: SampleTransform | None = None,
+        bad_samples: str = "error",
     ) -> None:
+        check_bad_samples_action(bad_samples)
+        self.bad_samples = bad_samples
         self.image_dir = Path(image_dir)
         self.annotation_file = Path(annotation_file)
         self.coco = load_coco(self.annotation_file)
@@ -77,12 +105,19 @@ class CocoDetection(Dataset):
         return len(self.image_ids)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Target]:
-        return self.transforms(*self.load(index))
+        sample, replaced = load_or_replace(self.load, index, len(self), self.bad_samples, self.image_path)
+        image, target = self.transforms(*sample)
+        if replaced is not None:
+            target[REPLACES] = str(replaced)
+        return image, target
+
+    def image_path(self, index: int) -> Path:
+        return self.image_dir / self.coco.imgs[self.image_ids[index]]["file_name"]
 
     def load(self, index: int) -> tuple[Image.Image, Target]:
         """The untransformed sample: the RGB image and absolute XYXY boxes of its non-crowd objects."""
         image_id = self.image_ids[index]
-        path = self.image_dir / self.coco.imgs[image_id]["file_name"]
+        path = self.image_path(index)
         image = load_rgb_image(path)
         annotations = [ann for ann in self.coco.imgToAnns[image_id] if not ann.get("iscrowd", 0)]
         xywh = torch.tensor([ann["bbox"] for ann in annotations], dtype=torch.float32).reshape(-1, 4)

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from .bad_samples import check_bad_samples
 from .coco import CocoDetection
 from .collate import DetectionCollate
 from .resumable import ResumableDataLoader
@@ -128,7 +129,7 @@ def _require(values: Mapping[str, Any], fields: Sequence[str], kind: str) -> Non
 
 def _shapes_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSource]:
     _require(values, ("train_size", "val_size"), "shapes")
-    options = _present(values, {name: name for name in ("seed", "min_size", "max_size", "max_objects", "cache")})
+    options = _present(values, {name: name for name in ("seed", "min_size", "max_size", "max_objects", "cache", "classes")})
     return (
         partial(ShapesDataset, values["train_size"], split="train", **options),
         partial(ShapesDataset, values["val_size"], split="val", **options),
@@ -139,11 +140,14 @@ def _coco_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSour
     _require(values, ("train_images", "train_annotations", "val_images", "val_annotations"), "coco")
     if values.get("cache"):
         raise ValueError("data.cache=true applies to data=shapes only: COCO images are read and augmented afresh each time")
+    if values.get("classes") is not None:
+        raise ValueError("data.classes applies to data=shapes only: a COCO folder's classes are the categories of its annotations")
     train_transforms = detr_train_transforms(**_present(values, {"scales": "scales", "max_resize": "max_size"}))
     val_transforms = detr_val_transforms(**_present(values, {"val_resize": "size", "max_resize": "max_size"}))
+    bad_samples = _present(values, {"bad_samples": "bad_samples"})
     return (
-        partial(CocoDetection, values["train_images"], values["train_annotations"], train_transforms),
-        partial(CocoDetection, values["val_images"], values["val_annotations"], val_transforms),
+        partial(CocoDetection, values["train_images"], values["train_annotations"], train_transforms, **bad_samples),
+        partial(CocoDetection, values["val_images"], values["val_annotations"], val_transforms, **bad_samples),
     )
 
 
@@ -151,15 +155,16 @@ def build_datamodule(cfg: Any) -> DetectionDataModule:
     """A DetectionDataModule from a data config (mapping, DictConfig or dataclass).
 
     Fields: kind ("shapes" | "coco") and the loader fields of DetectionDataModule; shapes adds
-    train_size, val_size (image counts), min_size, max_size (image sides), max_objects, cache; coco adds
+    train_size, val_size (image counts), min_size, max_size (image sides), max_objects, cache, classes; coco adds
     train_images, train_annotations, val_images, val_annotations, scales, max_resize (longest side
-    after resizing) and val_resize (the shorter side at evaluation). Unset optional fields keep the
-    defaults of the classes they feed.
+    after resizing), val_resize (the shorter side at evaluation) and bad_samples (error | skip: what an
+    unreadable image does, data/bad_samples.py). Unset optional fields keep the defaults of the classes they feed.
     """
     values = _plain(cfg)
     builders = {"shapes": _shapes_sources, "coco": _coco_sources}
     kind = values.get("kind")
     if kind not in builders:
         raise ValueError(f"unknown data kind {kind!r}; valid kinds: {', '.join(DATA_KINDS)}")
+    check_bad_samples(values.get("bad_samples", "skip"), values.get("max_bad_fraction", 0.0))
     train, val = builders[kind](values)
     return DetectionDataModule(train, val, **_present(values, {field: field for field in LOADER_FIELDS}))

@@ -56,11 +56,21 @@ class ResumableDataLoader(DataLoader):
             self._batches_handed_out += 1
             yield batch
 
+    @property
+    def _replicas(self) -> int:
+        return getattr(self.sampler, "num_replicas", 1)  # processes sharing the order under DDP
+
     def state_dict(self) -> dict[str, int]:
-        return {"batches": self._batches_handed_out}
+        return {"batches": self._batches_handed_out, "batch_size": self.batch_size, "replicas": self._replicas}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         batches = int(state["batches"])
+        batch_size, replicas = state.get("batch_size", self.batch_size), state.get("replicas", self._replicas)
+        if (batch_size, replicas) != (self.batch_size, self._replicas):
+            # resumed with another batch size or process count: skip the whole new batches that the samples
+            # already trained on fill. Lightning still counts the epoch's batches done in the old size, so
+            # that epoch ends a little early or late; the next ones are whole.
+            batches = batches * batch_size * replicas // (self.batch_size * self._replicas)
         if not 0 <= batches <= len(self):
             raise ValueError(f"checkpointed loader position {batches} is outside this loader's {len(self)} batches")
         self._batches_to_skip = batches % len(self)  # a finished pass resumes at the next one's start

@@ -5,6 +5,7 @@ Every image is a pure function of (seed, split, index), so workers, reruns and m
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -15,7 +16,8 @@ from torchvision.ops import box_iou
 
 from .transforms import SampleTransform, Target, detection_target, detr_base_transforms
 
-CLASSES = ("rectangle", "ellipse", "triangle")
+SHAPE_KINDS = ("rectangle", "ellipse", "triangle", "star", "cross")  # every kind that can be drawn
+CLASSES = SHAPE_KINDS[:3]  # the default classes, in label order (the default job's)
 SPLITS = ("train", "val", "test")
 
 MIN_RELATIVE_SIZE, MAX_RELATIVE_SIZE = 0.2, 0.6  # shape side as a fraction of the image side
@@ -23,6 +25,8 @@ MAX_IOU = 0.3  # overlap allowed between a new shape and any earlier one
 PLACEMENT_TRIES = 10
 MIN_COLOR_DISTANCE = 150  # L1 over RGB between a shape and the background's base color
 MAX_GRADIENT = 30.0  # largest color change across a graded background, far below MIN_COLOR_DISTANCE
+STAR_POINTS, STAR_INNER_RADIUS = 5, 0.45  # inner vertices at this fraction of the outer radius
+CROSS_ARM = (0.25, 0.45)  # range of the arms' thickness, as a fraction of the box side
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,11 +73,29 @@ def _shape_mask(rng: np.random.Generator, kind: str, box: Tensor, height: int, w
         draw.rectangle((left, top, right, bottom), fill=255)
     elif kind == "ellipse":
         draw.ellipse((left, top, right, bottom), fill=255)
-    else:  # triangle with its apex somewhere on the top or the bottom side
+    elif kind == "triangle":  # its apex somewhere on the top or the bottom side
         apex_x = left + rng.uniform(0.0, 1.0) * (right - left)
         apex_y, base_y = (top, bottom) if rng.random() < 0.5 else (bottom, top)
         draw.polygon([(apex_x, apex_y), (left, base_y), (right, base_y)], fill=255)
+    elif kind == "star":  # five points, one pointing up or down, stretched to fill the box
+        draw.polygon(_star_outline(rng.random() < 0.5, left, top, right, bottom), fill=255)
+    else:  # cross: a horizontal and a vertical bar through the box's centre
+        arm_w = rng.uniform(*CROSS_ARM) * (right - left) / 2
+        arm_h = rng.uniform(*CROSS_ARM) * (bottom - top) / 2
+        middle_x, middle_y = (left + right) / 2, (top + bottom) / 2
+        draw.rectangle((left, middle_y - arm_h, right, middle_y + arm_h), fill=255)
+        draw.rectangle((middle_x - arm_w, top, middle_x + arm_w, bottom), fill=255)
     return np.asarray(mask) > 0
+
+
+def _star_outline(upward: bool, left: int, top: int, right: int, bottom: int) -> list[tuple[float, float]]:
+    """The vertices of a five-pointed star whose outline spans exactly the box."""
+    angles = np.pi / 2 + np.arange(2 * STAR_POINTS) * np.pi / STAR_POINTS
+    radii = np.where(np.arange(2 * STAR_POINTS) % 2 == 0, 1.0, STAR_INNER_RADIUS)
+    xs, ys = radii * np.cos(angles), -radii * np.sin(angles) * (1 if upward else -1)
+    xs = left + (xs - xs.min()) / (xs.max() - xs.min()) * (right - left)
+    ys = top + (ys - ys.min()) / (ys.max() - ys.min()) * (bottom - top)
+    return list(zip(xs.tolist(), ys.tolist()))
 
 
 def _tight_box(mask: np.ndarray) -> list[int]:
@@ -82,7 +104,10 @@ def _tight_box(mask: np.ndarray) -> list[int]:
 
 
 class ShapesDataset(Dataset):
-    """Rectangles, ellipses and triangles on plain or graded backgrounds, with exact tight boxes.
+    """Shapes (rectangles, ellipses and triangles by default) on plain or graded backgrounds, with exact tight boxes.
+
+    ``classes`` picks the kinds drawn (any of ``SHAPE_KINDS``), in label order. With the default
+    classes the images are those drawn before other kinds existed.
 
     Image height and width are drawn independently in [min_size, max_size], so batches carry real
     padding. Boxes are computed from each shape's own pixel mask; a later shape may hide part of an
@@ -103,6 +128,7 @@ class ShapesDataset(Dataset):
         noise: float = 3.0,
         transforms: SampleTransform | None = None,
         cache: bool = False,
+        classes: Sequence[str] = CLASSES,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"ShapesDataset split={split!r} is not one of {', '.join(SPLITS)}")
@@ -113,6 +139,14 @@ class ShapesDataset(Dataset):
             )
         if not 10 <= min_size <= max_size:
             raise ValueError(f"ShapesDataset needs 10 <= min_size <= max_size, got {min_size} and {max_size}")
+        unknown = [kind for kind in classes if kind not in SHAPE_KINDS]
+        if unknown or not classes or len(set(classes)) < len(classes):
+            raise ValueError(
+                f"data.classes={list(classes)} must name each shape at most once, from {', '.join(SHAPE_KINDS)}"
+                + (f" (unknown: {', '.join(map(str, unknown))})" if unknown else "")
+            )
+        self.class_names = tuple(classes)
+        self.num_classes = len(self.class_names)
         self.num_images = num_images
         self.seed = seed
         self.min_size = min_size
@@ -156,8 +190,8 @@ class ShapesDataset(Dataset):
             placement = _placement(rng, height, width, placed)
             if placement is None:
                 continue
-            label = int(rng.integers(len(CLASSES)))
-            mask = _shape_mask(rng, CLASSES[label], placement, height, width)
+            label = int(rng.integers(self.num_classes))
+            mask = _shape_mask(rng, self.class_names[label], placement, height, width)
             canvas[mask] = _contrasting_color(rng, base_color)
             placed.append(placement)
             boxes.append(_tight_box(mask))

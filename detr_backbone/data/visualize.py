@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 import torch.nn.functional as F
@@ -89,8 +90,14 @@ def tile_grid(tiles: Sequence[Tensor], nrow: int) -> Tensor:
     return make_grid(padded, nrow=nrow, padding=GRID_PADDING, pad_value=BACKGROUND)
 
 
+def write_png(image: Tensor, stream: BinaryIO) -> None:
+    """A uint8 (3, H, W) image encoded as a PNG into a binary stream."""
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(stream, format="PNG")
+
+
 def save_png(image: Tensor, path: Path) -> Path:
     """A uint8 (3, H, W) image written as a PNG (folders created); returns the path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+    with path.open("wb") as stream:
+        write_png(image, stream)
     return path

@@ -8,6 +8,15 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 
+def batched_detections(logits: Tensor, boxes: Tensor, target_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """PostProcess on whole tensors: scores (B, Q), labels (B, Q) and XYXY boxes (B, Q, 4) in pixels of
+    ``target_sizes`` (B, 2) as (h, w). No loop over images, so it traces with a dynamic batch (export)."""
+    scores, labels = logits.float().softmax(-1)[..., :-1].max(-1)
+    height, width = target_sizes.float().unbind(1)
+    scale = torch.stack([width, height, width, height], dim=1)[:, None, :]
+    return scores, labels, box_convert(boxes.float(), "cxcywh", "xyxy") * scale
+
+
 class PostProcess(nn.Module):
     """One dict {"scores", "labels", "boxes"} per image, boxes in pixels of ``target_sizes`` (B, 2) as (h, w).
 
@@ -20,10 +29,7 @@ class PostProcess(nn.Module):
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         if target_sizes.shape != (len(logits), 2):
             raise ValueError(f"target_sizes must be (batch, 2) = ({len(logits)}, 2) as (h, w), got {tuple(target_sizes.shape)}")
-        scores, labels = logits.float().softmax(-1)[..., :-1].max(-1)
-        height, width = target_sizes.float().unbind(1)
-        scale = torch.stack([width, height, width, height], dim=1)[:, None, :]
-        absolute = box_convert(boxes.float(), "cxcywh", "xyxy") * scale
+        scores, labels, absolute = batched_detections(logits, boxes, target_sizes)
         return [
             {"scores": image_scores, "labels": image_labels, "boxes": image_boxes}
             for image_scores, image_labels, image_boxes in zip(scores, labels, absolute)

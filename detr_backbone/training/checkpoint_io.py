@@ -2,48 +2,27 @@
 
 Lightning's own writer opens the target path and writes into it, or stages it in the system's
 temporary folder and moves it across file systems; a process killed meanwhile can leave a
-truncated ``last.ckpt``, the very file a resume needs. Here the checkpoint goes to a temporary
-file in the target's own folder, is flushed to disk, and replaces the target in one atomic
-``os.replace``: readers see the old checkpoint or the new one, never a part.
+truncated ``last.ckpt``, the very file a resume needs. Here the checkpoint is written by
+``file_writes.atomic_write``: readers see the old checkpoint or the new one, never a part.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
-from pathlib import Path
+from functools import partial
 from typing import Any, Optional
 
 import torch
 from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from .file_writes import atomic_write
+
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)``, atomically: ``path`` keeps its old content if anything fails."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            torch.save(obj, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, target)
-    except BaseException:  # KeyboardInterrupt included: never leave the partial file behind
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    _fsync_directory(target.parent)  # make the rename itself survive a power cut
-
-
-def _fsync_directory(directory: Path) -> None:
-    if os.name != "posix":  # directories cannot be opened for fsync on Windows
-        return
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    """``torch.save(obj, path)``, atomically: ``path`` keeps its old content if anything fails, and a full
+    disk raises a ``DiskFullError`` naming the folder and the checkpoint's size."""
+    atomic_write(path, partial(torch.save, obj))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

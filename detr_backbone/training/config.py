@@ -31,7 +31,7 @@ class HeadConfig:
     loss_bbox: float = 5.0
     loss_giou: float = 2.0
     eos_coef: float = 0.1  # weight of the no-object class in the cross-entropy
-    compile: bool = False  # torch.compile the whole detector in place (backbone.compile: the Joiner only)
+    compile: bool = False  # torch.compile the whole detector in place (backbone.compile: the Joiner only); off: no CPU gain measured
 
     def __post_init__(self) -> None:
         for name in ("num_queries", "dec_layers", "nheads", "dim_feedforward"):
@@ -61,7 +61,7 @@ class DataConfig:
     num_workers: int = 0
     pin_memory: bool = False
     persistent_workers: bool = False
-    size_divisibility: int = 0
+    size_divisibility: int = 0  # pad batches to a multiple of it; 0: none, or 32 when compiling (one graph per shape)
     seed: int = 0
     train_size: int = 2000  # shapes
     val_size: int = 200
@@ -69,6 +69,7 @@ class DataConfig:
     max_size: int = 128
     max_objects: int = 3
     cache: bool = False  # shapes: keep each rendered image in memory, so it is drawn once per process
+    classes: Optional[list[str]] = None  # shapes: the kinds drawn, in label order; null: rectangle, ellipse, triangle
     train_images: Optional[str] = None  # coco
     train_annotations: Optional[str] = None
     val_images: Optional[str] = None
@@ -76,6 +77,8 @@ class DataConfig:
     scales: list[int] = field(default_factory=lambda: [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800])
     max_resize: int = 1333
     val_resize: int = 800
+    bad_samples: str = "skip"  # an image that cannot be read: error (stop, naming it) | skip (a stand-in, warned once)
+    max_bad_fraction: float = 0.01  # skip: stop once more than this fraction of a split's images could not be read
 
 
 @dataclass
@@ -100,7 +103,10 @@ class TrainerConfig:
     limit_val_batches: Any = None
     limit_test_batches: Any = None
     num_sanity_val_steps: int = 2
-    fast_dev_run: Any = False
+    fast_dev_run: Any = False  # n (or true: 1) batches of train, val and test; no checkpoints, no logging
+    overfit_batches: Any = 0.0  # only the first n batches (or fraction) of train and val, unshuffled, every epoch
+    profiler: Optional[str] = None  # simple | advanced: the report goes to <run>/<stage>-profiler.txt
+    detect_anomaly: bool = False  # autograd names the operation that produced a NaN or infinite gradient
     deterministic: Any = False
     benchmark: Optional[bool] = None
     enable_progress_bar: bool = True
@@ -149,14 +155,48 @@ class CallbacksConfig:
     lr_monitor: bool = True
     progress_bar: str = "tqdm"  # tqdm | rich | none
     non_finite_loss: str = "stop"  # a NaN / infinite training loss: stop (error naming the step) | skip (the step)
+    slurm_requeue: bool = True  # under SLURM, the warning signal (sbatch --signal=USR1@120) also requeues the job
     parameter_summary: bool = True  # trainable / frozen counts per part at fit start
     predictions: PredictionsConfig = field(default_factory=PredictionsConfig)
+
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases (conf/logger/wandb.yaml); its files go to <run>/wandb/."""
+
+    project: str = "detr-backbone"
+    entity: Optional[str] = None  # team or user; null: the account's default
+    name: Optional[str] = None  # run name; null: W&B picks one
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    mode: Optional[str] = None  # null: offline unless W&B is set up here (WANDB_MODE, WANDB_API_KEY, wandb login)
+
+    def __post_init__(self) -> None:
+        require(
+            self.mode is None or self.mode in WANDB_MODES,
+            f"logger.wandb.mode={self.mode!r} is not one of {', '.join(WANDB_MODES)} (or null: W&B's own setup, else offline)",
+        )
+
+
+@dataclass
+class MLflowConfig:
+    """MLflow (conf/logger/mlflow.yaml)."""
+
+    experiment_name: str = "detr-backbone"
+    run_name: Optional[str] = None  # null: MLflow picks one
+    tracking_uri: Optional[str] = None  # null: MLFLOW_TRACKING_URI, else a file store in <run>/mlruns
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class LoggerConfig:
     csv: bool = True
     tensorboard: bool = False
+    wandb: Optional[WandbConfig] = None  # experiment trackers, each an optional extra: pip install -e ".[wandb]"
+    mlflow: Optional[MLflowConfig] = None
 
 
 @dataclass
@@ -182,7 +222,9 @@ class Config:
     freeze_backbone: bool = False
     seed: int = 42
     ckpt_path: Optional[str] = None  # resume from this Lightning checkpoint
+    init_from: Optional[str] = None  # start a new run from a detector's weights: DETR .pth, Hugging Face folder, our .ckpt
     test_after_fit: bool = True  # test the best checkpoint once fitting ends
+    optimized_metric: str = "val/map_50"  # the value train.py returns to a sweeper (conf/hparams_search/)
 
 
 def register_configs() -> None:

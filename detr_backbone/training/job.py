@@ -1,13 +1,14 @@
 """One training job from a composed config: data, model, callbacks, loggers, Trainer; fit, then test."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
-from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+from pytorch_lightning.profilers import AdvancedProfiler, Profiler, SimpleProfiler
 from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
 
 from ..config import JoinerConfig, require
@@ -16,15 +17,24 @@ from .callbacks.last_checkpoint import LastCheckpoint
 from .callbacks.loss_guard import NON_FINITE_ACTIONS, NonFiniteLossGuard
 from .callbacks.model_summary import ParameterSummary
 from .callbacks.prediction_grid import PredictionGrid
-from .checkpoint_io import AtomicCheckpointIO, check_resume_checkpoint
-from .config import CallbacksConfig, Config, LoggerConfig
+from .callbacks.preemption import cluster_plugins
+from .checkpoint_io import AtomicCheckpointIO
+from .compile_padding import padded_for_compile
+from .config import CallbacksConfig, Config
+from .faults import ended_cleanly, fault_callbacks
+from .init_from import initialize_from, without_backbone_weights
+from .loggers import build_loggers, check_trackers, tracker_callbacks
 from .module import DetrModule
+from .objective import optimized_value
+from .resume import check_resume_classes, resumed
 
 PROGRESS_BARS = {"tqdm": TQDMProgressBar, "rich": RichProgressBar}
+PROFILERS = {"simple": SimpleProfiler, "advanced": AdvancedProfiler}
 
 
-def validated(cfg: DictConfig | Config) -> Config:
-    """The composed config as schema objects: every group's own checks run here, before any work."""
+def validated(cfg: DictConfig | Config, run_dir: Path | None = None) -> Config:
+    """The composed config as schema objects: every group's own checks run here, before any work.
+    ``run_dir``, the run's folder, is where ``ckpt_path=last`` and a requeued SLURM job find last.ckpt."""
     config = cfg if isinstance(cfg, Config) else OmegaConf.to_object(cfg)
     require(
         config.callbacks.progress_bar in (*PROGRESS_BARS, "none"),
@@ -38,10 +48,18 @@ def validated(cfg: DictConfig | Config) -> Config:
         config.callbacks.non_finite_loss in NON_FINITE_ACTIONS,
         f"callbacks.non_finite_loss={config.callbacks.non_finite_loss!r} is not one of {', '.join(NON_FINITE_ACTIONS)}",
     )
-    if config.ckpt_path is not None:
-        check_resume_checkpoint(config.ckpt_path)
+    require(
+        config.trainer.profiler in (None, *PROFILERS),
+        f"trainer.profiler={config.trainer.profiler!r} is not one of {', '.join(PROFILERS)}, null",
+    )
+    check_trackers(config.logger)
+    require(
+        config.init_from is None or config.ckpt_path is None,
+        f"init_from={config.init_from!r} and ckpt_path={config.ckpt_path!r} exclude each other: ckpt_path resumes "
+        "a run (step, optimizer, schedule), init_from starts a new one from a detector's weights; set one",
+    )
     JoinerConfig.from_args(config)  # cross-field checks of the Joiner's knobs
-    return config
+    return resumed(padded_for_compile(config), run_dir)
 
 
 def build_callbacks(cfg: CallbacksConfig, run_dir: Path) -> list[Callback]:
@@ -75,19 +93,15 @@ def build_callbacks(cfg: CallbacksConfig, run_dir: Path) -> list[Callback]:
     return callbacks
 
 
-def build_loggers(cfg: LoggerConfig, run_dir: Path) -> list[Logger]:
-    loggers: list[Logger] = []
-    if cfg.csv:
-        loggers.append(CSVLogger(run_dir, name="csv", version=""))
-    if cfg.tensorboard:
-        loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
-    return loggers
+def build_profiler(name: str | None, run_dir: Path) -> Profiler | None:
+    """Lightning's profiler of that name, writing <run>/<stage>-profiler.txt (named only, it just prints)."""
+    return None if name is None else PROFILERS[name](dirpath=run_dir, filename="profiler")
 
 
-def build_module(cfg: Config, num_classes: int) -> DetrModule:
+def build_module(cfg: Config, num_classes: int, class_names: Sequence[str] | None = None) -> DetrModule:
     joiner = {"backbone": cfg.backbone, "position": cfg.position, "hidden_dim": cfg.hidden_dim, "lr_backbone": cfg.lr_backbone}
     optim = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "lr_drop": cfg.lr_drop}
-    return DetrModule(joiner, asdict(cfg.model), optim, num_classes)
+    return DetrModule(joiner, asdict(cfg.model), optim, num_classes, class_names)
 
 
 class Job:
@@ -96,25 +110,36 @@ class Job:
     def __init__(self, cfg: Config, run_dir: Path):
         pl.seed_everything(cfg.seed, workers=True)
         self.cfg = cfg
+        self.run_dir = run_dir
         self.datamodule = build_datamodule(cfg.data)
-        self.module = build_module(cfg, self.datamodule.num_classes)
+        class_names = self.datamodule.class_names
+        if cfg.ckpt_path is not None:
+            check_resume_classes(cfg.ckpt_path, class_names)  # before the model is built
+        # init_from sets every weight, so the backbone's own sources (ImageNet, backbone.checkpoint) are not read
+        self.module = build_module(without_backbone_weights(cfg) if cfg.init_from else cfg, len(class_names), class_names)
+        self.init_report = None if cfg.init_from is None else initialize_from(self.module.detector, cfg, class_names, run_dir)
         callbacks = build_callbacks(cfg.callbacks, run_dir)
         self.checkpoint = callbacks[0]
         trainer_args = asdict(cfg.trainer)
         # without a bar of our choosing, Lightning would add its default one
         trainer_args["enable_progress_bar"] &= cfg.callbacks.progress_bar != "none"
+        trainer_args["profiler"] = build_profiler(cfg.trainer.profiler, run_dir)
         self.trainer = pl.Trainer(
             **trainer_args,
-            callbacks=callbacks,
-            logger=build_loggers(cfg.logger, run_dir) or False,
+            callbacks=[*callbacks, *tracker_callbacks(cfg), *fault_callbacks(cfg, run_dir)],
+            logger=build_loggers(cfg, run_dir) or False,
             default_root_dir=run_dir,
-            plugins=[AtomicCheckpointIO()],  # a killed write never corrupts last.ckpt
+            plugins=[AtomicCheckpointIO(), *cluster_plugins()],  # a killed write never corrupts last.ckpt
         )
 
     def run(self) -> float | None:
-        """Fit (resuming from ``ckpt_path`` if set), test the best checkpoint, return the monitored metric."""
-        self.trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=self.cfg.ckpt_path)
-        if self.cfg.test_after_fit:
-            self.trainer.test(self.module, datamodule=self.datamodule, ckpt_path=self.checkpoint.best_model_path or None)
-        score = self.checkpoint.best_model_score
-        return None if score is None else float(score)
+        """Fit (resuming from ``ckpt_path`` if set; ``init_from`` was applied when the job was built),
+        test the best checkpoint, return ``optimized_metric``. Preemption and a full disk end it in one-line errors."""
+        with ended_cleanly(self.trainer, self.run_dir):
+            self.trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=self.cfg.ckpt_path)
+            logged = dict(self.trainer.callback_metrics)  # the test replaces the fit's metrics with its own
+            if self.cfg.test_after_fit:
+                self.trainer.test(self.module, datamodule=self.datamodule, ckpt_path=self.checkpoint.best_model_path or None)
+                logged.update(self.trainer.callback_metrics)
+        checkpoint = self.checkpoint
+        return optimized_value(self.cfg.optimized_metric, logged, checkpoint.monitor, checkpoint.best_model_score)

@@ -19,6 +19,7 @@ from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import box_convert
 
+from ..compilation import compile_in_place
 from ..config import JoinerConfig, structured
 from ..detection.criterion import SetCriterion
 from ..detection.detr import DETR
@@ -47,7 +48,7 @@ def build_detector(joiner_cfg: JoinerConfig, head: HeadConfig, num_classes: int)
     )
     detector = DETR(build_backbone(joiner_cfg), transformer, num_classes, head.num_queries, aux_loss=head.aux_loss)
     if head.compile:
-        detector.compile()  # in place: state dict keys unchanged
+        compile_in_place(detector)  # state dict keys unchanged
     return detector
 
 
@@ -65,8 +66,20 @@ def absolute_xyxy(target: Mapping[str, Tensor]) -> Tensor:
 
 
 class DetrModule(pl.LightningModule):
-    def __init__(self, joiner: Mapping[str, Any], head: Mapping[str, Any], optim: Mapping[str, Any], num_classes: int):
+    """``class_names`` (label order) are saved with the hyperparameters, so a checkpoint says what it detects;
+    checkpoints written before they were saved load with ``class_names`` None."""
+
+    def __init__(
+        self,
+        joiner: Mapping[str, Any],
+        head: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        num_classes: int,
+        class_names: Sequence[str] | None = None,
+    ):
         super().__init__()
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes: {list(class_names)}")
         self.joiner_cfg = JoinerConfig.from_args(joiner)
         self.head_cfg = structured(HeadConfig, head, "model")
         self.optim_cfg = structured(OptimConfig, optim, "optim")
@@ -80,7 +93,13 @@ class DetrModule(pl.LightningModule):
         saved_joiner = asdict(self.joiner_cfg)
         saved_joiner["backbone"].update(pretrained=False, checkpoint=None)
         self.save_hyperparameters(
-            {"joiner": saved_joiner, "head": asdict(self.head_cfg), "optim": asdict(self.optim_cfg), "num_classes": num_classes}
+            {
+                "joiner": saved_joiner,
+                "head": asdict(self.head_cfg),
+                "optim": asdict(self.optim_cfg),
+                "num_classes": num_classes,
+                "class_names": None if class_names is None else [str(name) for name in class_names],
+            }
         )
 
     def mean_over_processes(self, num_boxes: Tensor) -> Tensor:

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 from torchvision.ops import box_convert
 
-from ...data.visualize import denormalize, draw_boxes, resize_longer_side, save_png, tile_grid
+from ...data.visualize import denormalize, draw_boxes, resize_longer_side, tile_grid, write_png
 from ...detection.postprocess import PostProcess
 from ...nested_tensor import NestedTensor
+from ..file_writes import atomic_write, remove_stale_temporaries
+from ..loggers import log_image
 
 TRUTH_COLOR = (0, 190, 0)
 PREDICTION_COLOR = (230, 30, 30)
@@ -53,7 +55,8 @@ def prediction_panel(
 
 class PredictionGrid(Callback):
     """Writes ``folder/epochNNN.png`` (0-based epoch, as in checkpoint names) after every validation
-    of a fit, on the global-zero process only, and adds it to TensorBoard when that logger is on.
+    of a fit, on the global-zero process only, and hands it as ``val/predictions`` to every logger that
+    keeps images (TensorBoard, W&B, MLflow).
 
     The images are the first ``num_images`` of the validation set, collated once and reused, so
     the grids of successive epochs show the same images and cost one small forward pass each.
@@ -93,11 +96,14 @@ class PredictionGrid(Callback):
         ]
         return tile_grid(panels, nrow=min(len(panels), PANELS_PER_ROW))
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:  # before this run writes any grid: what is there was left by a killed one
+            remove_stale_temporaries(self.folder)
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         grid = self.render(trainer, pl_module)
-        save_png(grid, self.folder / f"epoch{trainer.current_epoch:03d}.png")
+        atomic_write(self.folder / f"epoch{trainer.current_epoch:03d}.png", partial(write_png, grid))
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("val/predictions", grid, global_step=trainer.global_step)
+            log_image(logger, "val/predictions", grid, trainer.global_step)

@@ -1,0 +1,131 @@
+"""Score a checkpoint on a data config's validation set with COCO's box metrics.
+
+    python -m detr_backbone evaluate ckpt_path=outputs/<run>/checkpoints/last.ckpt
+    python -m detr_backbone evaluate ckpt_path=detr-r50-e632da11.pth data=coco \\
+        data.val_images=coco/val2017 data.val_annotations=coco/annotations/instances_val2017.json
+
+Writes ``detections.json`` (every query of every image, COCO's results format), for the shapes data
+its ground truth as ``ground_truth.json`` (a COCO folder's own annotation file is the ground truth),
+and ``metrics.json``. Every number is pycocotools' COCOeval of those two files, so anyone can
+recompute them. Images are resized and normalised by the data config's evaluation transform, as
+the training job's validation does. Keys: conf/evaluate.yaml and the data group, as Hydra overrides.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from ..config import require
+from ..data import CocoDetection, ShapesDataset, build_datamodule
+from ..inference.checkpoint import LoadedDetector, load_detector
+from ..inference.coco_files import category_ids_by_name, detection_rows, instances, write_json
+from ..inference.coco_metrics import CocoMetrics, coco_metrics, per_class_table
+from ..inference.predictor import DTYPES, Predictor
+from ..training.config import DataConfig
+from .cli import compose_command, reported
+
+DETECTIONS_FILE, GROUND_TRUTH_FILE, METRICS_FILE = "detections.json", "ground_truth.json", "metrics.json"
+
+
+@dataclass
+class EvaluateConfig:
+    ckpt_path: Optional[str] = None  # train.py checkpoint, DETR checkpoint or Hugging Face DETR folder
+    dilation: Optional[bool] = None  # DETR's own checkpoints do not record it: true for their DC5 files
+    data: DataConfig = field(default_factory=DataConfig)
+    output_dir: str = "evaluation"
+    device: str = "cpu"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.ckpt_path is not None, "ckpt_path is required: python -m detr_backbone evaluate ckpt_path=<checkpoint>")
+        require(self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+def dataset_categories(dataset: Dataset) -> tuple[list[str], list[int]]:
+    """The dataset's class names and ids: a COCO folder's own, 1..K for the shapes (COCO numbers from 1)."""
+    names = list(dataset.class_names)
+    return names, list(dataset.category_ids) if isinstance(dataset, CocoDetection) else list(range(1, len(names) + 1))
+
+
+def model_category_ids(loaded: LoadedDetector, names: Sequence[str], ids: Sequence[int], where: str) -> list[int]:
+    """The dataset id each of the detector's class rows predicts: by name, or by position for a file without names."""
+    if loaded.names_known:
+        return category_ids_by_name(loaded.class_names, names, ids, where)
+    require(
+        len(loaded.class_names) == len(names),
+        f"{loaded.path} has {len(loaded.class_names)} unnamed classes but {where} has {len(names)}: {', '.join(names)}",
+    )
+    return list(ids)
+
+
+def ground_truth_file(cfg: EvaluateConfig, dataset: Dataset, names: Sequence[str], ids: Sequence[int], output_dir: Path) -> Path:
+    """A COCO folder's annotation file; for the shapes, their boxes written as a COCO instances file."""
+    if isinstance(dataset, ShapesDataset):
+        targets = (dataset.render(index)[1] for index in range(len(dataset)))
+        return write_json(output_dir / GROUND_TRUTH_FILE, instances(targets, names, ids))
+    return Path(cfg.data.val_annotations)
+
+
+def file_name(dataset: Dataset, image_id: int) -> str | None:
+    return dataset.coco.imgs[image_id]["file_name"] if isinstance(dataset, CocoDetection) else None
+
+
+def evaluate(cfg: EvaluateConfig) -> CocoMetrics:
+    output_dir = Path(cfg.output_dir)
+    require(not output_dir.exists() or output_dir.is_dir(), f"output_dir={cfg.output_dir!r} is a file, not a folder")
+    loaded = load_detector(cfg.ckpt_path, cfg.dilation)
+    datamodule = build_datamodule(cfg.data)
+    dataset = datamodule.dataset("val")
+    require(len(dataset) > 0, f"the data={cfg.data.kind} validation set has no images")
+    names, ids = dataset_categories(dataset)
+    category_ids = model_category_ids(loaded, names, ids, f"the data={cfg.data.kind} validation set")
+    # COCO evaluation ranks every query of every image, as DETR's does: no threshold, no top-k
+    predictor = Predictor.from_loaded(loaded, threshold=0.0, top_k=None, device=cfg.device, dtype=cfg.dtype)
+    rows: list[dict[str, Any]] = []
+    for images, targets in tqdm(datamodule.val_dataloader(), unit="batch", disable=not cfg.progress, file=sys.stderr):
+        original_sizes = torch.stack([target["orig_size"] for target in targets])
+        for target, detections in zip(targets, predictor.predict_batch(images, original_sizes)):
+            image_id = int(target["image_id"])
+            rows += detection_rows(detections, category_ids, image_id, file_name(dataset, image_id))
+    detections_file = write_json(output_dir / DETECTIONS_FILE, rows)
+    truth = ground_truth_file(cfg, dataset, names, ids, output_dir)
+    metrics = coco_metrics(truth, detections_file)
+    metrics.files = {"detections": str(detections_file), "ground_truth": str(truth), "metrics": str(output_dir / METRICS_FILE)}
+    content = {"checkpoint": {"path": loaded.path, "kind": loaded.source}, "data": asdict(cfg.data), **metrics.as_json()}
+    write_json(output_dir / METRICS_FILE, content, indent=2)
+    return metrics
+
+
+def report(cfg: EvaluateConfig, metrics: CocoMetrics) -> str:
+    files = ", ".join(metrics.files.values())
+    return "\n".join(
+        [
+            f"{cfg.ckpt_path} on the data={cfg.data.kind} validation set: "
+            f"{metrics.images} images, {metrics.detections} detections",
+            metrics.summary_text,
+            "",
+            per_class_table(metrics),
+            "",
+            f"files: {files}",
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> CocoMetrics:
+    with reported():
+        cfg = compose_command("evaluate", EvaluateConfig, argv or [], __doc__)
+        metrics = evaluate(cfg)
+    print(report(cfg, metrics))
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,37 @@
+"""Images as 8-bit RGB whatever their mode, and the errors of image files that cannot be used.
+
+``Image.convert("RGB")`` alone gets two kinds of files wrong: 16-bit greyscale (PNG, TIFF) is
+clipped at 255, so an image of values up to 65535 turns almost white; and palette images with
+transparency make PIL warn on every read. Those are converted here by meaning: 16 bits scaled to 8,
+palette through RGBA. Alpha is dropped (the colour under transparent pixels stays, as in DETR).
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": 32-bit integers, as PIL reads 16-bit PNGs too
+SIXTEEN_TO_EIGHT = 257  # 65535 / 255
+
+
+class BadImageError(Exception):
+    """An image file that cannot be used, raised as one of the two below (so ``data.bad_samples`` can tell
+    it from other errors)."""
+
+
+class UnreadableImageError(BadImageError, ValueError):
+    """Truncated, damaged or not an image."""
+
+
+class MissingImageError(BadImageError, FileNotFoundError):
+    pass
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        levels = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        image = Image.fromarray(((levels + SIXTEEN_TO_EIGHT // 2) // SIXTEEN_TO_EIGHT).astype(np.uint8))
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")

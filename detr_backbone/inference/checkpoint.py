@@ -1,0 +1,175 @@
+"""A detector to run, read from a file: a train.py checkpoint, or published DETR weights.
+
+train.py's Lightning checkpoints rebuild DetrModule from their saved hyperparameters. DETR's own
+checkpoints and Hugging Face DETR folders are read by ``detection.weights`` (the readers behind
+``init_from``), and the detector is built from what they record about their architecture.
+Files are read with ``weights_only=True``: loading cannot run code.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import BackboneConfig, JoinerConfig, PositionConfig
+from ..detection.detr import DETR
+from ..detection.weights import DetectorWeights, published_detector_weights, read_hugging_face_folder
+from ..training.config import HeadConfig
+from ..training.module import DetrModule, build_detector
+from ..weights import first_keys, load_weights_file
+
+TRAINING_SOURCE = "train.py checkpoint"
+TRAINING_CHECKPOINT = "a Lightning checkpoint of train.py's DetrModule"
+ANY_CHECKPOINT = "a train.py checkpoint, a DETR checkpoint or Hugging Face DETR weights"
+DETR_EVAL_SIZE, DETR_EVAL_MAX_SIZE = 800, 1333  # DETR's evaluation resize: shorter side, longer side at most
+
+
+class UnnamedClassesWarning(UserWarning):
+    """The checkpoint does not name its classes: they are called "class 0", "class 1", ..."""
+
+
+@dataclass
+class LoadedDetector:
+    """A detector in eval mode with what its file says about its classes and its evaluation-time resize.
+
+    ``category_ids[label]`` is the dataset id of each class row: COCO's ids for published COCO
+    weights (row i is id i), 1..K for train.py checkpoints (COCO's convention; their files keep
+    names, not ids). ``size`` is the shorter side images were evaluated at (None: as they are).
+    """
+
+    detector: DETR
+    class_names: list[str]
+    category_ids: list[int]
+    source: str
+    path: str
+    size: int | None
+    max_size: int = DETR_EVAL_MAX_SIZE
+    names_known: bool = True  # False: the file does not name its classes, ``class_names`` are "class N"
+
+    def __post_init__(self) -> None:
+        inference_ready(self.detector)
+
+
+def read_checkpoint(path: str | os.PathLike, expected: str) -> Any:
+    """The content of a checkpoint file; a missing or unreadable file is one line that says what was expected."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint file not found: {os.fspath(path)}")
+    try:
+        return load_weights_file(path)
+    except IsADirectoryError:
+        raise ValueError(f"{os.fspath(path)} is a folder, not {expected}") from None
+    except OSError:
+        raise
+    except Exception as error:  # the unpickler, fed another kind of file, can fail with any error
+        cause = error.__cause__ if isinstance(error, ValueError) and error.__cause__ else error
+        reason = str(cause).strip().partition("\n")[0]
+        raise ValueError(f"{os.fspath(path)} is not {expected} ({type(cause).__name__}: {reason})") from None
+
+
+def training_module(content: Any, path: str | os.PathLike) -> DetrModule | None:
+    """The DetrModule of a train.py checkpoint's content, None if the content is something else.
+
+    Compilation saved with the run is left off: whoever runs the detector decides that.
+    """
+    if not isinstance(content, Mapping):
+        return None
+    hparams, state = content.get("hyper_parameters"), content.get("state_dict")
+    if not isinstance(hparams, Mapping) or not isinstance(state, Mapping) or "joiner" not in hparams:
+        return None
+    hparams = {**hparams, "head": {**hparams["head"], "compile": False}}
+    hparams["joiner"] = {**hparams["joiner"], "backbone": {**hparams["joiner"]["backbone"], "compile": False}}
+    module = DetrModule(**hparams)
+    mismatch = key_mismatch(*module.load_state_dict(state, strict=False))
+    if mismatch:
+        raise ValueError(f"{os.fspath(path)} does not fit the DetrModule its hyperparameters describe: {mismatch}")
+    return module.eval()
+
+
+def key_mismatch(missing: list[str], unexpected: list[str]) -> str:
+    """The keys a load left missing or unused, in one line; empty when every key matched."""
+    parts = [f"missing {first_keys(missing)}"] if missing else []
+    return "; ".join(parts + ([f"unexpected {first_keys(unexpected)}"] if unexpected else []))
+
+
+def load_training_module(path: str | os.PathLike) -> DetrModule:
+    """The DetrModule of a train.py checkpoint, in eval mode."""
+    module = training_module(read_checkpoint(path, TRAINING_CHECKPOINT), path)
+    if module is None:
+        raise ValueError(f"{os.fspath(path)} is not {TRAINING_CHECKPOINT} (no DetrModule hyperparameters and state_dict in it)")
+    return module
+
+
+def named_classes(names: Sequence[str] | None, count: int, path: str | os.PathLike) -> list[str]:
+    if names is not None:
+        return [str(name) for name in names]
+    warnings.warn(
+        f"{os.fspath(path)} does not name its {count} classes: they are called 'class 0' to 'class {count - 1}'",
+        UnnamedClassesWarning,
+        stacklevel=3,
+    )
+    return [f"class {label}" for label in range(count)]
+
+
+def published_detector(weights: DetectorWeights, dilation: bool | None) -> DETR:
+    """A detector built from what published weights record about their architecture, with the weights loaded."""
+    arch = weights.architecture
+    if dilation is None and arch.dilation is None:
+        warnings.warn(
+            f"{weights.path}: {weights.source}s do not record dilation; built without it (set dilation=true for DC5 weights)",
+            stacklevel=3,
+        )
+    backbone = BackboneConfig(
+        kind=arch.backbone_kind or "torchvision",
+        name=arch.backbone_name or "resnet50",
+        dilation=bool(arch.dilation if dilation is None else dilation),
+        main_layer=-1 if arch.main_layer is None else arch.main_layer,
+    )
+    joiner = JoinerConfig(backbone, PositionConfig(kind=arch.position or "sine"), hidden_dim=arch.hidden_dim)
+    head = HeadConfig(
+        num_queries=arch.num_queries,
+        enc_layers=arch.enc_layers,
+        dec_layers=arch.dec_layers,
+        nheads=arch.nheads or HeadConfig.nheads,
+        dim_feedforward=arch.dim_feedforward or HeadConfig.dim_feedforward,
+        pre_norm=bool(arch.pre_norm),
+        dropout=0.0,
+    )
+    detector = build_detector(joiner, head, weights.num_class_rows)
+    mismatch = key_mismatch(*detector.load_state_dict(weights.state, strict=False))
+    if mismatch:
+        raise ValueError(f"{weights.path} ({weights.source}: {arch}) does not load into the detector it describes: {mismatch}")
+    return detector
+
+
+def load_detector(path: str | os.PathLike, dilation: bool | None = None) -> LoadedDetector:
+    """The detector of a train.py checkpoint, a DETR checkpoint or a Hugging Face DETR folder or weights file.
+
+    ``dilation`` is only read for DETR's own checkpoints, which do not record it (DC5 files need True).
+    """
+    if os.path.isdir(path):
+        weights = read_hugging_face_folder(path)
+    else:
+        content = read_checkpoint(path, ANY_CHECKPOINT)
+        module = training_module(content, path)
+        if module is not None:
+            detector = module.detector
+            saved = module.hparams.get("class_names")
+            names = named_classes(saved, detector.num_classes, path)
+            ids = list(range(1, detector.num_classes + 1))
+            return LoadedDetector(detector, names, ids, TRAINING_SOURCE, os.fspath(path), None, names_known=saved is not None)
+        weights = published_detector_weights(content, path)
+        if weights is None:
+            raise ValueError(f"{os.fspath(path)} is not {ANY_CHECKPOINT}: none of their layouts matches its keys")
+    detector = published_detector(weights, dilation)
+    names = named_classes(weights.class_names, weights.num_class_rows, path)
+    ids = list(range(weights.num_class_rows))  # published class rows are COCO ids
+    known = weights.class_names is not None
+    return LoadedDetector(detector, names, ids, weights.source, os.fspath(path), DETR_EVAL_SIZE, names_known=known)
+
+
+def inference_ready(detector: DETR) -> DETR:
+    """Eval mode, no gradients, and the last decoder layer's outputs only (the auxiliary ones train)."""
+    detector.aux_loss = False
+    return detector.eval().requires_grad_(False)

@@ -1,0 +1,308 @@
+"""A detector exported to run without this package: ONNX, or a ``torch.export`` program (``.pt2``).
+
+Both come from one ``torch.export`` trace of ``(images, mask) -> (pred_logits, pred_boxes)`` with batch,
+height and width dynamic; the ONNX file is translated from that program by ``torch.onnx.export(dynamo=True)``.
+(With torch 2.14 the legacy TorchScript exporter also keeps height and width dynamic for this model,
+but it traces the model a second time and is deprecated.) The class names, the normalisation and
+the resize go into the file's metadata. Before a file is kept, it is run (ONNX Runtime for ONNX)
+on a batch of another size than the traced one and compared with eager PyTorch: every output
+element must be within ``atol + rtol * |eager|`` (``Tolerance``), or the file is removed and
+``ExportCheckError`` says by how much it missed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.export import Dim, ExportedProgram
+
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..detection.detr import DETR
+from ..detection.postprocess import batched_detections
+from ..nested_tensor import NestedTensor
+from ..training.file_writes import atomic_write
+from .checkpoint import LoadedDetector
+from .exported import METADATA_FILE, load_exported
+
+FORMATS = {"onnx": ".onnx", "torch_export": ".pt2"}
+FORMAT_NAMES = {"onnx": "ONNX", "torch_export": "torch.export program"}
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the exporter's, and the runtime of the check
+INPUT_NAMES = ("images", "mask")
+RAW_OUTPUTS = ("pred_logits", "pred_boxes")
+POSTPROCESSED_OUTPUTS = ("scores", "labels", "boxes")
+TRACE_BATCH, CHECK_BATCH = 2, 3  # the check also runs another batch size than the trace's
+PADDING = (16, 24)  # rows and columns of padding in the last image of example batches, so the mask matters
+
+
+class ExportCheckError(RuntimeError):
+    """The exported file's outputs differ from eager PyTorch's by more than the tolerance."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """``|exported - eager| <= atol + rtol * |eager|`` for every element of every output.
+
+    Float32 kernels of ONNX Runtime and PyTorch sum in other orders: on DETR-R50 (hidden 256, one
+    800 x 1066 image, python -m benchmarks.inference) the ONNX outputs differed from eager by at most
+    3.7e-6 (logits) and 1.5e-7 (normalised boxes), the torch.export program's by 0. The bounds leave
+    a margin of 25 and more, yet a wrong graph fails: ignoring the padding mask moves the test
+    suite's small model's logits by 0.07 and its boxes by 0.003, several times the bound.
+    Pixel boxes are compared divided by the image's longer side.
+    """
+
+    atol: float = 1e-4
+    rtol: float = 1e-3
+
+
+class ExportableDetector(nn.Module):
+    """``(images (B, 3, H, W) normalised, mask (B, H, W) True on padding)`` -> ``pred_logits`` (B, Q, K + 1)
+    and ``pred_boxes`` (B, Q, 4) as (cx, cy, w, h) relative to each unpadded image; with ``postprocess``
+    also ``scores`` (B, Q), ``labels`` (B, Q) and ``boxes`` (B, Q, 4) as (x0, y0, x1, y1) in pixels of the
+    unpadded image (multiply by original / model-input size for the original image's pixels)."""
+
+    def __init__(self, detector: DETR, postprocess: bool = False):
+        super().__init__()
+        self.detector = detector
+        self.postprocess = postprocess
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return RAW_OUTPUTS + (POSTPROCESSED_OUTPUTS if self.postprocess else ())
+
+    def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
+        outputs = self.detector(NestedTensor(images, mask))
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        if not self.postprocess:
+            return logits, boxes
+        # padding is at the bottom and the right: the first column counts the valid rows, the first row the columns
+        sizes = torch.stack([(~mask[:, :, 0]).sum(1), (~mask[:, 0, :]).sum(1)], dim=1)
+        return (logits, boxes, *batched_detections(logits, boxes, sizes))
+
+
+def example_batch(batch: int, height: int, width: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Random normalised images and their mask; the last image is padded at its bottom and right."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, height, width, generator=generator)
+    mask = torch.zeros(batch, height, width, dtype=torch.bool)
+    mask[-1, height - min(PADDING[0], height // 4) :, :] = True
+    mask[-1, :, width - min(PADDING[1], width // 4) :] = True
+    images[mask[:, None].expand_as(images)] = 0.0
+    return images, mask
+
+
+def trace(model: ExportableDetector, height: int, width: int) -> ExportedProgram:
+    """The ``torch.export`` program of ``model`` with batch, height and width dynamic.
+
+    Height and width are left for the tracer to bound (``Dim.DYNAMIC``): a ResNet needs at least 33
+    pixels for its stride-32 map to stay wider than one cell, and the learned encoding caps them.
+    """
+    batch = Dim("batch", min=1)
+    spatial = {2: Dim.DYNAMIC, 3: Dim.DYNAMIC}
+    dynamic = {"images": {0: batch, **spatial}, "mask": {0: batch, 1: spatial[2], 2: spatial[3]}}
+    with torch.no_grad():
+        return torch.export.export(model.eval(), example_batch(TRACE_BATCH, height, width), dynamic_shapes=dynamic)
+
+
+def dynamic_ranges(program: ExportedProgram) -> dict[str, list[int | None]]:
+    """The [min, max] of batch, height and width the program accepts (None: unbounded)."""
+    images = next(node for node in program.graph.nodes if node.op == "placeholder" and node.name == "images")
+    ranges = {}
+    for axis, index in (("batch", 0), ("height", 2), ("width", 3)):
+        size = images.meta["val"].shape[index]
+        bounds = program.range_constraints.get(size.node.expr) if isinstance(size, torch.SymInt) else None
+        upper = int(bounds.upper) if bounds is not None and bounds.upper.is_Integer else None  # else torch's int_oo
+        ranges[axis] = [int(size), int(size)] if bounds is None else [int(bounds.lower), upper]
+    return ranges
+
+
+def export_metadata(loaded: LoadedDetector, model: ExportableDetector, ranges: dict[str, list[int | None]]) -> dict[str, Any]:
+    """What a user of the file needs beside the graph: classes, input preparation, output meanings."""
+    outputs = {
+        "pred_logits": "(batch, queries, classes + 1) class logits; the last class is 'no object'",
+        "pred_boxes": "(batch, queries, 4) boxes as (cx, cy, w, h) relative to each unpadded image",
+    }
+    if model.postprocess:
+        outputs.update(
+            scores="(batch, queries) best real class probability",
+            labels="(batch, queries) its class index into class_names",
+            boxes="(batch, queries, 4) (x0, y0, x1, y1) in pixels of the unpadded model input",
+        )
+    return {
+        "class_names": loaded.class_names,
+        "category_ids": loaded.category_ids,
+        "inputs": {
+            "images": "(batch, 3, height, width) float32 RGB: pixels / 255, minus mean, divided by std; padded at bottom/right",
+            "mask": "(batch, height, width) bool, True on padding",
+        },
+        "outputs": outputs,
+        "normalization": {"pixel_scale": 1 / 255, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "resize": {"shorter_side": loaded.size, "max_size": loaded.max_size},
+        "dynamic_shapes": ranges,
+        "source": {"path": loaded.path, "kind": loaded.source},
+        "torch": torch.__version__,
+    }
+
+
+def onnx_bytes(program: ExportedProgram, model: ExportableDetector, metadata: dict[str, Any]) -> bytes:
+    # the optimizer warns about every multi-output op it leaves unfolded (a Split in each attention): noise here
+    optimizer_log = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = optimizer_log.level
+    optimizer_log.setLevel(logging.ERROR)
+    try:
+        onnx_program = torch.onnx.export(
+            program, dynamo=True, input_names=INPUT_NAMES, output_names=model.output_names, verbose=False
+        )
+    finally:
+        optimizer_log.setLevel(level)
+    images = onnx_program.model.graph.inputs[0].shape
+    onnx_program.rename_axes({str(images[0]): "batch", str(images[2]): "height", str(images[3]): "width"})
+    onnx_program.model.metadata_props.update({key: json.dumps(value) for key, value in metadata.items()})
+    return onnx_program.model_proto.SerializeToString()
+
+
+def torch_export_bytes(program: ExportedProgram, model: ExportableDetector, metadata: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={METADATA_FILE: json.dumps(metadata)})
+    return buffer.getvalue()
+
+
+SERIALIZERS: dict[str, Callable[[ExportedProgram, ExportableDetector, dict[str, Any]], bytes]] = {
+    "onnx": onnx_bytes,
+    "torch_export": torch_export_bytes,
+}
+
+
+def check_exported(
+    path: Path, format: str, model: ExportableDetector, height: int, width: int, tolerance: Tolerance
+) -> dict[str, float]:
+    """Runs the written file on a (CHECK_BATCH, 3, height, width) batch and compares it with eager PyTorch.
+
+    Returns the largest |difference| per output; raises ExportCheckError above the tolerance.
+    """
+    images, mask = example_batch(CHECK_BATCH, height, width, seed=1)
+    with torch.inference_mode():
+        expected = model(images, mask)
+    got = load_exported(path, format)(images, mask)
+    diffs, failed = {}, []
+    for name, want, have in zip(model.output_names, expected, got):
+        if name == "labels":  # the argmax of the checked logits: two near-equal classes may swap
+            continue
+        scale = max(height, width) if name == "boxes" else 1
+        want, have = want.double() / scale, have.double() / scale
+        difference = (have - want).abs()
+        diffs[name] = float(difference.max())
+        if (difference > tolerance.atol + tolerance.rtol * want.abs()).any():
+            failed.append(name)
+    if failed:
+        details = ", ".join(f"{name} max |diff| {diffs[name]:.3g}" for name in failed)
+        raise ExportCheckError(
+            f"{path.name} differs from eager PyTorch on a {CHECK_BATCH}x3x{height}x{width} batch beyond "
+            f"|diff| <= {tolerance.atol:g} + {tolerance.rtol:g} * |eager|: {details}; the file was removed"
+        )
+    return diffs
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    format: str
+    size_bytes: int
+    traced_size: tuple[int, int]
+    checked_size: tuple[int, int]
+    max_abs_diff: dict[str, float]
+    tolerance: Tolerance
+    dynamic_shapes: dict[str, list[int | None]]
+    seconds: float
+
+    def __str__(self) -> str:
+        ranges = ", ".join(f"{axis} {low}..{'' if high is None else high}" for axis, (low, high) in self.dynamic_shapes.items())
+        checker = "ONNX Runtime" if self.format == "onnx" else "torch.export.load"
+        diffs = ", ".join(f"{name} {value:.1e}" for name, value in self.max_abs_diff.items())
+        return "\n".join(
+            [
+                f"wrote {self.path} ({FORMAT_NAMES[self.format]}, {self.size_bytes / 1e6:.1f} MB) in {self.seconds:.0f} s",
+                f"inputs: images (batch, 3, height, width), mask (batch, height, width); dynamic: {ranges}",
+                f"checked with {checker} on {CHECK_BATCH}x3x{self.checked_size[0]}x{self.checked_size[1]} "
+                f"(traced at {TRACE_BATCH}x3x{self.traced_size[0]}x{self.traced_size[1]}): max |diff| {diffs} "
+                f"(allowed {self.tolerance.atol:g} + {self.tolerance.rtol:g} * |eager|)",
+            ]
+        )
+
+
+@dataclass
+class Traced:
+    """One trace of a detector, from which any format is written."""
+
+    model: ExportableDetector  # the eager module traced, the reference of every check
+    program: ExportedProgram
+    size: tuple[int, int]  # (height, width) of the example batch
+    metadata: dict[str, Any]
+    seconds: float
+
+
+def traced_detector(loaded: LoadedDetector, postprocess: bool = False, trace_size: tuple[int, int] = (384, 512)) -> Traced:
+    """``loaded``'s detector traced by ``torch.export`` in float32 on the CPU, batch, height and width dynamic."""
+    start = time.perf_counter()
+    model = ExportableDetector(loaded.detector.float().cpu(), postprocess).eval()
+    program = trace(model, *trace_size)
+    metadata = export_metadata(loaded, model, dynamic_ranges(program))
+    return Traced(model, program, tuple(trace_size), metadata, time.perf_counter() - start)
+
+
+def write_exported(
+    traced: Traced,
+    format: str,
+    path: str | os.PathLike,
+    check_size: tuple[int, int] = (352, 448),
+    tolerance: Tolerance = Tolerance(),
+) -> ExportReport:
+    """Writes ``traced`` as ``format`` to ``path`` (atomically), then checks the written file against the
+    traced eager module on a batch of ``check_size``; a file that fails its check is removed."""
+    check_requirements(format)
+    if tuple(check_size) == traced.size:
+        raise ValueError(f"check_size={list(check_size)} must differ from the traced size: the check is of another size")
+    start = time.perf_counter()
+    content = SERIALIZERS[format](traced.program, traced.model, traced.metadata)
+    target = atomic_write(path, lambda stream: stream.write(content))
+    try:
+        diffs = check_exported(target, format, traced.model, *check_size, tolerance)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    seconds = traced.seconds + time.perf_counter() - start
+    ranges = traced.metadata["dynamic_shapes"]
+    return ExportReport(target, format, len(content), traced.size, tuple(check_size), diffs, tolerance, ranges, seconds)
+
+
+def check_requirements(format: str) -> None:
+    """A missing exporter or runtime named before any work, with the install command."""
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r} is not one of {', '.join(FORMATS)}")
+    missing = [name for name in ONNX_PACKAGES if format == "onnx" and importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"format=onnx needs {', '.join(missing)}: pip install -e '.[export]'")
+
+
+def export_detector(
+    loaded: LoadedDetector,
+    format: str,
+    path: str | os.PathLike,
+    *,
+    postprocess: bool = False,
+    trace_size: tuple[int, int] = (384, 512),
+    check_size: tuple[int, int] = (352, 448),
+    tolerance: Tolerance = Tolerance(),
+) -> ExportReport:
+    """Traces ``loaded``'s detector and writes it as ``format`` to ``path``, checked (``write_exported``)."""
+    check_requirements(format)  # before the trace, which takes a while
+    return write_exported(traced_detector(loaded, postprocess, trace_size), format, path, check_size, tolerance)

@@ -1,0 +1,165 @@
+"""What a resume settles before anything is built: which checkpoint (``ckpt_path=last``, a requeued
+SLURM job), and whether the run's config fits the one the checkpoint was trained with.
+
+Without the config check, another backbone or head fails deep inside Lightning's restore with
+PyTorch's ``load_state_dict`` error and hundreds of key names, and a changed lr or seed would be
+silently overridden by the checkpoint's optimizer state or break the data order.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, replace
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from .callbacks.saved_config import CONFIG_KEY
+from .checkpoint_io import check_resume_checkpoint
+from .config import Config
+
+LAST = "last"  # ckpt_path=last: the newest last.ckpt of the run folder
+LAST_NAME = "last.ckpt"
+SHOWN_KEYS = 8  # differing keys named in the message; the rest are counted
+
+# Keys that may differ from the checkpoint's run: how long and on what hardware it trains, where the data
+# lies and how it is loaded, what is logged and saved, and the knobs whose outputs match within float
+# rounding. Everything else shapes the model, its optimizer or the data order, and must match.
+MAY_CHANGE = (
+    "ckpt_path", "init_from", "test_after_fit", "optimized_metric",
+    "trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "trainer.limit_*_batches",
+    "trainer.val_check_interval", "trainer.check_val_every_n_epoch", "trainer.num_sanity_val_steps",
+    "trainer.log_every_n_steps", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+    "trainer.profiler", "trainer.detect_anomaly", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
+    "trainer.strategy",
+    "data.train_images", "data.train_annotations", "data.val_images", "data.val_annotations",
+    "data.batch_size", "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.cache",
+    "data.size_divisibility", "data.bad_samples", "data.max_bad_fraction",
+    "callbacks.*", "logger.*",
+    "backbone.pretrained", "backbone.checkpoint", "backbone.strict",  # the weights come from the checkpoint
+    "backbone.channels_last", "backbone.fold_frozen_bn", "backbone.compile", "model.compile",
+)  # fmt: skip
+
+
+def may_change(key: str) -> bool:
+    return any(fnmatchcase(key, pattern) for pattern in MAY_CHANGE)
+
+
+def newest_last_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The most recently written ``last.ckpt`` anywhere under ``run_dir`` (a multirun's job folders included)."""
+    found = [path for path in run_dir.rglob(LAST_NAME) if path.is_file()]
+    return max(found, key=lambda path: path.stat().st_mtime) if found else None
+
+
+def requeued_slurm_job() -> bool:
+    """This process belongs to a SLURM job that was requeued (preempted, or requeued after the warning signal)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
+def resume_path(ckpt_path: Optional[str], run_dir: Optional[Path]) -> Optional[str]:
+    """The checkpoint to resume from: ``ckpt_path`` itself, the newest last.ckpt of ``run_dir`` for
+    ``ckpt_path=last``, or for a requeued SLURM job without ``ckpt_path`` that one if there is one."""
+    if ckpt_path == LAST:
+        if run_dir is None:
+            raise ValueError("ckpt_path=last needs the run folder to look in; give a checkpoint file instead")
+        found = newest_last_checkpoint(run_dir)
+        if found is None:
+            raise ValueError(
+                f"ckpt_path=last found no {LAST_NAME} under {run_dir} (searched {run_dir}/**/{LAST_NAME}); give the "
+                "folder of the run to resume as hydra.run.dir=<run folder>, or a checkpoint file as ckpt_path"
+            )
+        return str(found)
+    if ckpt_path is None and run_dir is not None and requeued_slurm_job():
+        found = newest_last_checkpoint(run_dir)
+        if found is None:
+            rank_zero_warn(
+                f"requeued SLURM job: no {LAST_NAME} under {run_dir}, so it starts from scratch; to resume, give every "
+                "start of the job the same run folder, e.g. hydra.run.dir=outputs/slurm-$SLURM_JOB_ID"
+            )
+            return None
+        rank_zero_info(f"requeued SLURM job: resuming from {found}")
+        return str(found)
+    return ckpt_path
+
+
+def flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as ``{"group.key": value}``; lists are values."""
+    items: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            items.update(flat(value, f"{prefix}{key}."))
+        else:
+            items[f"{prefix}{key}"] = value
+    return items
+
+
+def trained_config(checkpoint: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    """The flat config a checkpoint was trained with: the whole of it where train.py saved it, else the
+    model's part from the module's hyperparameters (checkpoints written before the config was saved)."""
+    if isinstance(checkpoint.get(CONFIG_KEY), Mapping):
+        return flat(checkpoint[CONFIG_KEY])
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(hparams, Mapping) or not all(isinstance(hparams.get(k), Mapping) for k in ("joiner", "head", "optim")):
+        return None
+    joiner = hparams["joiner"]
+    return flat({**joiner, "model": hparams["head"], **hparams["optim"]})
+
+
+def shown(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    # mmap: only the pickled structure is read, not the tensors
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def check_resume_config(path: str | os.PathLike, config: Config) -> None:
+    """Fail in one line when ``config`` differs from the checkpoint's config in keys outside ``MAY_CHANGE``."""
+    checkpoint = read_checkpoint(path)
+    trained = trained_config(checkpoint) if isinstance(checkpoint, Mapping) else None
+    if trained is None:
+        return
+    current = flat(asdict(config))
+    differ = [key for key in trained if key in current and trained[key] != current[key] and not may_change(key)]
+    if not differ:
+        return
+    listed = "; ".join(f"{key}: {shown(trained[key])} in the checkpoint, {shown(current[key])} now" for key in differ[:SHOWN_KEYS])
+    if len(differ) > SHOWN_KEYS:
+        listed += f"; and {len(differ) - SHOWN_KEYS} more"
+    run_config = Path(path).resolve().parent.parent / ".hydra" / "config.yaml"
+    source = f"its run's config is {run_config}" if run_config.is_file() else "resume with the config of the run that wrote it"
+    raise ValueError(
+        f"ckpt_path={os.fspath(path)!r} was trained with another config ({listed}); {source}. "
+        f"To start a new run from these weights with another model, use init_from={os.fspath(path)} instead of ckpt_path"
+    )
+
+
+def check_resume_classes(path: str | os.PathLike, class_names: Sequence[str]) -> None:
+    """Fail in one line when the data's classes (a COCO folder's categories) are not those the checkpoint's head
+    was trained on: its class rows would not fit."""
+    checkpoint = read_checkpoint(path)
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
+    trained = hparams.get("class_names") if isinstance(hparams, Mapping) else None
+    if trained is not None and list(trained) != list(class_names):
+        raise ValueError(
+            f"ckpt_path={os.fspath(path)!r} was trained on the classes {list(trained)}, the data has {list(class_names)}; "
+            f"resume with the run's data, or start a new run from these weights with init_from={os.fspath(path)} "
+            "instead of ckpt_path (it carries class rows over by name)"
+        )
+
+
+def resumed(config: Config, run_dir: Optional[Path]) -> Config:
+    """``config`` with the checkpoint to resume from as ``ckpt_path`` (see ``resume_path``), once that file
+    is whole and was trained with a config that fits. A requeued job resumes rather than starting afresh
+    from ``init_from``."""
+    ckpt_path = resume_path(config.ckpt_path, run_dir)
+    if ckpt_path is None:
+        return config
+    check_resume_checkpoint(ckpt_path)
+    config = replace(config, ckpt_path=ckpt_path, init_from=None)
+    check_resume_config(ckpt_path, config)
+    return config

@@ -1,0 +1,123 @@
+"""Export round trips on a checkpoint trained here: ONNX through onnxruntime and the torch.export program,
+each on image sizes never traced, against eager PyTorch within the documented tolerance."""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+
+import onnxruntime
+import pytest
+import torch
+
+from detr_backbone.commands.export import main as export_main
+from detr_backbone.data import IMAGENET_MEAN, IMAGENET_STD, ShapesDataset
+from detr_backbone.inference import ExportableDetector, ExportCheckError, Tolerance, load_detector
+from detr_backbone.inference.export import traced_detector, write_exported
+from detr_backbone.nested_tensor import nested_tensor_from_tensor_list
+from detr_backbone.training import DetrModule
+
+from .tiny_checkpoint import CLASS_NAMES, NUM_QUERIES, train_tiny_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TRACE, CHECK = (64, 80), (72, 64)  # the example batch traced, and the one the export checks itself on
+OUTPUTS = ("pred_logits", "pred_boxes", "scores", "labels", "boxes")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def traced(checkpoint):
+    return traced_detector(load_detector(checkpoint), postprocess=True, trace_size=TRACE)
+
+
+@pytest.fixture(scope="module")
+def eager(checkpoint) -> ExportableDetector:
+    """The reference: the checkpoint as Lightning loads it, run eagerly."""
+    module = DetrModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+    return ExportableDetector(module.detector, postprocess=True).eval()
+
+
+def unseen_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Real images at sizes neither traced nor checked: one alone, then two of different sizes padded together."""
+    dataset = ShapesDataset(3, min_size=50, max_size=100, split="test")
+    images = [dataset[index][0] for index in range(3)]
+    batches = [nested_tensor_from_tensor_list(images[:1]), nested_tensor_from_tensor_list(images[1:])]
+    for batch in batches:
+        assert tuple(batch.tensors.shape[-2:]) not in (TRACE, CHECK)
+    assert batches[1].mask.any()  # the smaller image is padded
+    return [(batch.tensors, batch.mask) for batch in batches]
+
+
+def assert_within_tolerance(got: list[torch.Tensor], expected: tuple[torch.Tensor, ...], side: int) -> None:
+    tolerance = Tolerance()
+    assert [tuple(g.shape) for g in got] == [tuple(e.shape) for e in expected]
+    for name, have, want in zip(OUTPUTS, got, expected):
+        if name == "labels":  # an argmax: equal wherever the best class leads by more than the tolerance
+            top2 = expected[0].softmax(-1)[..., :-1].topk(2).values
+            clear = (top2[..., 0] - top2[..., 1]) > 1e-3
+            assert torch.equal(have[clear], want[clear])
+            continue
+        scale = side if name == "boxes" else 1  # pixel boxes compared relative to the image, as the export does
+        have, want = have.double() / scale, want.double() / scale
+        assert ((have - want).abs() <= tolerance.atol + tolerance.rtol * want.abs()).all(), name
+
+
+def test_onnx_in_onnxruntime_matches_eager_on_sizes_never_traced(traced, eager, tmp_path):
+    report = write_exported(traced, "onnx", tmp_path / "detector.onnx", CHECK)
+    assert report.path.is_file() and [p.name for p in tmp_path.iterdir()] == ["detector.onnx"]
+    assert set(report.max_abs_diff) == {"pred_logits", "pred_boxes", "scores", "boxes"}
+    assert max(report.max_abs_diff.values()) <= Tolerance().atol
+    session = onnxruntime.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    inputs = session.get_inputs()
+    assert [(i.name, i.shape) for i in inputs] == [("images", ["batch", 3, "height", "width"]), ("mask", ["batch", "height", "width"])]
+    assert [o.name for o in session.get_outputs()] == list(OUTPUTS)
+    for images, mask in unseen_batches():
+        got = session.run(None, {"images": images.numpy(), "mask": mask.numpy()})
+        with torch.inference_mode():
+            expected = eager(images, mask)
+        assert got[0].shape == (len(images), NUM_QUERIES, len(CLASS_NAMES) + 1)
+        assert_within_tolerance([torch.from_numpy(array) for array in got], expected, max(images.shape[-2:]))
+    metadata = {key: json.loads(value) for key, value in session.get_modelmeta().custom_metadata_map.items()}
+    assert metadata["class_names"] == CLASS_NAMES and metadata["category_ids"] == [1, 2, 3]
+    assert metadata["normalization"] == {"pixel_scale": 1 / 255, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    assert metadata["resize"] == {"shorter_side": None, "max_size": 1333}
+    assert metadata["dynamic_shapes"]["batch"] == [1, None] and metadata["dynamic_shapes"]["height"][1] is None
+
+
+def test_torch_export_program_matches_eager_on_sizes_never_traced(traced, eager, tmp_path):
+    report = write_exported(traced, "torch_export", tmp_path / "detector.pt2", CHECK)
+    extra = {"metadata.json": ""}
+    program = torch.export.load(str(report.path), extra_files=extra)
+    assert json.loads(extra["metadata.json"])["class_names"] == CLASS_NAMES
+    module = program.module()
+    for images, mask in unseen_batches():
+        with torch.inference_mode():
+            got, expected = module(images, mask), eager(images, mask)
+        assert_within_tolerance(list(got), expected, max(images.shape[-2:]))
+
+
+def test_a_file_that_fails_its_check_is_removed(traced, tmp_path):
+    wrong = copy.deepcopy(traced.model)
+    with torch.no_grad():
+        wrong.detector.class_embed.bias += 0.1  # the eager reference no longer is what was traced
+    missed = r"detector\.pt2 differs from eager PyTorch on a 3x3x72x64 batch .* pred_logits max \|diff\| 0\.1"
+    with pytest.raises(ExportCheckError, match=missed):
+        write_exported(replace(traced, model=wrong), "torch_export", tmp_path / "detector.pt2", CHECK)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match=r"check_size=\[64, 80\] must differ from the traced size"):
+        write_exported(traced, "onnx", tmp_path / "detector.onnx", TRACE)
+
+
+def test_export_command_writes_and_checks_the_file(checkpoint, tmp_path, capsys):
+    output = tmp_path / "models" / "detector.pt2"
+    export_main([f"ckpt_path={checkpoint}", "format=torch_export", f"output={output}", "trace_size=[64,80]", "check_size=[72,64]"])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith(f"wrote {output} (torch.export program, ") and len(printed) == 3
+    assert "dynamic: batch 1.., height" in printed[1]
+    assert printed[2].startswith("checked with torch.export.load on 3x3x72x64 (traced at 2x3x64x80): max |diff| pred_logits ")
+    assert sorted(p.name for p in output.parent.iterdir()) == ["detector.pt2"]

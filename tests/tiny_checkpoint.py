@@ -1,0 +1,29 @@
+"""A train.py checkpoint small enough to train in seconds, for the tests that run a trained detector."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from detr_backbone.training.job import Job, validated
+
+from .jobs import SMALL, compose_config
+
+CLASS_NAMES = ["rectangle", "ellipse", "triangle"]
+NUM_QUERIES = 5
+# 40 optimizer steps of the SMALL job (a ResNet-18-GN cut after layer2, 32-48 px images) and one
+# validation: about two seconds, and enough for some detections to overlap the shapes (AP above 0)
+TINY_RUN = [
+    *SMALL, "trainer.max_steps=40", "trainer.max_epochs=3", "trainer.num_sanity_val_steps=0", "data.train_size=32",
+    "data.val_size=2", "callbacks.progress_bar=none", "callbacks.lr_monitor=false", "logger.csv=false",
+]  # fmt: skip
+
+
+def train_tiny_checkpoint(folder: Path) -> Path:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the one_thread fixture: other test processes may share the two cores
+    try:
+        Job(validated(compose_config(*TINY_RUN)), folder).run()
+    finally:
+        torch.set_num_threads(threads)
+    return folder / "checkpoints" / "last.ckpt"
