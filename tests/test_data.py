@@ -101,29 +101,39 @@ def test_shapes_image_sizes_vary_within_bounds_and_targets_are_well_formed():
     assert ShapesDataset.class_names == ("rectangle", "ellipse", "triangle")
 
 
+def drawn_kind(dataset: ShapesDataset, index: int, fill_ratio: dict[str, tuple[float, float]]) -> str | None:
+    """On a noise-free single-shape image with a plain background, every pixel unlike the corners is the
+    shape: assert that its extent is the box and its fill ratio within the kind's range; return the kind.
+    None for a graded background (or a shape on a corner), where foreground is not simply "not corner"."""
+    image, target = dataset.render(index)
+    pixels = np.asarray(image).astype(int)
+    corners = pixels[[0, 0, -1, -1], [0, -1, 0, -1]]
+    if not (corners == corners[0]).all():
+        return None
+    foreground = (pixels != corners[0]).any(axis=-1)
+    ys, xs = np.nonzero(foreground)
+    assert target["boxes"].tolist() == [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]]
+    x0, y0, x1, y1 = target["boxes"][0].int().tolist()
+    kind = dataset.class_names[target["labels"].item()]
+    low, high = fill_ratio[kind]
+    assert low <= foreground[y0:y1, x0:x1].mean() <= high, kind
+    return kind
+
+
 def test_shapes_boxes_are_exactly_the_tight_boxes_of_the_drawn_pixels():
-    """Noise-free single-shape images on a plain background: every pixel unlike the corners is the
-    shape, so its extent must equal the box, and its fill ratio tells the class."""
+    """Noise-free single-shape images on a plain background: the shape's extent must equal the box,
+    and its fill ratio tells the class."""
     dataset = ShapesDataset(60, max_objects=1, noise=0.0, seed=11)
     fill_ratio = {"rectangle": (1.0, 1.0), "ellipse": (0.72, 0.84), "triangle": (0.42, 0.58)}
     checked = set()
     for index in range(len(dataset)):
-        image, target = dataset.render(index)
-        pixels = np.asarray(image).astype(int)
-        corners = pixels[[0, 0, -1, -1], [0, -1, 0, -1]]
-        if not (corners == corners[0]).all():
-            continue  # graded background (or a shape on a corner): foreground is not simply "not corner"
-        foreground = (pixels != corners[0]).any(axis=-1)
-        ys, xs = np.nonzero(foreground)
-        assert target["boxes"].tolist() == [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]]
-        x0, y0, x1, y1 = target["boxes"][0].int().tolist()
-        kind = ShapesDataset.class_names[target["labels"].item()]
-        low, high = fill_ratio[kind]
-        assert low <= foreground[y0:y1, x0:x1].mean() <= high, kind
+        kind = drawn_kind(dataset, index, fill_ratio)
+        if kind is None:
+            continue
         checked.add(kind)
         # the default transform: the same box, normalized by the image size, in cxcywh
         _, transformed = dataset[index]
-        assert torch.allclose(pixel_boxes(transformed), target["boxes"], atol=1e-4)
+        assert torch.allclose(pixel_boxes(transformed), dataset.render(index)[1]["boxes"], atol=1e-4)
     assert checked == {"rectangle", "ellipse", "triangle"}
 
 
