@@ -38,10 +38,21 @@ class GroupNorm32(nn.GroupNorm):
         super().__init__(num_groups, num_channels, **kwargs)
 
 
-def check_main_layer(main_layer: int) -> int:
+def select_levels(return_interm_layers: bool, main_layer: int = -1, levels: Sequence[int] | None = None) -> list[int]:
+    """The feature levels a backbone returns, as indices 0..3 of its last four (ResNet: layer1..layer4).
+
+    ``levels`` numbers them 1..4 (Deformable-DETR's [2, 3, 4] is layers 2-4, strides 8/16/32);
+    without it, DETR's spellings: all four with ``return_interm_layers``, else ``main_layer`` alone.
+    """
+    if levels is not None:
+        if not levels or any(not 1 <= level <= LEVELS for level in levels) or list(levels) != sorted(set(levels)):
+            raise ValueError(f"levels={list(levels)} must be increasing stage numbers in 1..{LEVELS}, e.g. [2, 3, 4]")
+        return [level - 1 for level in levels]
+    if return_interm_layers:
+        return list(range(LEVELS))
     if not -LEVELS <= main_layer < LEVELS:
         raise ValueError(f"main_layer must index one of the last four feature levels (-4..3), got {main_layer}")
-    return main_layer
+    return [main_layer % LEVELS]
 
 
 def downsample_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
@@ -52,8 +63,10 @@ def downsample_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
 class BackboneBase(nn.Module):
     """A body returning feature maps (dict or list, shallow to deep), each returned with its mask.
 
-    Levels are named "0", "1", ... in the order the body returns them; ``num_channels`` is the
-    channel count of the last one, the map DETR's transformer reads.
+    Levels are named "0", "1", ... in the order the body returns them. ``feature_channels`` and
+    ``strides`` list every returned level. ``num_channels`` follows the caller's convention: DETR's
+    int (the last level's channels, the map DETR's transformer reads) unless ``channel_list``, which
+    gives Deformable-DETR's list, one entry per level.
     """
 
     def __init__(
@@ -63,14 +76,15 @@ class BackboneBase(nn.Module):
         trainable_layers: int,
         channels: Sequence[int],
         strides: Sequence[int],
+        channel_list: bool = False,
     ):
         super().__init__()
         freeze_stages(body, stage_modules, trainable_layers)
         self.body = body
         self.trainable_layers = trainable_layers
         self.feature_channels = list(channels)
-        self.feature_strides = list(strides)
-        self.num_channels = self.feature_channels[-1]
+        self.strides = list(strides)
+        self.num_channels = list(self.feature_channels) if channel_list else self.feature_channels[-1]
         self.in_channels = next(m.in_channels for m in body.modules() if isinstance(m, nn.Conv2d))
         self.channels_last = False
 
@@ -99,8 +113,9 @@ class BackboneBase(nn.Module):
 class Backbone(BackboneBase):
     """A torchvision ResNet with frozen BatchNorm, without avgpool and fc (DETR's ``Backbone``).
 
-    Without intermediate layers it returns ``main_layer`` (-1: layer4, -2: layer3 at stride 16, ...)
-    and the body ends there.
+    It returns the stages ``select_levels`` picks (DETR: layer4 alone, or all four with
+    ``return_interm_layers``) and the body ends at the deepest one. Given ``levels``, ``num_channels``
+    is Deformable-DETR's per-level list.
     """
 
     norm_layer: type[nn.Module] = FrozenBatchNorm2d
@@ -115,17 +130,19 @@ class Backbone(BackboneBase):
         pretrained: bool = False,
         trainable_layers: int | None = None,
         main_layer: int = -1,
+        levels: Sequence[int] | None = None,
     ):
         resnet = self.build_resnet(name, dilation, pretrained)
-        levels = range(LEVELS) if return_interm_layers else [check_main_layer(main_layer) % LEVELS]
+        selected = select_levels(return_interm_layers, main_layer, levels)
         expansion = resnet.layer1[0].expansion
-        channels = [64 * expansion * 2**level for level in levels]
-        strides = [16 if dilation and level == LEVELS - 1 else 4 * 2**level for level in levels]
+        channels = [64 * expansion * 2**level for level in selected]
+        strides = [16 if dilation and level == LEVELS - 1 else 4 * 2**level for level in selected]
         if trainable_layers is None:
             trainable_layers = detr_trainable_layers(train_backbone)
         # the getter drops every stage after the last one returned
-        body = IntermediateLayerGetter(resnet, return_layers={RESNET_STAGES[level]: str(i) for i, level in enumerate(levels)})
-        super().__init__(body, RESNET_STAGES[: levels[-1] + 1], trainable_layers, channels, strides)
+        body = IntermediateLayerGetter(resnet, return_layers={RESNET_STAGES[level]: str(i) for i, level in enumerate(selected)})
+        stages = RESNET_STAGES[: selected[-1] + 1]
+        super().__init__(body, stages, trainable_layers, channels, strides, channel_list=levels is not None)
 
     def build_resnet(self, name: str, dilation: bool, pretrained: bool) -> torchvision.models.ResNet:
         if name not in TORCHVISION_RESNETS:
@@ -167,9 +184,9 @@ class GroupNormBackbone(Backbone):
 class TimmBackbone(BackboneBase):
     """Any timm model built with ``features_only``; its BatchNorms are frozen the way timm does it.
 
-    ``main_layer`` picks which of the last four feature levels is returned when intermediate
-    levels are not asked for (-1: the deepest). The body is cut after that level, so no
-    parameter is left without a gradient. ``dilation`` asks the model for ``output_stride=16``.
+    Levels are chosen among the last four of its ``feature_info`` as for a ResNet (``levels``
+    1..4, or DETR's ``return_interm_layers`` / ``main_layer``). The body is cut after the deepest
+    one, so no parameter is left without a gradient. ``dilation`` asks for ``output_stride=16``.
     """
 
     def __init__(
@@ -182,15 +199,17 @@ class TimmBackbone(BackboneBase):
         dilation: bool = False,
         pretrained: bool = False,
         trainable_layers: int | None = None,
+        levels: Sequence[int] | None = None,
     ):
-        out_indices = tuple(range(-LEVELS, 0)) if return_interm_layers else (check_main_layer(main_layer) % LEVELS - LEVELS,)
+        out_indices = tuple(level - LEVELS for level in select_levels(return_interm_layers, main_layer, levels))
         body = create_timm_features(name, out_indices, dilation, pretrained)
         freeze_batch_norm_2d(body)
         info = body.feature_info
         stage_modules = [found for level in info.info[-LEVELS:] if (found := _find_module(body, level["module"]))]
         if trainable_layers is None:
             trainable_layers = detr_trainable_layers(train_backbone)
-        super().__init__(body, stage_modules, trainable_layers, info.channels(), info.reduction())
+        channel_list = levels is not None
+        super().__init__(body, stage_modules, trainable_layers, info.channels(), info.reduction(), channel_list)
 
 
 def create_timm_features(name: str, out_indices: tuple[int, ...], dilation: bool, pretrained: bool) -> nn.Module:

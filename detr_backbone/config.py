@@ -38,6 +38,7 @@ class BackboneConfig:
     checkpoint: Optional[str] = None  # weights file: state dict, GN ImageNet checkpoint or detector checkpoint
     strict: bool = True  # checkpoint keys must match exactly
     main_layer: int = -1  # which of the four levels is returned without return_interm_layers (-1: last)
+    levels: Optional[list[int]] = None  # the levels returned, stages 1..4 ([2, 3, 4]: Deformable-DETR's); null: DETR's two knobs above
     # fast paths (README: Performance); each gives the plain path's numbers within float rounding
     channels_last: Optional[bool] = None  # NHWC weights and inputs; null: on where it measured faster (not GroupNorm)
     fold_frozen_bn: bool = True  # frozen BatchNorm applied through the conv weights (torchvision kind)
@@ -50,6 +51,17 @@ class BackboneConfig:
             f"backbone.trainable_layers={self.trainable_layers} must be null (DETR's rule) or 0..{NUM_STAGES}",
         )
         require(-4 <= self.main_layer <= 3, f"backbone.main_layer={self.main_layer} must be in -4..3")
+        if self.levels is not None:
+            levels = list(self.levels)
+            require(
+                bool(levels) and levels == sorted(set(levels)) and all(1 <= level <= 4 for level in levels),
+                f"backbone.levels={levels} must be increasing stage numbers in 1..4, e.g. [2, 3, 4] (or null)",
+            )
+            require(
+                not self.return_interm_layers and self.main_layer == -1,
+                f"backbone.levels={levels} replaces return_interm_layers={self.return_interm_layers} and "
+                f"main_layer={self.main_layer}; leave those at false and -1",
+            )
 
 
 @dataclass
@@ -105,7 +117,7 @@ class JoinerConfig:
 
     @classmethod
     def from_args(cls, args: Any) -> JoinerConfig:
-        """From our config (dataclass, dict or DictConfig) or from DETR's argparse namespace."""
+        """From our config (dataclass, dict or DictConfig) or from DETR's or Deformable-DETR's argparse namespace."""
         if isinstance(args, JoinerConfig):
             return args
         get = args.get if isinstance(args, Mapping) else lambda key, default=None: getattr(args, key, default)
@@ -132,17 +144,22 @@ class JoinerConfig:
             encoding in DETR_POSITION_NAMES,
             f"position_embedding={encoding!r} is not one of {', '.join(DETR_POSITION_NAMES)}",
         )
+        masks = bool(get("masks", False))
+        # Deformable-DETR's namespace has num_feature_levels: layers 2-4 (or layer4 alone), per-level
+        # channel lists, and its sine encoding counted from pixel centres
+        deformable = get("num_feature_levels") is not None
         backbone = BackboneConfig(
             kind=kind,
             name=name,
             dilation=bool(get("dilation", False)),
-            return_interm_layers=bool(get("masks", False)),
+            return_interm_layers=masks and not deformable,
+            levels=([2, 3, 4] if masks or get("num_feature_levels") > 1 else [4]) if deformable else None,
             freeze=bool(get("freeze_backbone", False)),
-            # DETR's own code path, for bit-identical numbers; our configs default to the fast paths
+            # the reference code path, for bit-identical numbers; our configs default to the fast paths
             channels_last=False,
             fold_frozen_bn=False,
         )
-        position = PositionConfig(kind=DETR_POSITION_NAMES[encoding], normalize=True)
+        position = PositionConfig(kind=DETR_POSITION_NAMES[encoding], normalize=True, offset=-0.5 if deformable else 0.0)
         return cls(backbone, position, hidden_dim=get("hidden_dim", 256), lr_backbone=get("lr_backbone", 1e-5))
 
 

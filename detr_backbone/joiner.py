@@ -21,13 +21,17 @@ CHANNELS_LAST_BY_DEFAULT = {"torchvision": True, "groupnorm": False, "timm": Tru
 class Joiner(nn.Sequential):
     """``nn.Sequential(backbone, position_embedding)``: child "0" is the backbone, "1" the encoding.
 
-    Returns the backbone's feature maps (each a NestedTensor) and, for each, its positional map
-    cast to the feature map's dtype (the encodings compute in float32).
+    Returns the backbone's feature maps (each a NestedTensor, shallow to deep) and, for each, its
+    positional map cast to the feature map's dtype (the encodings compute in float32). ``strides``
+    and ``feature_channels`` list the levels; ``num_channels`` is the backbone's (DETR's int, or
+    Deformable-DETR's list when levels were chosen with ``levels``).
     """
 
     def __init__(self, backbone: nn.Module, position_embedding: nn.Module):
         super().__init__(backbone, position_embedding)
         self.num_channels = backbone.num_channels
+        self.feature_channels = backbone.feature_channels
+        self.strides = backbone.strides
 
     def forward(self, tensor_list: NestedTensor) -> tuple[list[NestedTensor], list[Tensor]]:
         features = list(self[0](tensor_list).values())
@@ -54,7 +58,12 @@ def build_position_encoding(args: Any) -> nn.Module:
 
 def build_backbone_network(cfg: JoinerConfig) -> BackboneBase:
     spec = cfg.backbone
-    options = {"pretrained": spec.pretrained, "trainable_layers": spec.trainable_layers, "main_layer": spec.main_layer}
+    options = {
+        "pretrained": spec.pretrained,
+        "trainable_layers": spec.trainable_layers,
+        "main_layer": spec.main_layer,
+        "levels": spec.levels,
+    }
     if spec.kind == "timm":
         backbone = TimmBackbone(
             spec.name, spec.return_interm_layers, train_backbone=cfg.train_backbone, dilation=spec.dilation, **options

@@ -97,7 +97,7 @@ def test_dilation_replaces_the_last_stride_only():
     images = batch((256, 320))
     assert plain(images)[0][0].tensors.shape[-2:] == (8, 10)  # H/32
     assert dilated(images)[0][0].tensors.shape[-2:] == (16, 20)  # H/16
-    assert dilated[0].feature_strides == [16]
+    assert dilated[0].strides == [16]
 
 
 def test_dilation_on_timm_uses_output_stride_16():
@@ -152,7 +152,7 @@ def test_timm_convnext_stages_and_stem():
 def test_main_layer_cuts_the_body_so_every_trainable_parameter_gets_a_gradient(kind):
     backbone = joiner_of(kind, "resnet18", main_layer=-2, trainable_layers=5)[0]
     assert not hasattr(backbone.body, "layer4") and backbone.num_channels == 256
-    assert backbone.feature_strides == [16]
+    assert backbone.strides == [16]
     out = backbone(batch((64, 96)))["0"].tensors
     assert out.shape == (1, 256, 4, 6)
     out.sum().backward()

@@ -31,7 +31,7 @@ def test_top_level_knobs_reach_the_backbone_group():
     assert (cfg.backbone.kind, cfg.backbone.name) == ("groupnorm", "resnet101")
     assert cfg.backbone.dilation and cfg.backbone.return_interm_layers and cfg.backbone.freeze
     joiner = build_backbone(cfg)
-    assert isinstance(joiner[0], GroupNormBackbone) and joiner[0].feature_strides == [4, 8, 16, 16]
+    assert isinstance(joiner[0], GroupNormBackbone) and joiner[0].strides == [4, 8, 16, 16]
     assert not any(p.requires_grad for p in joiner.parameters())
 
 
