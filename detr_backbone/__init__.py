@@ -7,8 +7,8 @@ LightningModule, the job and its callbacks) and ``commands``.
 
 from .backbone import Backbone, BackboneBase, GroupNorm32, GroupNormBackbone, TimmBackbone, downsample_mask
 from .config import BackboneConfig, JoinerConfig, PositionConfig
-from .frozen_batch_norm import FrozenBatchNorm2d
 from .freezing import freeze_stages, parameter_stages
+from .frozen_batch_norm import FrozenBatchNorm2d
 from .joiner import Joiner, build_backbone, build_position_encoding
 from .nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 from .param_groups import joiner_parameter_groups

@@ -38,21 +38,24 @@ class GroupNorm32(nn.GroupNorm):
         super().__init__(num_groups, num_channels, **kwargs)
 
 
-def select_levels(return_interm_layers: bool, main_layer: int = -1, levels: Sequence[int] | None = None) -> list[int]:
-    """The feature levels a backbone returns, as indices 0..3 of its last four (ResNet: layer1..layer4).
+def select_levels(
+    return_interm_layers: bool, main_layer: int = -1, levels: Sequence[int] | None = None, count: int = LEVELS
+) -> list[int]:
+    """The feature levels a backbone returns, as indices 0..count-1 of the ``count`` it offers (ours:
+    the last four, a ResNet's layer1..layer4).
 
-    ``levels`` numbers them 1..4 (Deformable-DETR's [2, 3, 4] is layers 2-4, strides 8/16/32);
-    without it, DETR's spellings: all four with ``return_interm_layers``, else ``main_layer`` alone.
+    ``levels`` numbers them from 1 (Deformable-DETR's [2, 3, 4] is layers 2-4, strides 8/16/32);
+    without it, DETR's spellings: all with ``return_interm_layers``, else ``main_layer`` alone.
     """
     if levels is not None:
-        if not levels or any(not 1 <= level <= LEVELS for level in levels) or list(levels) != sorted(set(levels)):
-            raise ValueError(f"levels={list(levels)} must be increasing stage numbers in 1..{LEVELS}, e.g. [2, 3, 4]")
+        if not levels or any(not 1 <= level <= count for level in levels) or list(levels) != sorted(set(levels)):
+            raise ValueError(f"levels={list(levels)} must be increasing stage numbers in 1..{count}, e.g. [2, 3, 4]")
         return [level - 1 for level in levels]
     if return_interm_layers:
-        return list(range(LEVELS))
-    if not -LEVELS <= main_layer < LEVELS:
-        raise ValueError(f"main_layer must index one of the last four feature levels (-4..3), got {main_layer}")
-    return [main_layer % LEVELS]
+        return list(range(count))
+    if not -count <= main_layer < count:
+        raise ValueError(f"main_layer must index one of the {count} feature levels ({-count}..{count - 1}), got {main_layer}")
+    return [main_layer % count]
 
 
 def downsample_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
@@ -85,7 +88,7 @@ class BackboneBase(nn.Module):
         self.feature_channels = list(channels)
         self.strides = list(strides)
         self.num_channels = list(self.feature_channels) if channel_list else self.feature_channels[-1]
-        self.in_channels = next(m.in_channels for m in body.modules() if isinstance(m, nn.Conv2d))
+        self.in_channels = next((m.in_channels for m in body.modules() if isinstance(m, nn.Conv2d)), None)
         self.channels_last = False
 
     def use_channels_last(self) -> None:
@@ -95,19 +98,21 @@ class BackboneBase(nn.Module):
 
     def forward(self, tensor_list: NestedTensor) -> dict[str, NestedTensor]:
         images = tensor_list.tensors
-        if images.dim() != 4 or images.shape[1] != self.in_channels:
+        if images.dim() != 4 or images.shape[1] != (self.in_channels or images.shape[1]):
             raise ValueError(
                 f"the backbone takes images of shape (batch, {self.in_channels}, height, width), got {tuple(images.shape)}"
             )
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        features = self.body(images)
-        if isinstance(features, dict):
-            features = features.values()
         return OrderedDict(
             (str(level), NestedTensor(feature, downsample_mask(tensor_list.mask, feature.shape[-2:])))
-            for level, feature in enumerate(features)
+            for level, feature in enumerate(self.feature_maps(images))
         )
+
+    def feature_maps(self, images: Tensor) -> list[Tensor]:
+        """The body's maps, shallow to deep (ours return exactly the selected levels)."""
+        features = self.body(images)
+        return list(features.values() if isinstance(features, dict) else features)
 
 
 class Backbone(BackboneBase):
@@ -205,7 +210,7 @@ class TimmBackbone(BackboneBase):
         body = create_timm_features(name, out_indices, dilation, pretrained)
         freeze_batch_norm_2d(body)
         info = body.feature_info
-        stage_modules = [found for level in info.info[-LEVELS:] if (found := _find_module(body, level["module"]))]
+        stage_modules = [found for level in info.info[-LEVELS:] if (found := find_module(body, level["module"]))]
         if trainable_layers is None:
             trainable_layers = detr_trainable_layers(train_backbone)
         channel_list = levels is not None
@@ -233,7 +238,7 @@ def create_timm_features(name: str, out_indices: tuple[int, ...], dilation: bool
     return body
 
 
-def _find_module(body: nn.Module, name: str) -> str | None:
+def find_module(body: nn.Module, name: str) -> str | None:
     """Where timm's feature module ``name`` lives in ``body``: as is, or with its first dot flattened."""
     for candidate in (name, name.replace(".", "_", 1), f"model.{name}"):
         try:

@@ -14,9 +14,15 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .freezing import NUM_STAGES
+from .targets import is_own
 
-BACKBONE_KINDS = ("torchvision", "groupnorm", "timm")
-POSITION_KINDS = ("sine", "learned")
+# Our own targets, by the kind names DETR-style args and older checkpoints use
+BACKBONE_TARGETS = {
+    "torchvision": "detr_backbone.Backbone",
+    "groupnorm": "detr_backbone.GroupNormBackbone",
+    "timm": "detr_backbone.TimmBackbone",
+}
+POSITION_TARGETS = {"sine": "detr_backbone.PositionEmbeddingSine", "learned": "detr_backbone.PositionEmbeddingLearned"}
 DETR_POSITION_NAMES = {"sine": "sine", "v2": "sine", "learned": "learned", "v3": "learned"}
 
 
@@ -26,35 +32,40 @@ def require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def own_kind(target: str, targets: Mapping[str, str]) -> str | None:
+    """The kind of one of our targets, by its public path or its module's (``detr_backbone.backbone.Backbone``)."""
+    for kind, public in targets.items():
+        package, name = public.split(".")
+        if target == public or (target.startswith(f"{package}.") and target.count(".") == 2 and target.endswith(f".{name}")):
+            return kind
+    return None
+
+
 @dataclass
-class BackboneConfig:
-    kind: str = "torchvision"  # torchvision | groupnorm | timm
-    name: str = "resnet50"  # torchvision ResNet name, or any timm model name for kind=timm
-    dilation: bool = False  # DC5: the last stage dilated instead of strided (stride 16)
-    return_interm_layers: bool = False  # return all four levels, not only the last
+class BackboneOptions:
+    """What the Joiner does with any backbone, ours or one named by the user's ``_target_``."""
+
+    _target_: str = ""  # the class or function that builds the backbone (first, so configs show it first)
+    return_interm_layers: bool = False  # return every level, not only the last
+    main_layer: int = -1  # which level is returned without return_interm_layers (-1: last)
+    levels: Optional[list[int]] = None  # the levels returned, 1-based ([2, 3, 4]: Deformable-DETR's); null: the two knobs above
     trainable_layers: Optional[int] = None  # trailing stages that train, 0..5; None: DETR's rule
     freeze: bool = False  # freeze the whole Joiner, learned positional table included
-    pretrained: bool = False  # torchvision / timm ImageNet weights (needs network or a filled cache)
     checkpoint: Optional[str] = None  # weights file: state dict, GN ImageNet checkpoint or detector checkpoint
     strict: bool = True  # checkpoint keys must match exactly
-    main_layer: int = -1  # which of the four levels is returned without return_interm_layers (-1: last)
-    levels: Optional[list[int]] = None  # the levels returned, stages 1..4 ([2, 3, 4]: Deformable-DETR's); null: DETR's two knobs above
     # fast paths (README: Performance); each gives the plain path's numbers within float rounding
     channels_last: Optional[bool] = None  # NHWC weights and inputs; null: on where it measured faster (not GroupNorm)
-    fold_frozen_bn: bool = True  # frozen BatchNorm applied through the conv weights (torchvision kind)
     compile: bool = False  # torch.compile the Joiner (the first batch of each shape pays the compilation)
 
     def __post_init__(self) -> None:
-        require(self.kind in BACKBONE_KINDS, f"backbone.kind={self.kind!r} is not one of {', '.join(BACKBONE_KINDS)}")
         require(
             self.trainable_layers is None or 0 <= self.trainable_layers <= NUM_STAGES,
             f"backbone.trainable_layers={self.trainable_layers} must be null (DETR's rule) or 0..{NUM_STAGES}",
         )
-        require(-4 <= self.main_layer <= 3, f"backbone.main_layer={self.main_layer} must be in -4..3")
         if self.levels is not None:
             levels = list(self.levels)
             require(
-                bool(levels) and levels == sorted(set(levels)) and all(1 <= level <= 4 for level in levels),
+                bool(levels) and levels == sorted(set(levels)) and all(level >= 1 for level in levels),
                 f"backbone.levels={levels} must be increasing stage numbers in 1..4, e.g. [2, 3, 4] (or null)",
             )
             require(
@@ -63,22 +74,70 @@ class BackboneConfig:
                 f"main_layer={self.main_layer}; leave those at false and -1",
             )
 
+    @property
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(BackboneOptions)}
+
+
+@dataclass
+class BackboneConfig(BackboneOptions):
+    """One of our backbones (conf/backbone/*.yaml): ``_target_`` is Backbone, GroupNormBackbone or TimmBackbone."""
+
+    _target_: str = BACKBONE_TARGETS["torchvision"]
+    name: str = "resnet50"  # torchvision ResNet name, or any timm model name for TimmBackbone
+    dilation: bool = False  # DC5: the last stage dilated instead of strided (stride 16)
+    pretrained: bool = False  # torchvision / timm ImageNet weights (needs network or a filled cache)
+    fold_frozen_bn: bool = True  # frozen BatchNorm applied through the conv weights (torchvision kind)
+
+    def __post_init__(self) -> None:
+        valid = ", ".join(BACKBONE_TARGETS.values())
+        require(self.kind is not None, f"backbone._target_={self._target_!r} is not one of {valid}")
+        super().__post_init__()
+        require(-4 <= self.main_layer <= 3, f"backbone.main_layer={self.main_layer} must be in -4..3")
+        require(
+            self.levels is None or max(self.levels) <= 4,
+            f"backbone.levels={self.levels} must be increasing stage numbers in 1..4, e.g. [2, 3, 4] (or null)",
+        )
+
+    @property
+    def kind(self) -> str | None:
+        return own_kind(self._target_, BACKBONE_TARGETS)
+
+
+@dataclass
+class CustomBackboneConfig(BackboneOptions):
+    """A backbone of the user's own: ``_target_`` builds it from ``arguments`` (the node's other keys)."""
+
+    arguments: dict[str, Any] = field(default_factory=dict)
+    kind = "custom"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(bool(self._target_), "backbone._target_ is empty: name the class or function that builds the backbone")
+
+    def as_node(self) -> dict[str, Any]:
+        """The flat config node it came from (``_target_``, its arguments, the options)."""
+        return {"_target_": self._target_, **self.arguments, **self.options}
+
 
 @dataclass
 class PositionConfig:
-    kind: str = "sine"  # sine | learned
+    """One of our encodings (conf/position/*.yaml): ``_target_`` is PositionEmbeddingSine or PositionEmbeddingLearned."""
+
+    _target_: str = POSITION_TARGETS["sine"]
     temperature: float = 10000.0  # sine
     normalize: bool = True  # sine: scale positions to (0, scale]
     scale: Optional[float] = None  # sine: null means 2*pi
     offset: float = 0.0  # sine: -0.5 reproduces Deformable-DETR
     eps: float = 1e-6  # sine
     num_embeddings: int = 50  # learned: rows and columns of the table
-    lr: Optional[float] = None  # learned: the table's lr; null = lr_backbone (what DETR's name match gave it)
+    lr: Optional[float] = None  # the encoding's lr if it learns; null = lr_backbone (what DETR's name match gave it)
     cache_size: int = 0  # sine: encodings kept for repeated masks; off: no gain measured, a key per call
 
     def __post_init__(self) -> None:
+        valid = ", ".join(POSITION_TARGETS.values())
+        require(self.kind is not None, f"position._target_={self._target_!r} is not one of {valid}")
         require(self.lr is None or self.lr >= 0, f"position.lr={self.lr} must be null or >= 0")
-        require(self.kind in POSITION_KINDS, f"position.kind={self.kind!r} is not one of {', '.join(POSITION_KINDS)}")
         require(self.temperature > 0, f"position.temperature={self.temperature} must be > 0")
         require(self.num_embeddings > 0, f"position.num_embeddings={self.num_embeddings} must be > 0")
         require(self.cache_size >= 0, f"position.cache_size={self.cache_size} must be >= 0 (0 disables the cache)")
@@ -87,11 +146,67 @@ class PositionConfig:
             f"position.scale={self.scale} is only used with position.normalize=true",
         )
 
+    @property
+    def kind(self) -> str | None:
+        return own_kind(self._target_, POSITION_TARGETS)
+
+
+@dataclass
+class CustomPositionConfig:
+    """An encoding of the user's own: ``_target_(num_pos_feats=hidden_dim // 2, **arguments)``."""
+
+    _target_: str = ""
+    arguments: dict[str, Any] = field(default_factory=dict)
+    lr: Optional[float] = None
+    kind = "custom"
+
+    def __post_init__(self) -> None:
+        require(bool(self._target_), "position._target_ is empty: name the class or function that builds the encoding")
+        require(self.lr is None or self.lr >= 0, f"position.lr={self.lr} must be null or >= 0")
+
+    def as_node(self) -> dict[str, Any]:
+        return {"_target_": self._target_, **self.arguments, "lr": self.lr}
+
+
+def part_config(values: Any, where: str, targets: Mapping[str, str], own: type, custom: type) -> Any:
+    """A backbone or position node as its schema: ours checked key by key, the user's own split into
+    the options we apply and the arguments its target receives. ``kind`` (DETR-style names, older
+    checkpoints) still selects one of ours."""
+    if isinstance(values, (own, custom)):
+        return values
+    if isinstance(values, DictConfig):
+        values = OmegaConf.to_container(values, resolve=True)
+    values = dict(values or {})
+    if "kind" in values:
+        kind = values.pop("kind")
+        require(kind in targets, f"{where}.kind={kind!r} is not one of {', '.join(targets)}")
+        require(
+            values.get("_target_") in (None, targets[kind]),
+            f"{where}.kind={kind!r} and {where}._target_={values.get('_target_')!r} disagree; set only _target_",
+        )
+        values["_target_"] = targets[kind]
+    target = values.get("_target_", getattr(own, "_target_"))
+    if not isinstance(target, str) or own_kind(target, targets) is not None or is_own(target):
+        return structured(own, values, where)
+    option_names = {f.name for f in fields(custom)} - {"_target_", "arguments"}
+    options = {name: values.pop(name) for name in list(values) if name in option_names}
+    target = values.pop("_target_")
+    arguments = {**values.pop("arguments", {}), **values}
+    return structured(custom, {"_target_": target, "arguments": arguments, **options}, where)
+
+
+def backbone_config(values: Any) -> BackboneConfig | CustomBackboneConfig:
+    return part_config(values, "backbone", BACKBONE_TARGETS, BackboneConfig, CustomBackboneConfig)
+
+
+def position_config(values: Any) -> PositionConfig | CustomPositionConfig:
+    return part_config(values, "position", POSITION_TARGETS, PositionConfig, CustomPositionConfig)
+
 
 @dataclass
 class JoinerConfig:
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    position: PositionConfig = field(default_factory=PositionConfig)
+    backbone: BackboneConfig | CustomBackboneConfig = field(default_factory=BackboneConfig)
+    position: PositionConfig | CustomPositionConfig = field(default_factory=PositionConfig)
     hidden_dim: int = 256
     lr_backbone: float = 1e-5
 
@@ -124,8 +239,8 @@ class JoinerConfig:
         if isinstance(get("backbone"), str):
             return cls._from_detr_args(get)
         return cls(
-            backbone=structured(BackboneConfig, get("backbone") or {}, "backbone"),
-            position=structured(PositionConfig, get("position") or {}, "position"),
+            backbone=backbone_config(get("backbone")),
+            position=position_config(get("position")),
             hidden_dim=get("hidden_dim", 256),
             lr_backbone=get("lr_backbone", 1e-5),
         )
@@ -149,7 +264,7 @@ class JoinerConfig:
         # channel lists, and its sine encoding counted from pixel centres
         deformable = get("num_feature_levels") is not None
         backbone = BackboneConfig(
-            kind=kind,
+            _target_=BACKBONE_TARGETS[kind],
             name=name,
             dilation=bool(get("dilation", False)),
             return_interm_layers=masks and not deformable,
@@ -159,7 +274,9 @@ class JoinerConfig:
             channels_last=False,
             fold_frozen_bn=False,
         )
-        position = PositionConfig(kind=DETR_POSITION_NAMES[encoding], normalize=True, offset=-0.5 if deformable else 0.0)
+        position = PositionConfig(
+            _target_=POSITION_TARGETS[DETR_POSITION_NAMES[encoding]], normalize=True, offset=-0.5 if deformable else 0.0
+        )
         return cls(backbone, position, hidden_dim=get("hidden_dim", 256), lr_backbone=get("lr_backbone", 1e-5))
 
 
@@ -176,6 +293,6 @@ def structured(schema: type[Schema], values: Any, where: str) -> Schema:
         merged = OmegaConf.merge(OmegaConf.structured(schema), values)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
-        valid = ", ".join(f.name for f in fields(schema))
+        valid = ", ".join(sorted((f.name for f in fields(schema)), key=lambda name: name != "_target_"))
         message = str(error).splitlines()[0]
         raise ValueError(f"invalid {where} config: {message} (valid keys: {valid})") from None

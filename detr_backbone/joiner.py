@@ -1,20 +1,24 @@
 """The Joiner (backbone + positional encoding) and the builders that make it from a config."""
 from __future__ import annotations
 
+import inspect
+from dataclasses import asdict
 from typing import Any
 
 from torch import Tensor, nn
 
-from .backbone import Backbone, BackboneBase, GroupNormBackbone, TimmBackbone
+from .backbone import BackboneBase
 from .bn_folding import fold_frozen_batch_norm
 from .compilation import compile_in_place
-from .config import JoinerConfig
+from .config import CustomBackboneConfig, CustomPositionConfig, JoinerConfig
+from .declared_backbone import DeclaredBackbone
 from .nested_tensor import NestedTensor
-from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
+from .targets import instantiate_target, resolve
 from .weights import load_checkpoint
 
 # Where NHWC measured faster on a CPU (README: Performance): oneDNN's convolutions gain, while
-# GroupNorm's NHWC kernels lose more than the convolutions gain.
+# GroupNorm's NHWC kernels lose more than the convolutions gain. A backbone of the user's own stays
+# NCHW unless its config says otherwise.
 CHANNELS_LAST_BY_DEFAULT = {"torchvision": True, "groupnorm": False, "timm": True}
 
 
@@ -40,40 +44,39 @@ class Joiner(nn.Sequential):
 
 
 def build_position_encoding(args: Any) -> nn.Module:
-    """The positional encoding of a config or of DETR's args; ``hidden_dim // 2`` features per axis."""
+    """The positional encoding of a config or of DETR's args, built by its ``_target_`` with
+    ``num_pos_feats = hidden_dim // 2`` features per axis."""
     cfg = JoinerConfig.from_args(args)
-    position, num_pos_feats = cfg.position, cfg.hidden_dim // 2
-    if position.kind == "learned":
-        return PositionEmbeddingLearned(num_pos_feats, num_embeddings=position.num_embeddings)
-    return PositionEmbeddingSine(
-        num_pos_feats,
-        position.temperature,
-        position.normalize,
-        position.scale,
-        eps=position.eps,
-        offset=position.offset,
-        cache_size=position.cache_size,
-    )
+    position = cfg.position
+    if isinstance(position, CustomPositionConfig):
+        arguments = position.arguments
+    else:
+        accepted = inspect.signature(resolve(position._target_, "position._target_")).parameters
+        arguments = {name: value for name, value in asdict(position).items() if name in accepted}
+    return instantiate_target(position._target_, arguments, "position", num_pos_feats=cfg.hidden_dim // 2)
 
 
 def build_backbone_network(cfg: JoinerConfig) -> BackboneBase:
+    """The backbone its ``_target_`` builds: one of ours from its schema's fields, or the user's own
+    from its arguments, wrapped in ``DeclaredBackbone`` unless it already is a backbone."""
     spec = cfg.backbone
-    options = {
-        "pretrained": spec.pretrained,
-        "trainable_layers": spec.trainable_layers,
+    selection = {
+        "train_backbone": cfg.train_backbone,
+        "return_interm_layers": spec.return_interm_layers,
         "main_layer": spec.main_layer,
         "levels": spec.levels,
+        "trainable_layers": spec.trainable_layers,
     }
-    if spec.kind == "timm":
-        backbone = TimmBackbone(
-            spec.name, spec.return_interm_layers, train_backbone=cfg.train_backbone, dilation=spec.dilation, **options
-        )
+    if isinstance(spec, CustomBackboneConfig):
+        backbone = instantiate_target(spec._target_, spec.arguments, "backbone")
+        if not isinstance(backbone, BackboneBase):
+            backbone = DeclaredBackbone(backbone, spec._target_, **selection)
     else:
-        family = GroupNormBackbone if spec.kind == "groupnorm" else Backbone
-        backbone = family(spec.name, cfg.train_backbone, spec.return_interm_layers, spec.dilation, **options)
-    if spec.fold_frozen_bn:
-        fold_frozen_batch_norm(backbone.body)
-    if CHANNELS_LAST_BY_DEFAULT[spec.kind] if spec.channels_last is None else spec.channels_last:
+        arguments = {"name": spec.name, "dilation": spec.dilation, "pretrained": spec.pretrained, **selection}
+        backbone = instantiate_target(spec._target_, arguments, "backbone")
+        if spec.fold_frozen_bn:
+            fold_frozen_batch_norm(backbone.body)
+    if CHANNELS_LAST_BY_DEFAULT.get(spec.kind, False) if spec.channels_last is None else spec.channels_last:
         backbone.use_channels_last()
     return backbone
 

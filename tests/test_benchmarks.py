@@ -11,7 +11,6 @@ from benchmarks import run
 from benchmarks.machine import peak_memory_mb, theoretical_cpu_peak
 from benchmarks.reference import ReferenceJoiner
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

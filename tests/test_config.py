@@ -11,24 +11,32 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from detr_backbone import GroupNormBackbone, PositionEmbeddingLearned, TimmBackbone, build_backbone
+from detr_backbone.config import BackboneConfig, CustomBackboneConfig, CustomPositionConfig
 from detr_backbone.training.config import Config
+from detr_backbone.training.job import validated
 
 from .jobs import ROOT, TINY, compose_config
 
 
 def test_every_group_option_composes_against_the_schema():
     backbones = sorted(p.stem for p in (ROOT / "conf" / "backbone").glob("*.yaml"))
-    assert backbones == ["resnet101", "resnet101_gn", "resnet18", "resnet18_gn", "resnet50", "resnet50_gn", "timm"]
-    for backbone in backbones:
+    assert backbones == ["custom", "resnet101", "resnet101_gn", "resnet18", "resnet18_gn", "resnet50", "resnet50_gn", "timm"]
+    models = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
+    for backbone in backbones[1:]:
         for position in ("sine", "learned"):
-            cfg = compose_config(f"backbone={backbone}", f"position={position}")
-            OmegaConf.to_object(cfg)  # runs the schema's own checks
-            assert cfg.position.kind == position
+            config = validated(compose_config(f"backbone={backbone}", f"position={position}"))  # the schemas' own checks
+            assert isinstance(config.backbone, BackboneConfig) and config.position.kind == position
+    for model in models:
+        assert validated(compose_config(f"model={model}")).model._target_.startswith("detr_backbone.detection.")
+    own = validated(compose_config("backbone=custom", "backbone._target_=my_lab.make_backbone", "position=custom",
+                                   "position._target_=my_lab.Encoding", "+backbone.depth=3", "+position.period=7.5"))  # fmt: skip
+    assert isinstance(own.backbone, CustomBackboneConfig) and own.backbone.arguments == {"depth": 3}
+    assert isinstance(own.position, CustomPositionConfig) and own.position.arguments == {"period": 7.5}
 
 
 def test_top_level_knobs_reach_the_backbone_group():
     cfg = compose_config("backbone=resnet101_gn", "dilation=true", "return_interm_layers=true", "freeze_backbone=true")
-    assert (cfg.backbone.kind, cfg.backbone.name) == ("groupnorm", "resnet101")
+    assert (cfg.backbone._target_, cfg.backbone.name) == ("detr_backbone.GroupNormBackbone", "resnet101")
     assert cfg.backbone.dilation and cfg.backbone.return_interm_layers and cfg.backbone.freeze
     joiner = build_backbone(cfg)
     assert isinstance(joiner[0], GroupNormBackbone) and joiner[0].strides == [4, 8, 16, 16]
@@ -69,7 +77,7 @@ def test_train_py_writes_its_run_folder(tmp_path):
     assert result.returncode == 0, result.stderr
     run = tmp_path / "run"
     saved = OmegaConf.load(run / ".hydra" / "config.yaml")
-    assert saved.backbone.name == "resnet18" and saved.position.kind == "learned"
+    assert saved.backbone.name == "resnet18" and saved.position._target_ == "detr_backbone.PositionEmbeddingLearned"
     assert (run / "checkpoints" / "last.ckpt").is_file() and len(list((run / "checkpoints").glob("epoch000-*.ckpt"))) == 1
     metrics = (run / "csv" / "metrics.csv").read_text().splitlines()
     header = metrics[0].split(",")
@@ -82,11 +90,16 @@ def test_train_py_sweep_writes_one_folder_per_job(tmp_path):
     assert result.returncode == 0, result.stderr
     jobs = sorted(p.name for p in (tmp_path / "multirun").iterdir() if p.is_dir())
     assert jobs == ["0", "1"]
-    assert [OmegaConf.load(tmp_path / "multirun" / j / ".hydra" / "config.yaml").position.kind for j in jobs] == ["sine", "learned"]
+    assert [OmegaConf.load(tmp_path / "multirun" / j / ".hydra" / "config.yaml").position._target_ for j in jobs] == [
+        "detr_backbone.PositionEmbeddingSine", "detr_backbone.PositionEmbeddingLearned"
+    ]
     assert all((tmp_path / "multirun" / j / "checkpoints" / "last.ckpt").is_file() for j in jobs)
 
 
 def test_train_py_reports_a_bad_value_in_one_line(tmp_path):
-    result = run_train("backbone.kind=resnet", cwd=tmp_path)
+    result = run_train("backbone._target_=detr_backbone.ResNet", cwd=tmp_path)
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1] == "error: backbone.kind='resnet' is not one of torchvision, groupnorm, timm"
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: backbone._target_='detr_backbone.ResNet' is not one of detr_backbone.Backbone, "
+        "detr_backbone.GroupNormBackbone, detr_backbone.TimmBackbone"
+    )

@@ -14,7 +14,12 @@ from detr_backbone.detection.criterion import SetCriterion
 from detr_backbone.detection.detr import DETR, MLP
 from detr_backbone.detection.matcher import HungarianMatcher
 from detr_backbone.detection.postprocess import PostProcess
-from detr_backbone.detection.transformer import Transformer, TransformerDecoderLayer, TransformerEncoderLayer, build_transformer
+from detr_backbone.detection.transformer import (
+    Transformer,
+    TransformerDecoderLayer,
+    TransformerEncoderLayer,
+    build_transformer,
+)
 
 D_MODEL = 32
 

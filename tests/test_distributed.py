@@ -12,8 +12,8 @@ import pytorch_lightning as pl
 import torch
 
 from detr_backbone.data import build_datamodule
-from detr_backbone.training.module import DetrModule
 from detr_backbone.training.job import validated
+from detr_backbone.training.module import DetrModule
 
 from .jobs import ROOT, SMALL, compose_config
 
@@ -91,9 +91,9 @@ def test_submitit_local_launcher_runs_a_sweep_in_separate_processes(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = tmp_path / "multirun"
-    for job, kind in (("0", "sine"), ("1", "learned")):
+    for job, target in (("0", "PositionEmbeddingSine"), ("1", "PositionEmbeddingLearned")):
         checkpoint = torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=True)
-        assert checkpoint["hyper_parameters"]["joiner"]["position"]["kind"] == kind
+        assert checkpoint["hyper_parameters"]["joiner"]["position"]["_target_"] == f"detr_backbone.{target}"
         assert checkpoint["global_step"] == 2
     logs = list((sweep / ".submitit").rglob("*_log.out"))
     assert len(logs) == 2  # one submitit process per job

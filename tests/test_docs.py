@@ -8,21 +8,34 @@ from pathlib import Path
 
 import pytest
 
-from detr_backbone.training.config import Config
+from detr_backbone.config import BackboneConfig, CustomBackboneConfig, CustomPositionConfig, PositionConfig
+from detr_backbone.training.config import HEAD_SCHEMAS, Config
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
+# groups typed Any in Config, whose schema follows the node's _target_
+GROUP_SCHEMAS = {
+    "backbone": [BackboneConfig, CustomBackboneConfig],
+    "position": [PositionConfig, CustomPositionConfig],
+    "model": list(HEAD_SCHEMAS.values()),
+}
+
+
 def schema_keys(schema: type, prefix: str = "") -> list[str]:
-    """Dotted names of every leaf field of a dataclass schema, optional sub-schemas included."""
+    """Dotted names of every leaf field of a dataclass schema, optional sub-schemas and each schema a
+    group's ``_target_`` can select included (``arguments``, the user's own keys, aside)."""
     keys = []
     hints = typing.get_type_hints(schema)
     for field in dataclasses.fields(schema):
         kind = hints[field.name]
         nested = [arg for arg in typing.get_args(kind) if dataclasses.is_dataclass(arg)]
-        if dataclasses.is_dataclass(kind) or nested:
+        if not prefix and field.name in GROUP_SCHEMAS:
+            group = [schema_keys(each, f"{field.name}.") for each in GROUP_SCHEMAS[field.name]]
+            keys += [key for key in dict.fromkeys(sum(group, [])) if not key.endswith(".arguments")]
+        elif dataclasses.is_dataclass(kind) or nested:
             keys += schema_keys(kind if dataclasses.is_dataclass(kind) else nested[0], f"{prefix}{field.name}.")
         else:
             keys.append(prefix + field.name)
@@ -38,7 +51,7 @@ def anchors(page: Path) -> set[str]:
 def test_every_config_key_is_documented():
     reference = (ROOT / "docs" / "configuration.md").read_text()
     keys = schema_keys(Config)
-    assert {"backbone.kind", "model.num_queries", "callbacks.checkpoint.monitor", "ckpt_path"} <= set(keys)
+    assert {"backbone._target_", "backbone.levels", "model._target_", "model.num_queries", "callbacks.checkpoint.monitor", "ckpt_path"} <= set(keys)
     missing = [key for key in keys if f"`{key}`" not in reference]
     assert not missing, f"docs/configuration.md has no entry for {missing}"
 

@@ -34,8 +34,9 @@ def one_line_error(error: pytest.ExceptionInfo) -> str:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["backbone.kind=resnet"], "backbone.kind='resnet' is not one of torchvision, groupnorm, timm"),
-        (["position.kind=cosine"], "position.kind='cosine' is not one of sine, learned"),
+        (["backbone._target_=detr_backbone.ResNet"], "backbone._target_='detr_backbone.ResNet' is not one of detr_backbone.Backbone, detr_backbone.GroupNormBackbone, detr_backbone.TimmBackbone"),
+        (["position._target_=detr_backbone.Cosine"], "position._target_='detr_backbone.Cosine' is not one of detr_backbone.PositionEmbeddingSine, detr_backbone.PositionEmbeddingLearned"),
+        (["model._target_=detr_backbone.detection.build_yolo"], "model._target_='detr_backbone.detection.build_yolo' is not one of detr_backbone.detection.build_detr"),
         (["lr_backbone=-0.001"], "lr_backbone=-0.001 must be >= 0 (0 freezes the backbone)"),
         (["hidden_dim=33"], "hidden_dim=33 must be a positive even number (half for rows, half for columns)"),
         (["callbacks.checkpoint.every_n_train_steps=0"], "callbacks.checkpoint.every_n_train_steps=0 must be null (off) or > 0"),
@@ -65,7 +66,7 @@ def test_misspelled_key_names_the_key_and_the_valid_ones():
     with pytest.raises(ValueError) as error:
         build_backbone({"backbone": {"name": "resnet18", "dilaton": True}})
     message = one_line_error(error)
-    assert "Key 'dilaton' not in 'BackboneConfig'" in message and "valid keys: kind, name, dilation," in message
+    assert "Key 'dilaton' not in 'BackboneConfig'" in message and "valid keys: _target_, return_interm_layers," in message and " dilation," in message
 
 
 def test_learned_table_overflow_names_the_size_and_the_option():

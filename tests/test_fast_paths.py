@@ -16,9 +16,9 @@ from detr_backbone.bn_folding import FoldedConv2d, fold_frozen_batch_norm
 from detr_backbone.config import BackboneConfig, JoinerConfig, PositionConfig
 from detr_backbone.data import build_datamodule
 from detr_backbone.frozen_batch_norm import FrozenBatchNorm2d
-from detr_backbone.training.module import build_detector
 from detr_backbone.position_encoding import PositionEmbeddingSine
 from detr_backbone.training.config import HeadConfig
+from detr_backbone.training.module import build_detector
 from detr_backbone.weights import load_checkpoint
 
 from .jobs import compose_config

@@ -2,6 +2,7 @@
 numbers, thresholds and top-k, class names, published DETR weights."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -10,9 +11,12 @@ from torchvision.transforms.v2 import functional as TF
 
 from detr_backbone.data import ShapesDataset, collate_detection, detr_val_transforms
 from detr_backbone.inference import Detections, Predictor, UnnamedClassesWarning, load_detector
+from detr_backbone.inference.fusion import FusedResidualBlock, FusedStemConv, fusion_supported
 from detr_backbone.inference.predictor import size_groups
 from detr_backbone.training import DetrModule
+from detr_backbone.training.job import build_module, validated
 
+from .jobs import compose_config
 from .tiny_checkpoint import CLASS_NAMES, NUM_QUERIES, train_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -164,3 +168,108 @@ def test_bfloat16_stays_close_to_float32(checkpoint):
     assert (half.scores - full.scores).abs().max() < 0.05
     with pytest.raises(ValueError, match=r"dtype='float8' is not one of float32, bfloat16, float16"):
         Predictor.from_checkpoint(checkpoint, dtype="float8")
+
+
+# --- oneDNN-fused ResNet blocks (Predictor's fuse): the plain path's detections, within float rounding ---
+
+needs_fusion = pytest.mark.skipif(not fusion_supported(torch.device("cpu"), torch.float32), reason="no oneDNN on this CPU")
+
+
+def frozen_bn_detector(backbone: str, *overrides: str, seed: int = 0) -> torch.nn.Module:
+    """A small random DETR on a torchvision ResNet with frozen BatchNorm whose buffers are far from identity."""
+    torch.manual_seed(seed)
+    cfg = compose_config(
+        f"backbone={backbone}", "hidden_dim=32", "model.enc_layers=1", "model.dec_layers=1",
+        "model.dim_feedforward=64", f"model.num_queries={NUM_QUERIES}", *overrides,
+    )  # fmt: skip
+    detector = build_module(validated(cfg), len(CLASS_NAMES)).detector
+    with torch.no_grad():
+        for name, buffer in detector.backbone.named_buffers():
+            if name.endswith("running_var"):
+                buffer.uniform_(0.5, 2.0)
+            elif name.endswith(("running_mean", "bias")):
+                buffer.normal_(0.0, 0.2)
+            elif name.endswith("weight"):
+                buffer.uniform_(0.5, 1.5)
+    return detector.eval()
+
+
+def predictors(detector: torch.nn.Module, **options) -> tuple[Predictor, Predictor]:
+    """The plain path and the fused one (the default), on two copies of one detector."""
+    plain = Predictor(copy.deepcopy(detector), CLASS_NAMES, threshold=0.0, fuse=False, **options)
+    return plain, Predictor(detector, CLASS_NAMES, threshold=0.0, **options)
+
+
+def assert_same_detections(found: list[Detections], expected: list[Detections], tolerance: float = 1e-5) -> None:
+    """Scores within ``tolerance``, boxes within ``tolerance`` of the image size (pixels), same labels."""
+    for got, want in zip(found, expected, strict=True):
+        torch.testing.assert_close(got.scores, want.scores, atol=tolerance, rtol=0)
+        torch.testing.assert_close(got.boxes, want.boxes, atol=tolerance * max(want.image_size), rtol=0)
+        assert torch.equal(got.labels, want.labels)
+
+
+@needs_fusion
+@pytest.mark.parametrize(
+    ("backbone", "overrides", "blocks"),
+    [
+        ("resnet50", [], 17),  # Bottleneck blocks with folded norms (the default): stem + 16 blocks
+        ("resnet18", ["backbone.fold_frozen_bn=false"], 9),  # BasicBlock, norms applied after the conv: stem + 8
+    ],
+)
+def test_fused_resnet_gives_the_plain_path_detections(backbone, overrides, blocks):
+    detector = frozen_bn_detector(backbone, *overrides)
+    keys = {key: value.clone() for key, value in detector.state_dict().items()}
+    plain, fused = predictors(detector, batch_size=2)
+    assert (plain.fused_blocks, fused.fused_blocks) == (0, blocks)
+    body = fused.detector.backbone[0].body
+    assert isinstance(body.conv1, FusedStemConv) and isinstance(body.layer1[0], FusedResidualBlock)
+    # the module tree keeps its names and tensors: the state dict loads into an unfused detector
+    state = fused.detector.state_dict()
+    assert list(state) == list(keys) and all(torch.equal(state[key], value) for key, value in keys.items())
+    plain.detector.load_state_dict(state)
+    # three sizes (a new shape packs the weights again), one batch padded to the larger image
+    samples = [image for image, _ in images(3, 40, 72)]
+    alone = [fused(image) for image in samples]
+    # folded norms compute the same float operations; unfolded ones are folded here (rounding differs)
+    tolerance = 1e-5 if not overrides else 1e-4
+    assert_same_detections(alone, [plain(image) for image in samples], tolerance)
+    assert_same_detections(fused(samples[:2]), plain(samples[:2]), tolerance)
+
+
+@needs_fusion
+def test_fused_blocks_follow_weight_changes_and_refuse_training():
+    detector = frozen_bn_detector("resnet18")
+    plain, fused = predictors(detector)
+    image = images(1)[0][0]
+    before = fused(image)
+    assert_same_detections([before], [plain(image)])
+    # new weights loaded in place (as load_state_dict does) are packed again on the next call
+    other = frozen_bn_detector("resnet18", seed=1).state_dict()
+    fused.detector.load_state_dict(other)
+    plain.detector.load_state_dict(other)
+    after = fused(image)
+    assert_same_detections([after], [plain(image)])
+    assert not torch.allclose(after.scores, before.scores)
+    with pytest.raises(RuntimeError, match="for inference only"):
+        fused.detector.train()
+
+
+@needs_fusion
+def test_fusion_applies_where_it_can():
+    detector = frozen_bn_detector("resnet18")
+    with pytest.raises(ValueError, match=r"fuse=True needs oneDNN on a CPU .* got compile=True"):
+        Predictor(copy.deepcopy(detector), CLASS_NAMES, fuse=True, compile=True)
+    with pytest.raises(ValueError, match=r"fuse=True needs oneDNN on a CPU .* got cpu / torch.float16"):
+        Predictor(copy.deepcopy(detector), CLASS_NAMES, fuse=True, dtype="float16")
+    assert Predictor(copy.deepcopy(detector), CLASS_NAMES, dtype="float16").fused_blocks == 0  # None: where it applies
+    # a GroupNorm backbone (the tiny checkpoint's) has nothing to fuse and runs as it is
+    assert Predictor(frozen_bn_detector("resnet18_gn"), CLASS_NAMES).fused_blocks == 0
+
+
+@pytest.mark.skipif(not fusion_supported(torch.device("cpu"), torch.bfloat16), reason="no oneDNN bfloat16 on this CPU")
+def test_fused_bfloat16_stays_close_to_plain_bfloat16():
+    plain, fused = predictors(frozen_bn_detector("resnet18"), dtype="bfloat16")
+    assert fused.fused_blocks == 9
+    image = images(1)[0][0]
+    # the fused residual add and ReLU round once, the plain path after every step: bfloat16 rounding apart
+    assert (fused(image).scores - plain(image).scores).abs().max() < 0.05

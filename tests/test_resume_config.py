@@ -43,9 +43,9 @@ def mismatch(*overrides: str) -> str:
 def test_another_backbone_names_the_keys_the_run_config_and_init_from(checkpoint):
     message = mismatch("backbone=resnet18", f"ckpt_path={checkpoint}")
     assert message == (
-        f"ckpt_path='{checkpoint}' was trained with another config (backbone.kind: groupnorm in the checkpoint, "
-        "torchvision now; backbone.trainable_layers: 5 in the checkpoint, null now; backbone.main_layer: -3 in the "
-        f"checkpoint, -1 now); its run's config is {checkpoint.parent.parent / '.hydra' / 'config.yaml'}. To start a "
+        f"ckpt_path='{checkpoint}' was trained with another config (backbone._target_: detr_backbone.GroupNormBackbone "
+        "in the checkpoint, detr_backbone.Backbone now; backbone.main_layer: -3 in the checkpoint, -1 now; "
+        f"backbone.trainable_layers: 5 in the checkpoint, null now); its run's config is {checkpoint.parent.parent / '.hydra' / 'config.yaml'}. To start a "
         f"new run from these weights with another model, use init_from={checkpoint} instead of ckpt_path"
     )
 
@@ -62,7 +62,8 @@ def test_a_checkpoint_without_the_saved_config_is_checked_on_its_model_hyperpara
     older = tmp_path / "older.ckpt"
     torch.save(content, older)
     message = mismatch("backbone=resnet18", "hidden_dim=64", f"ckpt_path={older}")
-    assert message.startswith(f"ckpt_path='{older}' was trained with another config (backbone.kind: groupnorm in the checkpoint, torchvision now;")
+    assert message.startswith(f"ckpt_path='{older}' was trained with another config (backbone.")
+    assert "backbone._target_: detr_backbone.GroupNormBackbone in the checkpoint, detr_backbone.Backbone now" in message
     assert "hidden_dim: 32 in the checkpoint, 64 now" in message
     assert "resume with the config of the run that wrote it" in message  # no run folder around this file
 

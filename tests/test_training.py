@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from detr_backbone import FrozenBatchNorm2d
-from detr_backbone.training.module import DetrModule
 from detr_backbone.training.job import Job, validated
+from detr_backbone.training.module import DetrModule
 
 from .jobs import TINY, compose_config
 

@@ -27,6 +27,7 @@ from .cli import compose_command, reported
 class ExportConfig:
     ckpt_path: Optional[str] = None  # train.py checkpoint, DETR checkpoint or Hugging Face DETR folder
     dilation: Optional[bool] = None  # DETR's own checkpoints do not record it: true for their DC5 files
+    allowed_targets: list[str] = field(default_factory=list)  # your own _target_ paths a checkpoint may build
     format: str = "onnx"  # onnx | torch_export
     output: Optional[str] = None  # null: the checkpoint's path with the format's suffix
     postprocess: bool = False
@@ -59,7 +60,7 @@ def output_path(cfg: ExportConfig) -> Path:
 
 def export(cfg: ExportConfig) -> ExportReport:
     path = output_path(cfg)
-    loaded = load_detector(cfg.ckpt_path, cfg.dilation)
+    loaded = load_detector(cfg.ckpt_path, cfg.dilation, cfg.allowed_targets)
     return export_detector(
         loaded,
         cfg.format,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from torchvision.ops import box_convert, generalized_box_iou
 from .matcher import HungarianMatcher, Indices
 
 DEFAULT_LOSS_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
-AUX_SUFFIX = re.compile(r"(?P<name>.+?)(?:_\d+)?")
+AUX_SUFFIX = re.compile(r"(?P<name>.+?)(?:_\d+|_enc)?")  # decoder layer index, or two-stage proposals
 
 
 def identity(num_boxes: Tensor) -> Tensor:
@@ -23,10 +23,11 @@ class SetCriterion(nn.Module):
     """Losses of DETR's outputs against targets (a list of dicts with "labels" and cxcywh "boxes").
 
     Returns ``loss_ce``, ``loss_bbox``, ``loss_giou``, the same with suffix ``_{i}`` for each
-    ``aux_outputs`` entry, and ``class_error`` (a detached metric). Everything is computed in
-    float32 with autocast off: the matching and the normalisation by ``num_boxes`` are too
-    sensitive for half precision. ``num_boxes_reduce`` receives the local box count (a float32
-    tensor) and returns the count to normalise by, e.g. its mean over processes.
+    ``aux_outputs`` entry and ``_enc`` for ``enc_outputs`` (two-stage Deformable DETR's proposals,
+    matched as object-or-not: every target labelled 0), and ``class_error`` (a detached metric).
+    Everything is computed in float32 with autocast off: the matching and the normalisation by
+    ``num_boxes`` are too sensitive for half precision. ``num_boxes_reduce`` receives the local box
+    count (a float32 tensor) and returns the count to normalise by, e.g. its mean over processes.
     """
 
     def __init__(
@@ -57,10 +58,10 @@ class SetCriterion(nn.Module):
             num_boxes = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
             num_boxes = self.num_boxes_reduce(num_boxes).clamp(min=1)
             losses = self.layer_losses(outputs, targets, num_boxes)
-            for index, aux in enumerate(outputs.get("aux_outputs", [])):
-                aux_losses = self.layer_losses(aux, targets, num_boxes)
-                del aux_losses["class_error"]  # a metric of the final prediction only
-                losses.update({f"{name}_{index}": value for name, value in aux_losses.items()})
+            for suffix, extra, extra_targets in auxiliary_predictions(outputs, targets):
+                extra_losses = self.layer_losses(extra, extra_targets, num_boxes)
+                del extra_losses["class_error"]  # a metric of the final prediction only
+                losses.update({f"{name}_{suffix}": value for name, value in extra_losses.items()})
         return losses
 
     def layer_losses(
@@ -73,11 +74,13 @@ class SetCriterion(nn.Module):
         target_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
         target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(boxes.device, torch.float32)
         return {
-            **self.label_losses(logits, matched, target_labels),
+            **self.label_losses(logits, matched, target_labels, num_boxes),
             **self.box_losses(boxes[matched], target_boxes, num_boxes),
         }
 
-    def label_losses(self, logits: Tensor, matched: tuple[Tensor, Tensor], target_labels: Tensor) -> dict[str, Tensor]:
+    def label_losses(
+        self, logits: Tensor, matched: tuple[Tensor, Tensor], target_labels: Tensor, num_boxes: Tensor
+    ) -> dict[str, Tensor]:
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[matched] = target_labels
         loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, weight=self.empty_weight.float())
@@ -97,6 +100,15 @@ class SetCriterion(nn.Module):
             if (base := AUX_SUFFIX.fullmatch(name)["name"]) in self.loss_weights
         ]
         return torch.stack(weighted).sum()
+
+
+def auxiliary_predictions(outputs: Mapping, targets: Sequence[Mapping[str, Tensor]]) -> Iterator[tuple[str, Mapping, Sequence]]:
+    """(loss name suffix, outputs, targets) of each prediction besides the final one."""
+    for index, aux in enumerate(outputs.get("aux_outputs", [])):
+        yield str(index), aux, targets
+    if "enc_outputs" in outputs:
+        # the proposals only say "object here": every target counts as class 0
+        yield "enc", outputs["enc_outputs"], [{**target, "labels": torch.zeros_like(target["labels"])} for target in targets]
 
 
 def matched_queries(indices: Indices) -> tuple[Tensor, Tensor]:

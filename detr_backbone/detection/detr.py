@@ -1,14 +1,15 @@
 """The DETR detector: Joiner features -> transformer -> a class and a box for each object query."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..joiner import Joiner
 from ..nested_tensor import NestedTensor, nested_tensor_from_tensor_list
-from .transformer import Transformer
+from .postprocess import batched_detections
+from .transformer import Transformer, build_transformer
 
 
 class MLP(nn.Module):
@@ -64,3 +65,36 @@ class DETR(nn.Module):
                 for layer_logits, layer_boxes in zip(logits[:-1], boxes[:-1])
             ]
         return out
+
+    def detections(self, outputs: Mapping[str, Tensor], target_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Scores (B, Q), labels (B, Q) and XYXY boxes (B, Q, 4) in pixels of ``target_sizes`` (B, 2) as (h, w):
+        every query with its best real class (``batched_detections``). Each detector names its own post-processing."""
+        return batched_detections(outputs["pred_logits"], outputs["pred_boxes"], target_sizes)
+
+
+def build_detr(
+    backbone: Joiner,
+    num_classes: int,
+    hidden_dim: int,
+    *,
+    num_queries: int = 100,
+    enc_layers: int = 6,
+    dec_layers: int = 6,
+    nheads: int = 8,
+    dim_feedforward: int = 2048,
+    dropout: float = 0.1,
+    pre_norm: bool = False,
+    aux_loss: bool = True,
+) -> DETR:
+    """DETR around ``backbone`` (the ``_target_`` of conf/model/detr.yaml); defaults are DETR's published ones."""
+    transformer = build_transformer(
+        d_model=hidden_dim,
+        nhead=nheads,
+        num_encoder_layers=enc_layers,
+        num_decoder_layers=dec_layers,
+        dim_feedforward=dim_feedforward,
+        dropout=dropout,
+        normalize_before=pre_norm,
+        return_intermediate_dec=True,
+    )
+    return DETR(backbone, transformer, num_classes, num_queries, aux_loss=aux_loss)

@@ -31,14 +31,17 @@ class HungarianMatcher(nn.Module):
 
     def cost_matrix(self, logits: Tensor, boxes: Tensor, target_labels: Tensor, target_boxes: Tensor) -> Tensor:
         """(queries, targets) costs from logits (Q, K+1) and cxcywh boxes (Q, 4), queries of any images."""
-        probabilities = logits.float().softmax(-1)
+        class_cost = self.class_cost(logits.float(), target_labels)
         boxes, target_boxes = boxes.float(), target_boxes.float()
-        class_cost = -probabilities[:, target_labels]
         bbox_cost = torch.cdist(boxes, target_boxes, p=1)
         giou_cost = -generalized_box_iou(
             box_convert(boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy")
         )
         return self.cost_bbox * bbox_cost + self.cost_class * class_cost + self.cost_giou * giou_cost
+
+    def class_cost(self, logits: Tensor, target_labels: Tensor) -> Tensor:
+        """(queries, targets) class costs: minus the softmax probability of each target's class."""
+        return -logits.softmax(-1)[:, target_labels]
 
     @torch.no_grad()
     def forward(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> Indices:

@@ -12,9 +12,19 @@ def batched_detections(logits: Tensor, boxes: Tensor, target_sizes: Tensor) -> t
     """PostProcess on whole tensors: scores (B, Q), labels (B, Q) and XYXY boxes (B, Q, 4) in pixels of
     ``target_sizes`` (B, 2) as (h, w). No loop over images, so it traces with a dynamic batch (export)."""
     scores, labels = logits.float().softmax(-1)[..., :-1].max(-1)
+    return scores, labels, absolute_boxes(boxes, target_sizes)
+
+
+def absolute_boxes(boxes: Tensor, target_sizes: Tensor) -> Tensor:
+    """Normalised cxcywh boxes (B, K, 4) as XYXY in pixels of ``target_sizes`` (B, 2) as (h, w), in float32."""
     height, width = target_sizes.float().unbind(1)
     scale = torch.stack([width, height, width, height], dim=1)[:, None, :]
-    return scores, labels, box_convert(boxes.float(), "cxcywh", "xyxy") * scale
+    return box_convert(boxes.float(), "cxcywh", "xyxy") * scale
+
+
+def per_image(scores: Tensor, labels: Tensor, boxes: Tensor) -> list[dict[str, Tensor]]:
+    """A detector's ``detections`` (scores, labels, boxes of the whole batch) as one dict per image."""
+    return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
 
 
 class PostProcess(nn.Module):
@@ -29,8 +39,8 @@ class PostProcess(nn.Module):
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         if target_sizes.shape != (len(logits), 2):
             raise ValueError(f"target_sizes must be (batch, 2) = ({len(logits)}, 2) as (h, w), got {tuple(target_sizes.shape)}")
-        scores, labels, absolute = batched_detections(logits, boxes, target_sizes)
-        return [
-            {"scores": image_scores, "labels": image_labels, "boxes": image_boxes}
-            for image_scores, image_labels, image_boxes in zip(scores, labels, absolute)
-        ]
+        return per_image(*self.detections(logits, boxes, target_sizes))
+
+    def detections(self, logits: Tensor, boxes: Tensor, target_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The batch's scores, labels and boxes, split per image by ``forward`` (subclasses change this only)."""
+        return batched_detections(logits, boxes, target_sizes)

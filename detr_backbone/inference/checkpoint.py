@@ -13,11 +13,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import BackboneConfig, JoinerConfig, PositionConfig
+from ..config import BACKBONE_TARGETS, POSITION_TARGETS, BackboneConfig, JoinerConfig, PositionConfig
 from ..detection.detr import DETR
 from ..detection.weights import DetectorWeights, published_detector_weights, read_hugging_face_folder
-from ..training.config import HeadConfig
-from ..training.module import DetrModule, build_detector
+from ..training.config import HeadConfig, head_config
+from ..training.module import DetrModule, build_detector, check_targets
 from ..weights import first_keys, load_weights_file
 
 TRAINING_SOURCE = "train.py checkpoint"
@@ -68,10 +68,11 @@ def read_checkpoint(path: str | os.PathLike, expected: str) -> Any:
         raise ValueError(f"{os.fspath(path)} is not {expected} ({type(cause).__name__}: {reason})") from None
 
 
-def training_module(content: Any, path: str | os.PathLike) -> DetrModule | None:
+def training_module(content: Any, path: str | os.PathLike, allowed_targets: Sequence[str] = ()) -> DetrModule | None:
     """The DetrModule of a train.py checkpoint's content, None if the content is something else.
 
-    Compilation saved with the run is left off: whoever runs the detector decides that.
+    Its config is built only where every ``_target_`` is ours or in ``allowed_targets``. Compilation
+    saved with the run is left off: whoever runs the detector decides that.
     """
     if not isinstance(content, Mapping):
         return None
@@ -80,7 +81,9 @@ def training_module(content: Any, path: str | os.PathLike) -> DetrModule | None:
         return None
     hparams = {**hparams, "head": {**hparams["head"], "compile": False}}
     hparams["joiner"] = {**hparams["joiner"], "backbone": {**hparams["joiner"]["backbone"], "compile": False}}
-    module = DetrModule(**hparams)
+    joiner, head = JoinerConfig.from_args(hparams["joiner"]), head_config(hparams["head"])
+    check_targets(joiner, head, allowed_targets, f"checkpoint {os.fspath(path)}")
+    module = DetrModule(**hparams, allowed_targets=allowed_targets)
     mismatch = key_mismatch(*module.load_state_dict(state, strict=False))
     if mismatch:
         raise ValueError(f"{os.fspath(path)} does not fit the DetrModule its hyperparameters describe: {mismatch}")
@@ -93,9 +96,9 @@ def key_mismatch(missing: list[str], unexpected: list[str]) -> str:
     return "; ".join(parts + ([f"unexpected {first_keys(unexpected)}"] if unexpected else []))
 
 
-def load_training_module(path: str | os.PathLike) -> DetrModule:
-    """The DetrModule of a train.py checkpoint, in eval mode."""
-    module = training_module(read_checkpoint(path, TRAINING_CHECKPOINT), path)
+def load_training_module(path: str | os.PathLike, allowed_targets: Sequence[str] = ()) -> DetrModule:
+    """The DetrModule of a train.py checkpoint, in eval mode (``allowed_targets``: see ``training_module``)."""
+    module = training_module(read_checkpoint(path, TRAINING_CHECKPOINT), path, allowed_targets)
     if module is None:
         raise ValueError(f"{os.fspath(path)} is not {TRAINING_CHECKPOINT} (no DetrModule hyperparameters and state_dict in it)")
     return module
@@ -121,12 +124,12 @@ def published_detector(weights: DetectorWeights, dilation: bool | None) -> DETR:
             stacklevel=3,
         )
     backbone = BackboneConfig(
-        kind=arch.backbone_kind or "torchvision",
+        _target_=BACKBONE_TARGETS[arch.backbone_kind or "torchvision"],
         name=arch.backbone_name or "resnet50",
         dilation=bool(arch.dilation if dilation is None else dilation),
         main_layer=-1 if arch.main_layer is None else arch.main_layer,
     )
-    joiner = JoinerConfig(backbone, PositionConfig(kind=arch.position or "sine"), hidden_dim=arch.hidden_dim)
+    joiner = JoinerConfig(backbone, PositionConfig(_target_=POSITION_TARGETS[arch.position or "sine"]), hidden_dim=arch.hidden_dim)
     head = HeadConfig(
         num_queries=arch.num_queries,
         enc_layers=arch.enc_layers,
@@ -143,16 +146,20 @@ def published_detector(weights: DetectorWeights, dilation: bool | None) -> DETR:
     return detector
 
 
-def load_detector(path: str | os.PathLike, dilation: bool | None = None) -> LoadedDetector:
+def load_detector(
+    path: str | os.PathLike, dilation: bool | None = None, allowed_targets: Sequence[str] = ()
+) -> LoadedDetector:
     """The detector of a train.py checkpoint, a DETR checkpoint or a Hugging Face DETR folder or weights file.
 
     ``dilation`` is only read for DETR's own checkpoints, which do not record it (DC5 files need True).
+    ``allowed_targets``: the ``_target_`` paths outside this package (a backbone of your own) that a
+    train.py checkpoint's saved config may build; anything else there is refused, never imported.
     """
     if os.path.isdir(path):
         weights = read_hugging_face_folder(path)
     else:
         content = read_checkpoint(path, ANY_CHECKPOINT)
-        module = training_module(content, path)
+        module = training_module(content, path, allowed_targets)
         if module is not None:
             detector = module.detector
             saved = module.hparams.get("class_names")

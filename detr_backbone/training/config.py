@@ -6,16 +6,21 @@ or a value of the wrong type fails at composition with the key named.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..config import BackboneConfig, PositionConfig, require
+from omegaconf import DictConfig, OmegaConf
+
+from ..config import BackboneConfig, PositionConfig, backbone_config, position_config, require, structured
 
 
 @dataclass
 class HeadConfig:
-    """The detector around the Joiner (conf/model/): DETR's transformer, heads and losses."""
+    """The detector around the Joiner (conf/model/detr*.yaml): DETR's transformer, heads and losses.
+    ``_target_`` builds the detector from the fields its signature names; the rest set the loss."""
 
+    _target_: str = "detr_backbone.detection.build_detr"
     num_queries: int = 100
     enc_layers: int = 6
     dec_layers: int = 6
@@ -38,6 +43,65 @@ class HeadConfig:
             require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be > 0")
         require(self.enc_layers >= 0, f"model.enc_layers={self.enc_layers} must be >= 0")
         require(0 <= self.dropout < 1, f"model.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass
+class DeformableHeadConfig:
+    """Deformable DETR (conf/model/deformable_detr*.yaml): multi-scale deformable attention on the Joiner's
+    levels, a sigmoid head and focal loss; defaults are Deformable-DETR's main.py."""
+
+    _target_: str = "detr_backbone.detection.deformable.build_deformable_detr"
+    num_queries: int = 300
+    enc_layers: int = 6
+    dec_layers: int = 6
+    nheads: int = 8
+    dim_feedforward: int = 1024
+    dropout: float = 0.1
+    num_feature_levels: int = 4  # the Joiner's levels plus stride-2 convolutions up to this count
+    enc_n_points: int = 4  # sampling points per head and level
+    dec_n_points: int = 4
+    aux_loss: bool = True
+    with_box_refine: bool = False  # each decoder layer refines the previous one's boxes
+    two_stage: bool = False  # queries from the encoder's best proposals (needs with_box_refine)
+    cost_class: float = 2.0  # Hungarian matching costs; the class cost is the focal one
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    loss_ce: float = 2.0  # loss weights; loss_ce is the sigmoid focal loss
+    loss_bbox: float = 5.0
+    loss_giou: float = 2.0
+    focal_alpha: float = 0.25
+    lr_linear_proj_mult: float = 0.1  # sampling offsets and reference points train at lr times this
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("num_queries", "dec_layers", "nheads", "dim_feedforward", "num_feature_levels", "enc_n_points", "dec_n_points"):
+            require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be > 0")
+        require(self.enc_layers >= 0, f"model.enc_layers={self.enc_layers} must be >= 0")
+        require(0 <= self.dropout < 1, f"model.dropout={self.dropout} must be in [0, 1)")
+        require(0 < self.focal_alpha < 1, f"model.focal_alpha={self.focal_alpha} must be in (0, 1)")
+        require(self.lr_linear_proj_mult > 0, f"model.lr_linear_proj_mult={self.lr_linear_proj_mult} must be > 0")
+        require(
+            not self.two_stage or self.with_box_refine,
+            "model.two_stage=true needs model.with_box_refine=true (as Deformable-DETR's two-stage checkpoints)",
+        )
+
+    def backbone_levels(self) -> list[int]:
+        """The levels Deformable-DETR's build_backbone takes: layers 2-4, or layer4 alone for one level."""
+        return [2, 3, 4] if self.num_feature_levels > 1 else [4]
+
+
+HEAD_SCHEMAS = {HeadConfig._target_: HeadConfig, DeformableHeadConfig._target_: DeformableHeadConfig}
+
+
+def head_config(values: Any) -> HeadConfig | DeformableHeadConfig:
+    """A model node as the schema of its ``_target_`` (DETR's when it names none: older checkpoints)."""
+    if dataclasses.is_dataclass(values):
+        values = dataclasses.asdict(values)
+    if isinstance(values, DictConfig):
+        values = OmegaConf.to_container(values, resolve=True)
+    target = (values or {}).get("_target_", HeadConfig._target_)
+    require(target in HEAD_SCHEMAS, f"model._target_={target!r} is not one of {', '.join(HEAD_SCHEMAS)}")
+    return structured(HEAD_SCHEMAS[target], values or {}, "model")
 
 
 @dataclass
@@ -203,9 +267,11 @@ class LoggerConfig:
 class Config:
     """The primary config: the groups, plus the knobs typed on the command line."""
 
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    position: PositionConfig = field(default_factory=PositionConfig)
-    model: HeadConfig = field(default_factory=HeadConfig)
+    # untyped for Hydra: a group's schema follows its _target_ (ours, or a backbone of the user's own),
+    # so __post_init__ checks each node against the schema its target selects
+    backbone: Any = field(default_factory=dict)
+    position: Any = field(default_factory=dict)
+    model: Any = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
@@ -226,9 +292,31 @@ class Config:
     test_after_fit: bool = True  # test the best checkpoint once fitting ends
     optimized_metric: str = "val/map_50"  # the value train.py returns to a sweeper (conf/hparams_search/)
 
+    def __post_init__(self) -> None:
+        self.backbone, self.position = backbone_config(self.backbone), position_config(self.position)
+        self.model = head_config(self.model)
+        require(
+            not self.dilation or isinstance(self.backbone, BackboneConfig),
+            f"dilation=true applies to our backbones; backbone._target_={self.backbone._target_!r} is your own, "
+            "so pass dilation through its own arguments",
+        )
+
+
+GROUP_SCHEMAS = {
+    "backbone": BackboneConfig,
+    "position": PositionConfig,
+    "detr": HeadConfig,
+    "deformable_detr": DeformableHeadConfig,
+}
+
 
 def register_configs() -> None:
-    """Make the schema available to Hydra as ``config_schema``."""
+    """Make the schemas available to Hydra: ``config_schema`` for the primary config, and ``schema/<name>``
+    for our group options to extend (``defaults: [/schema/backbone@_here_]``), so that every key of ours
+    can be overridden and is checked at composition, while a backbone of the user's own stays free-form."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="config_schema", node=Config)
+    store = ConfigStore.instance()
+    store.store(name="config_schema", node=Config)
+    for name, schema in GROUP_SCHEMAS.items():
+        store.store(group="schema", name=name, node=schema)

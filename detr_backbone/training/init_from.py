@@ -23,6 +23,7 @@ from typing import Any
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor, nn
 
+from ..config import BACKBONE_TARGETS, POSITION_TARGETS, own_kind
 from ..detection.weights import (
     UNUSED,
     Architecture,
@@ -49,7 +50,7 @@ CLASS_WEIGHT, CLASS_BIAS, QUERIES = "class_embed.weight", "class_embed.bias", "q
 ADAPTED = (CLASS_WEIGHT, CLASS_BIAS, QUERIES)  # reported apart from the tensors loaded as they are
 # Architecture field -> the override that sets it; num_queries is absent: a checkpoint may have more
 OVERRIDES = {
-    "backbone_kind": "backbone.kind",
+    "backbone_kind": "backbone._target_",
     "backbone_name": "backbone.name",
     "main_layer": "backbone.main_layer",
     "dilation": "dilation",
@@ -104,13 +105,13 @@ def own_checkpoint_weights(content: Any, path: str | os.PathLike) -> DetectorWei
 def architecture_of_hyperparameters(hparams: Mapping[str, Any], state: Mapping[str, Tensor]) -> Architecture:
     """What DetrModule's saved config says, over what the shapes show."""
     joiner, head = hparams.get("joiner") or {}, hparams.get("head") or {}
-    backbone = joiner.get("backbone") or {}
+    backbone, position = joiner.get("backbone") or {}, joiner.get("position") or {}
     stated = {
-        "backbone_kind": backbone.get("kind"),
+        "backbone_kind": own_kind(backbone.get("_target_", ""), BACKBONE_TARGETS) or backbone.get("kind"),
         "backbone_name": backbone.get("name"),
         "main_layer": -1 if backbone.get("return_interm_layers") else last_level(backbone.get("main_layer")),
         "dilation": backbone.get("dilation"),
-        "position": (joiner.get("position") or {}).get("kind"),
+        "position": own_kind(position.get("_target_", ""), POSITION_TARGETS) or position.get("kind"),
         "hidden_dim": joiner.get("hidden_dim"),
         **{name: head.get(name) for name in ("enc_layers", "dec_layers", "dim_feedforward", "nheads", "pre_norm")},
     }
@@ -127,9 +128,9 @@ def configured_architecture(cfg: Config) -> Architecture:
     backbone, head = cfg.backbone, cfg.model
     return Architecture(
         backbone_kind=backbone.kind,
-        backbone_name=backbone.name,
+        backbone_name=getattr(backbone, "name", None),  # a backbone of the user's own has no name of ours
         main_layer=-1 if backbone.return_interm_layers else last_level(backbone.main_layer),
-        dilation=backbone.dilation,
+        dilation=getattr(backbone, "dilation", False),
         position=cfg.position.kind,
         hidden_dim=cfg.hidden_dim,
         enc_layers=head.enc_layers,
@@ -149,6 +150,8 @@ def fitting_overrides(
     for name in names:
         wanted = getattr(checkpoint, name)
         if wanted is not None and wanted != getattr(configured, name):
+            if name == "backbone_kind":
+                wanted = BACKBONE_TARGETS[wanted]
             overrides.append(f"{OVERRIDES[name]}={str(wanted).lower() if isinstance(wanted, bool) else wanted}")
     return overrides
 

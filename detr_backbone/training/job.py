@@ -6,7 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from pytorch_lightning.profilers import AdvancedProfiler, Profiler, SimpleProfiler
 from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
@@ -35,7 +35,10 @@ PROFILERS = {"simple": SimpleProfiler, "advanced": AdvancedProfiler}
 def validated(cfg: DictConfig | Config, run_dir: Path | None = None) -> Config:
     """The composed config as schema objects: every group's own checks run here, before any work.
     ``run_dir``, the run's folder, is where ``ckpt_path=last`` and a requeued SLURM job find last.ckpt."""
-    config = cfg if isinstance(cfg, Config) else OmegaConf.to_object(cfg)
+    try:
+        config = cfg if isinstance(cfg, Config) else OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as error:  # a ??? left unset, e.g. backbone=custom without backbone._target_
+        raise ValueError(f"{error.full_key} is not set: give it on the command line ({error.full_key}=...) or in your config") from None
     require(
         config.callbacks.progress_bar in (*PROGRESS_BARS, "none"),
         f"callbacks.progress_bar={config.callbacks.progress_bar!r} is not one of {', '.join(PROGRESS_BARS)}, none",
@@ -98,10 +101,15 @@ def build_profiler(name: str | None, run_dir: Path) -> Profiler | None:
     return None if name is None else PROFILERS[name](dirpath=run_dir, filename="profiler")
 
 
+def own_config_targets(cfg: Config) -> list[str]:
+    """The run's own targets: its config is the user's, so what it names may be built (unlike a checkpoint's)."""
+    return [cfg.backbone._target_, cfg.position._target_, cfg.model._target_]
+
+
 def build_module(cfg: Config, num_classes: int, class_names: Sequence[str] | None = None) -> DetrModule:
     joiner = {"backbone": cfg.backbone, "position": cfg.position, "hidden_dim": cfg.hidden_dim, "lr_backbone": cfg.lr_backbone}
     optim = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "lr_drop": cfg.lr_drop}
-    return DetrModule(joiner, asdict(cfg.model), optim, num_classes, class_names)
+    return DetrModule(joiner, asdict(cfg.model), optim, num_classes, class_names, allowed_targets=own_config_targets(cfg))
 
 
 class Job:

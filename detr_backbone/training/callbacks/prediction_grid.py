@@ -13,7 +13,7 @@ from torch import Tensor
 from torchvision.ops import box_convert
 
 from ...data.visualize import denormalize, draw_boxes, resize_longer_side, tile_grid, write_png
-from ...detection.postprocess import PostProcess
+from ...detection.postprocess import per_image
 from ...nested_tensor import NestedTensor
 from ..file_writes import atomic_write, remove_stale_temporaries
 from ..loggers import log_image
@@ -67,7 +67,6 @@ class PredictionGrid(Callback):
         self.num_images = num_images
         self.score_threshold = score_threshold
         self.image_side = image_side
-        self.postprocess = PostProcess()
         self._batch: tuple[NestedTensor, list[Mapping[str, Tensor]], Sequence[str] | None] | None = None
 
     def fixed_batch(self, trainer: pl.Trainer) -> tuple[NestedTensor, list[Mapping[str, Tensor]], Sequence[str] | None]:
@@ -89,7 +88,8 @@ class PredictionGrid(Callback):
         with torch.no_grad(), trainer.precision_plugin.forward_context():
             outputs = module(images.to(module.device))
         module.train(was_training)
-        detections = self.postprocess(outputs, torch.stack([target["size"] for target in targets]).to(module.device))
+        sizes = torch.stack([target["size"] for target in targets]).to(module.device)
+        detections = per_image(*module.detector.detections(outputs, sizes))
         panels = [
             prediction_panel(image, target, detection, class_names, self.score_threshold, self.image_side)
             for image, target, detection in zip(images.tensors, targets, detections)

@@ -1,0 +1,246 @@
+"""The Deformable DETR detector: multi-scale Joiner features -> deformable transformer -> sigmoid classes and boxes."""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ...backbone import downsample_mask
+from ...joiner import Joiner
+from ...nested_tensor import NestedTensor, nested_tensor_from_tensor_list
+from ..detr import MLP
+from .postprocess import topk_detections
+from .refinement import offset_reference
+from .transformer import DeformableTransformer
+
+PRIOR_PROBABILITY = 0.01  # every class starts this likely everywhere: the focal loss is not swamped by easy negatives
+GROUP_NORM_GROUPS = 32
+
+
+def level_projection(in_channels: int, hidden_dim: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
+    conv = nn.Conv2d(in_channels, hidden_dim, kernel_size, stride=stride, padding=kernel_size // 2)
+    nn.init.xavier_uniform_(conv.weight, gain=1)
+    nn.init.constant_(conv.bias, 0)
+    return nn.Sequential(conv, nn.GroupNorm(GROUP_NORM_GROUPS, hidden_dim))
+
+
+class DeformableDETR(nn.Module):
+    """Predicts ``num_queries`` (classes, box) pairs per image, with one sigmoid score per class and no
+    "no object" class (trained with a focal loss).
+
+    ``forward`` takes a NestedTensor or a list of (3, H, W) images and returns ``pred_logits``
+    (B, Q, num_classes), ``pred_boxes`` (B, Q, 4) as normalised (cx, cy, w, h), with ``aux_loss`` the
+    same pair for every earlier decoder layer in ``aux_outputs``, and with ``two_stage`` the
+    encoder's proposals (B, S, num_classes) and (B, S, 4) in ``enc_outputs``.
+
+    Levels: one 1x1 projection per Joiner level, then 3x3 stride-2 projections up to
+    ``num_feature_levels`` (the first reads the deepest backbone map, the next the previous extra
+    level). ``class_embed`` and ``bbox_embed`` hold one head per decoder layer (+1 for the
+    proposals with ``two_stage``): the same module repeated, or separate copies with
+    ``with_box_refine``, which the decoder also uses to refine its reference boxes.
+    """
+
+    LINEAR_PROJECTION_NAMES = ("reference_points", "sampling_offsets")
+
+    def __init__(
+        self,
+        backbone: Joiner,
+        transformer: DeformableTransformer,
+        num_classes: int,
+        num_queries: int,
+        num_feature_levels: int,
+        aux_loss: bool = True,
+        with_box_refine: bool = False,
+        two_stage: bool = False,
+    ):
+        super().__init__()
+        hidden_dim = transformer.d_model
+        backbone_channels = list(backbone[0].feature_channels)
+        self.check_options(
+            transformer, len(backbone_channels), num_queries, num_feature_levels, aux_loss, with_box_refine, two_stage
+        )
+        self.num_queries = num_queries
+        self.num_classes = num_classes
+        self.num_feature_levels = num_feature_levels
+        self.aux_loss = aux_loss
+        self.with_box_refine = with_box_refine
+        self.two_stage = two_stage
+        self.transformer = transformer
+        # registered before the other heads, as in Deformable-DETR, so parameters come in its order
+        self.class_embed = nn.Linear(hidden_dim, num_classes)
+        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        if not two_stage:
+            self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
+        projections = [level_projection(channels, hidden_dim, 1) for channels in backbone_channels]
+        in_channels = backbone_channels[-1]
+        for _ in range(num_feature_levels - len(backbone_channels)):
+            projections.append(level_projection(in_channels, hidden_dim, 3, stride=2))
+            in_channels = hidden_dim
+        self.input_proj = nn.ModuleList(projections)
+        self.backbone = backbone
+        self.make_heads(transformer.decoder.num_layers + (1 if two_stage else 0))
+
+    def make_heads(self, num_pred: int) -> None:
+        """One class and one box head per prediction (decoder layers, + the proposals with two-stage),
+        initialised as Deformable-DETR's; shared without refinement, copies with it."""
+        class_embed, bbox_embed, decoder = self.class_embed, self.bbox_embed, self.transformer.decoder
+        nn.init.constant_(class_embed.bias, -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
+        # boxes start at their reference: no move, and a small size (sigmoid(-2) = 0.12) where the reference is a point
+        nn.init.constant_(bbox_embed.layers[-1].weight, 0)
+        nn.init.constant_(bbox_embed.layers[-1].bias, 0)
+        nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
+        if self.with_box_refine:
+            self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_pred))
+            self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_pred))
+            for later in self.bbox_embed[1:]:  # later layers refine a box that already has a size
+                nn.init.constant_(later.layers[-1].bias[2:], 0.0)
+            decoder.bbox_embed = self.bbox_embed
+        else:
+            self.class_embed = nn.ModuleList([class_embed] * num_pred)
+            self.bbox_embed = nn.ModuleList([bbox_embed] * num_pred)
+        if self.two_stage:
+            decoder.class_embed = self.class_embed
+            for head in self.bbox_embed:  # proposals already have a size
+                nn.init.constant_(head.layers[-1].bias[2:], 0.0)
+
+    @staticmethod
+    def check_options(
+        transformer: DeformableTransformer,
+        backbone_levels: int,
+        num_queries: int,
+        num_feature_levels: int,
+        aux_loss: bool,
+        with_box_refine: bool,
+        two_stage: bool,
+    ) -> None:
+        if transformer.d_model % GROUP_NORM_GROUPS:
+            raise ValueError(
+                f"the level projections use GroupNorm(32, hidden_dim): hidden_dim must be a multiple of 32, "
+                f"got {transformer.d_model}"
+            )
+        if num_feature_levels != transformer.num_feature_levels:
+            raise ValueError(
+                f"num_feature_levels={num_feature_levels} but the transformer was built for {transformer.num_feature_levels}"
+            )
+        if num_feature_levels < backbone_levels:
+            raise ValueError(
+                f"num_feature_levels={num_feature_levels} is fewer than the Joiner's {backbone_levels} levels; "
+                f"use num_feature_levels >= {backbone_levels} or a Joiner with fewer levels"
+            )
+        if aux_loss and not transformer.decoder.return_intermediate:
+            raise ValueError(
+                "aux_loss=True needs every decoder layer: build the transformer with return_intermediate_dec=True"
+            )
+        if two_stage != transformer.two_stage:
+            raise ValueError(f"two_stage={two_stage} but the transformer was built with two_stage={transformer.two_stage}")
+        if two_stage and not with_box_refine:
+            raise ValueError("two_stage=True needs with_box_refine=True (as Deformable-DETR's published two-stage models)")
+        if two_stage and num_queries != transformer.two_stage_num_proposals:
+            raise ValueError(
+                f"two-stage queries are the transformer's {transformer.two_stage_num_proposals} proposals, "
+                f"but num_queries={num_queries}: build the transformer with two_stage_num_proposals=num_queries"
+            )
+
+    def forward(self, samples: NestedTensor | Sequence[Tensor]) -> dict:
+        if not isinstance(samples, NestedTensor):
+            samples = nested_tensor_from_tensor_list(samples)
+        features, positions = self.backbone(samples)
+        srcs, masks, positions = self.project_levels(samples, features, positions)
+        query_embed = None if self.two_stage else self.query_embed.weight
+        hs, init_reference, inter_references, enc_class, enc_coord = self.transformer(srcs, masks, positions, query_embed)
+        # layer i predicts relative to the reference it was given: the initial one, then each layer's refinement
+        references = [init_reference, *inter_references[:-1]]
+        logits = torch.stack([self.class_embed[layer](hs[layer]) for layer in range(len(hs))])
+        boxes = torch.stack(
+            [offset_reference(self.bbox_embed[layer](hs[layer]), references[layer]).sigmoid() for layer in range(len(hs))]
+        )
+        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = [
+                {"pred_logits": layer_logits, "pred_boxes": layer_boxes}
+                for layer_logits, layer_boxes in zip(logits[:-1], boxes[:-1])
+            ]
+        if self.two_stage:
+            out["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord.sigmoid()}
+        return out
+
+    def project_levels(
+        self, samples: NestedTensor, features: list[NestedTensor], positions: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Every level's projected map, padding mask and positional map, extra levels computed here."""
+        srcs = [projection(feature.tensors) for projection, feature in zip(self.input_proj, features)]
+        masks = [feature.mask for feature in features]
+        positions = list(positions)
+        for projection in self.input_proj[len(features) :]:
+            src = projection(features[-1].tensors if len(srcs) == len(features) else srcs[-1])
+            mask = downsample_mask(samples.mask, src.shape[-2:])
+            positions.append(self.backbone[1](NestedTensor(src, mask)).to(src.dtype))
+            srcs.append(src)
+            masks.append(mask)
+        return srcs, masks, positions
+
+    def detections(self, outputs: Mapping[str, Tensor], target_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Scores (B, K), labels (B, K) and XYXY boxes (B, K, 4) in pixels of ``target_sizes`` (B, 2) as (h, w):
+        the K = 100 best (query, class) pairs by sigmoid score (Deformable-DETR's PostProcess)."""
+        return topk_detections(outputs["pred_logits"], outputs["pred_boxes"], target_sizes)
+
+    def linear_projection_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of the linear layers that place sampling points and references, which
+        Deformable-DETR trains at ``lr * lr_linear_proj_mult`` (0.1): a large step moves where every query looks."""
+        return [
+            (name, parameter)
+            for name, parameter in self.named_parameters()
+            if any(keyword in name for keyword in self.LINEAR_PROJECTION_NAMES) and not name.startswith("backbone.")
+        ]
+
+
+def positional_width(joiner: Joiner) -> int:
+    """Channels of the maps the Joiner's positional encoding makes (read from a 1x1 probe)."""
+    device = next(joiner.parameters()).device
+    probe = NestedTensor(torch.zeros(1, 1, 1, 1, device=device), torch.zeros(1, 1, 1, dtype=torch.bool, device=device))
+    with torch.no_grad():
+        return joiner[1](probe).shape[1]
+
+
+def build_deformable_detr(
+    backbone: Joiner,
+    num_classes: int,
+    *,
+    num_queries: int = 300,
+    enc_layers: int = 6,
+    dec_layers: int = 6,
+    nheads: int = 8,
+    dim_feedforward: int = 1024,
+    dropout: float = 0.1,
+    num_feature_levels: int = 4,
+    enc_n_points: int = 4,
+    dec_n_points: int = 4,
+    aux_loss: bool = True,
+    with_box_refine: bool = False,
+    two_stage: bool = False,
+    hidden_dim: int | None = None,
+) -> DeformableDETR:
+    """Deformable DETR on the Joiner ``backbone`` with Deformable-DETR's main.py defaults. ``hidden_dim`` None: the width
+    of the Joiner's positional maps, which are added to the transformer's inputs."""
+    if hidden_dim is None:
+        hidden_dim = positional_width(backbone)
+    transformer = DeformableTransformer(
+        d_model=hidden_dim,
+        nhead=nheads,
+        num_encoder_layers=enc_layers,
+        num_decoder_layers=dec_layers,
+        dim_feedforward=dim_feedforward,
+        dropout=dropout,
+        return_intermediate_dec=True,
+        num_feature_levels=num_feature_levels,
+        dec_n_points=dec_n_points,
+        enc_n_points=enc_n_points,
+        two_stage=two_stage,
+        two_stage_num_proposals=num_queries,
+    )
+    return DeformableDETR(
+        backbone, transformer, num_classes, num_queries, num_feature_levels, aux_loss, with_box_refine, two_stage
+    )

@@ -1,0 +1,310 @@
+"""Deformable DETR's transformer, with its module names so its checkpoints load strictly.
+
+Sequences are (batch, length, channels). The encoder's self-attention and the decoder's
+cross-attention are multi-scale deformable attention over all levels at once; the decoder's
+queries attend to each other with ordinary multi-head attention. Post-norm throughout.
+Iterative box refinement and two-stage are switched on by the detector, which hands the decoder
+its box heads (``decoder.bbox_embed``) and, for two-stage, its class heads (``decoder.class_embed``).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ..transformer import ResidualLayer, clones, with_position
+from .attention import MSDeformAttn, SpatialShapes
+from .levels import encoder_reference_points, valid_ratios
+from .proposals import encoder_proposals, proposal_position_embedding
+from .refinement import offset_reference
+
+
+class DeformableTransformerEncoderLayer(ResidualLayer):
+    """Deformable self-attention over every level's positions, then the feed-forward block."""
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        d_ffn: int = 1024,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+    ):
+        super().__init__(normalize_before=False)
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.add_feedforward(d_model, d_ffn, dropout, activation)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(
+        self,
+        src: Tensor,
+        pos: Tensor | None,
+        reference_points: Tensor,
+        spatial_shapes: SpatialShapes,
+        padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        def attend(x: Tensor) -> Tensor:
+            return self.self_attn(with_position(x, pos), reference_points, x, spatial_shapes, padding_mask)
+
+        src = self.residual(src, self.norm1, self.dropout1, attend)
+        return self.residual(src, self.norm2, self.dropout2, self.feedforward)
+
+
+class DeformableTransformerDecoderLayer(ResidualLayer):
+    """Self-attention among the queries, deformable cross-attention to the memory, feed-forward.
+
+    The norms keep Deformable-DETR's numbering: ``norm2`` after the self-attention, ``norm1``
+    after the cross-attention.
+    """
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        d_ffn: int = 1024,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+    ):
+        super().__init__(normalize_before=False)
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.add_feedforward(d_model, d_ffn, dropout, activation)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(
+        self,
+        tgt: Tensor,
+        query_pos: Tensor | None,
+        reference_points: Tensor,
+        memory: Tensor,
+        spatial_shapes: SpatialShapes,
+        memory_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        def attend_queries(x: Tensor) -> Tensor:
+            query = key = with_position(x, query_pos)
+            return self.self_attn(query, key, x, need_weights=False)[0]
+
+        def attend_memory(x: Tensor) -> Tensor:
+            query = with_position(x, query_pos)
+            return self.cross_attn(query, reference_points, memory, spatial_shapes, memory_padding_mask)
+
+        tgt = self.residual(tgt, self.norm2, self.dropout2, attend_queries)
+        tgt = self.residual(tgt, self.norm1, self.dropout1, attend_memory)
+        return self.residual(tgt, self.norm3, self.dropout3, self.feedforward)
+
+
+class DeformableTransformerEncoder(nn.Module):
+    def __init__(self, encoder_layer: DeformableTransformerEncoderLayer, num_layers: int):
+        super().__init__()
+        self.layers = clones(encoder_layer, num_layers)
+        self.num_layers = num_layers
+
+    def forward(
+        self,
+        src: Tensor,
+        spatial_shapes: SpatialShapes,
+        ratios: Tensor,
+        pos: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        reference_points = encoder_reference_points(spatial_shapes, ratios)
+        for layer in self.layers:
+            src = layer(src, pos, reference_points, spatial_shapes, padding_mask)
+        return src
+
+
+class DeformableTransformerDecoder(nn.Module):
+    """Stacked decoder layers; returns the outputs (layers or 1, B, Q, C) and the reference points
+    each layer leaves for the next (same leading shape; boxes after refinement, else the input points).
+
+    With ``bbox_embed`` set (one box head per layer), each layer moves the reference by its head's
+    prediction (iterative refinement); the move is detached, so each layer learns its own step.
+    """
+
+    def __init__(
+        self, decoder_layer: DeformableTransformerDecoderLayer, num_layers: int, return_intermediate: bool = False
+    ):
+        super().__init__()
+        self.layers = clones(decoder_layer, num_layers)
+        self.num_layers = num_layers
+        self.return_intermediate = return_intermediate
+        # set by the detector, and then part of the state dict under these names, as in Deformable-DETR
+        self.bbox_embed: nn.ModuleList | None = None
+        self.class_embed: nn.ModuleList | None = None
+
+    def forward(
+        self,
+        tgt: Tensor,
+        reference_points: Tensor,
+        memory: Tensor,
+        spatial_shapes: SpatialShapes,
+        ratios: Tensor,
+        query_pos: Tensor | None = None,
+        memory_padding_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        output = tgt
+        outputs, references = [], []
+        for index, layer in enumerate(self.layers):
+            # references are relative to the valid image; the attention samples on the padded maps
+            scale = ratios if reference_points.shape[-1] == 2 else torch.cat([ratios, ratios], -1)
+            sampling_reference = reference_points[:, :, None] * scale[:, None]
+            output = layer(output, query_pos, sampling_reference, memory, spatial_shapes, memory_padding_mask)
+            if self.bbox_embed is not None:
+                reference_points = offset_reference(self.bbox_embed[index](output), reference_points).sigmoid().detach()
+            if self.return_intermediate or index == self.num_layers - 1:
+                outputs.append(output)
+                references.append(reference_points)
+        return torch.stack(outputs), torch.stack(references)
+
+
+class TransformerOutput(NamedTuple):
+    """``hs`` (layers, B, Q, C); ``init_reference`` (B, Q, 2 or 4) and ``inter_references`` (layers, B, Q, 2 or 4)
+    in [0, 1] of the valid image; for two-stage, the encoder's proposal logits (B, S, num_classes) and
+    box logits (B, S, 4) (None otherwise)."""
+
+    hs: Tensor
+    init_reference: Tensor
+    inter_references: Tensor
+    enc_outputs_class: Tensor | None
+    enc_outputs_coord_unact: Tensor | None
+
+
+class DeformableTransformer(nn.Module):
+    """Encode the projected levels with deformable attention, decode ``num_queries`` object queries.
+
+    ``forward(srcs, masks, pos_embeds, query_embed)``: per level a map (B, C, h, w), its padding mask
+    (B, h, w) and positional map (B, C, h, w); ``query_embed`` (Q, 2C) holds each query's position
+    embedding then its content, or is None for two-stage, where the best-scored encoder proposals
+    make the queries. Returns a ``TransformerOutput``.
+    """
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        nhead: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        return_intermediate_dec: bool = False,
+        num_feature_levels: int = 4,
+        dec_n_points: int = 4,
+        enc_n_points: int = 4,
+        two_stage: bool = False,
+        two_stage_num_proposals: int = 300,
+    ):
+        super().__init__()
+        if d_model % nhead:
+            raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead})")
+        if d_model % 2:
+            raise ValueError(f"d_model must be even (sin/cos pairs in the proposal embedding), got {d_model}")
+        if num_decoder_layers < 1:
+            raise ValueError(f"the decoder needs at least one layer, got num_decoder_layers={num_decoder_layers}")
+        self.d_model = d_model
+        self.nhead = nhead
+        self.two_stage = two_stage
+        self.two_stage_num_proposals = two_stage_num_proposals
+        self.num_feature_levels = num_feature_levels
+        layer_args = (d_model, dim_feedforward, dropout, activation, num_feature_levels, nhead)
+        self.encoder = DeformableTransformerEncoder(
+            DeformableTransformerEncoderLayer(*layer_args, enc_n_points), num_encoder_layers
+        )
+        self.decoder = DeformableTransformerDecoder(
+            DeformableTransformerDecoderLayer(*layer_args, dec_n_points), num_decoder_layers, return_intermediate_dec
+        )
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        if two_stage:
+            self.enc_output = nn.Linear(d_model, d_model)
+            self.enc_output_norm = nn.LayerNorm(d_model)
+            self.pos_trans = nn.Linear(d_model * 2, d_model * 2)
+            self.pos_trans_norm = nn.LayerNorm(d_model * 2)
+        else:
+            self.reference_points = nn.Linear(d_model, 2)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        for parameter in self.parameters():
+            if parameter.dim() > 1:
+                nn.init.xavier_uniform_(parameter)
+        for module in self.modules():
+            if isinstance(module, MSDeformAttn):
+                module._reset_parameters()  # its own pattern replaces the xavier matrices above
+        if not self.two_stage:
+            nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
+            nn.init.constant_(self.reference_points.bias, 0.0)
+        nn.init.normal_(self.level_embed)
+
+    def forward(
+        self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor], query_embed: Tensor | None = None
+    ) -> TransformerOutput:
+        if not len(srcs) == len(masks) == len(pos_embeds) == self.num_feature_levels:
+            raise ValueError(
+                f"the transformer takes {self.num_feature_levels} levels, got {len(srcs)} maps, "
+                f"{len(masks)} masks and {len(pos_embeds)} positional maps"
+            )
+        if (query_embed is None) != self.two_stage:
+            raise ValueError("query_embed must be given without two_stage and None with two_stage")
+        spatial_shapes = [(src.shape[-2], src.shape[-1]) for src in srcs]
+        src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
+        mask_flatten = torch.cat([mask.flatten(1) for mask in masks], 1)
+        # which level a position comes from is told by adding the level's embedding to its position
+        pos_flatten = torch.cat(
+            [pos.flatten(2).transpose(1, 2) + self.level_embed[level] for level, pos in enumerate(pos_embeds)], 1
+        )
+        ratios = torch.stack([valid_ratios(mask) for mask in masks], 1)
+        memory = self.encoder(src_flatten, spatial_shapes, ratios, pos_flatten, mask_flatten)
+
+        enc_outputs_class = enc_outputs_coord_unact = None
+        if self.two_stage:
+            enc_outputs_class, enc_outputs_coord_unact = self.score_proposals(memory, mask_flatten, spatial_shapes)
+            query_pos, tgt, reference_points = self.proposal_queries(enc_outputs_class, enc_outputs_coord_unact)
+        else:
+            query_pos, tgt = query_embed.split(self.d_model, dim=1)
+            query_pos = query_pos[None].expand(memory.shape[0], -1, -1)
+            tgt = tgt[None].expand(memory.shape[0], -1, -1)
+            reference_points = self.reference_points(query_pos).sigmoid()
+        hs, inter_references = self.decoder(tgt, reference_points, memory, spatial_shapes, ratios, query_pos, mask_flatten)
+        return TransformerOutput(hs, reference_points, inter_references, enc_outputs_class, enc_outputs_coord_unact)
+
+    def score_proposals(self, memory: Tensor, padding_mask: Tensor, spatial_shapes: SpatialShapes) -> tuple[Tensor, Tensor]:
+        """Two-stage: class logits (B, S, num_classes) and box logits (B, S, 4) of every encoder position's proposal,
+        from the decoder's extra last heads; dropped proposals get an ``inf`` box logit (a box at the corner)."""
+        if self.decoder.class_embed is None or self.decoder.bbox_embed is None:
+            raise ValueError(
+                "two_stage reads the proposal heads from decoder.class_embed and decoder.bbox_embed, which are unset: "
+                "build the transformer inside DeformableDETR(..., with_box_refine=True, two_stage=True)"
+            )
+        proposals, keep = encoder_proposals(padding_mask, spatial_shapes)
+        output_memory = self.enc_output_norm(self.enc_output(memory.masked_fill(~keep, 0.0)))
+        last = self.decoder.num_layers
+        return self.decoder.class_embed[last](output_memory), self.decoder.bbox_embed[last](output_memory) + proposals
+
+    def proposal_queries(self, class_logits: Tensor, box_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Two-stage: (query_pos, tgt, reference boxes) of the ``two_stage_num_proposals`` proposals most
+        likely to hold an object (class 0's logit: the proposal loss labels every object 0)."""
+        count, length = self.two_stage_num_proposals, class_logits.shape[1]
+        if count > length:
+            raise ValueError(
+                f"two_stage takes the best {count} of the encoder's {length} positions as queries: "
+                f"use larger images or fewer queries (num_queries <= {length})"
+            )
+        chosen = torch.topk(class_logits[..., 0], count, dim=1)[1]
+        # the decoder starts from the chosen boxes but does not train the encoder's heads through them
+        boxes = torch.gather(box_logits, 1, chosen[..., None].expand(-1, -1, 4)).detach()
+        embedding = self.pos_trans_norm(self.pos_trans(proposal_position_embedding(boxes, self.d_model // 2)))
+        query_pos, tgt = embedding.split(self.d_model, dim=2)
+        return query_pos, tgt, boxes.sigmoid()
