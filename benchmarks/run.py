@@ -23,8 +23,10 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
 SECTIONS = ("joiner", "loop", "default_job", "data", "compile")
 DEFAULT_SECTIONS = SECTIONS[:-1]  # compile is opt-in (--compile or --sections): it spends minutes compiling
 # the default job shrunk to seconds, for --quick
+# The shapes job with DETR's head (experiment=shapes_detr), whose figures docs/performance.md reports
+SHAPES_DETR = ["experiment=shapes_detr"]
 QUICK_JOB = [
-    "hidden_dim=32", "model.enc_layers=1", "model.dec_layers=1", "model.dim_feedforward=64", "model.num_queries=5",
+    *SHAPES_DETR, "hidden_dim=32", "model.enc_layers=1", "model.dec_layers=1", "model.dim_feedforward=64", "model.num_queries=5",
     "data.train_size=16", "data.val_size=4", "data.batch_size=4", "data.min_size=48", "data.max_size=64",
 ]  # fmt: skip
 
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
             )  # fmt: skip
             print_joiner(rows)
             results["joiner"] += rows
-    cfg = loop.job_config(QUICK_JOB if args.quick else ())
+    cfg = loop.job_config(QUICK_JOB if args.quick else SHAPES_DETR)
     if "loop" in args.sections:
         warmup = max(1, args.loop_steps // 6)
         results["loop"] = loop.lightning_overhead(cfg, args.loop_steps, warmup, args.loop_repeats, args.device)
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"cached, in-process: {data['batches_per_s_cached_in_process']:.1f}")
     if "compile" in args.sections:
         print_compile_header()
-        job = compiled.default_job(QUICK_JOB if args.quick else (), args.loop_steps, args.job_repeats, max(1, args.warmup), args.device)
+        job = compiled.default_job(QUICK_JOB if args.quick else SHAPES_DETR, args.loop_steps, args.job_repeats, max(1, args.warmup), args.device)
         print_compile_row("job, eager unpadded", job, "eager_unpadded")
         print_compile_row("job, eager padded", job, "eager_padded")
         detr = compiled.detr_sized("resnet18" if args.quick else "resnet50", args.size, args.repeats, max(1, args.warmup), args.device)

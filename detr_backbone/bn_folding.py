@@ -8,9 +8,33 @@ under its own name, so the state dict is DETR's and checkpoints load before or a
 """
 from __future__ import annotations
 
+from typing import TypeVar
+
 from torch import Tensor, nn
 
 from .frozen_batch_norm import FoldedFrozenBatchNorm2d, FrozenBatchNorm2d, as_folded
+
+ConvType = TypeVar("ConvType", bound=nn.Conv2d)
+
+
+def sharing_parameters(cls: type[ConvType], conv: nn.Conv2d, norm: FrozenBatchNorm2d) -> ConvType:
+    """A ``cls`` with ``conv``'s settings and its very parameters (no copy, the same state dict keys),
+    holding ``norm`` as a plain attribute: the norm stays registered where it was."""
+    made = cls(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+        conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
+    )  # fmt: skip
+    made.weight, made.bias = conv.weight, conv.bias
+    made.train(conv.training)
+    object.__setattr__(made, "norm", norm)
+    return made
+
+
+def folded_weight_and_bias(weight: Tensor, bias: Tensor | None, norm: FrozenBatchNorm2d) -> tuple[Tensor, Tensor]:
+    """The convolution's weight and bias with ``norm`` applied: ``bn(conv(x, W, b)) == conv(x, W', b')``."""
+    scale, shift = FrozenBatchNorm2d.scale_shift(norm)
+    folded_bias = shift if bias is None else bias * scale + shift
+    return weight * scale.to(weight.dtype)[:, None, None, None], folded_bias.to(weight.dtype)
 
 
 class FoldedConv2d(nn.Conv2d):
@@ -20,20 +44,10 @@ class FoldedConv2d(nn.Conv2d):
 
     @classmethod
     def folding(cls, conv: nn.Conv2d, norm: FoldedFrozenBatchNorm2d) -> FoldedConv2d:
-        folded = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-            conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
-        )  # fmt: skip
-        folded.weight, folded.bias = conv.weight, conv.bias
-        folded.train(conv.training)
-        object.__setattr__(folded, "norm", norm)  # a plain attribute: the norm stays registered where it was
-        return folded
+        return sharing_parameters(cls, conv, norm)
 
     def forward(self, x: Tensor) -> Tensor:
-        scale, shift = self.norm.scale_shift()
-        weight = self.weight * scale.to(self.weight.dtype)[:, None, None, None]
-        bias = shift if self.bias is None else self.bias * scale + shift
-        return self._conv_forward(x, weight, bias.to(weight.dtype))
+        return self._conv_forward(x, *folded_weight_and_bias(self.weight, self.bias, self.norm))
 
 
 def _norm_after(conv_name: str) -> str | None:

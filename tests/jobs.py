@@ -12,7 +12,7 @@ register_configs()
 
 # A few steps on a handful of tiny images: enough to exercise the whole job in seconds.
 TINY = [
-    "backbone=resnet18", "hidden_dim=32", "model.enc_layers=1", "model.dec_layers=1", "model.dim_feedforward=64",
+    "backbone=resnet18", "model=detr_small", "hidden_dim=32", "model.enc_layers=1", "model.dec_layers=1", "model.dim_feedforward=64",
     "model.num_queries=5", "data.train_size=8", "data.val_size=4", "data.batch_size=4", "data.num_workers=0",
     "data.persistent_workers=false", "data.min_size=64", "data.max_size=80", "trainer.max_epochs=1",
     "callbacks.progress_bar=none", "trainer.enable_model_summary=false", "trainer.accelerator=cpu",

@@ -211,14 +211,17 @@ def test_evaluate_the_shapes_data_writes_their_ground_truth(checkpoint, tmp_path
         (predict_main, ["ckpt_path={ckpt}", "input={tmp}/in/*.jpg"], r"input='\S+\*\.jpg': the glob holds no image files \(0 other files\)"),
         (predict_main, ["ckpt_path={ckpt}", "input={tmp}/in", "output_dir={tmp}/in/a.png"], r"output_dir='\S+a\.png' is a file, not a folder"),
         (predict_main, ["ckpt_path={ckpt}", "input={tmp}/in", "output_dir={tmp}/in"], r"output_dir='\S+in' would overwrite the input images .*"),
+        (predict_main, ["ckpt_path={ckpt}", "input={tmp}/in", "fuse=true", "compile=true"], r"fuse=true and compile=true exclude each other: inductor fuses on its own"),
         (evaluate_main, ["ckpt_path={tmp}/missing.ckpt"], r"checkpoint file not found: \S+missing\.ckpt"),
         (evaluate_main, ["ckpt_path={ckpt}", "output_dir={tmp}/in/a.png"], r"output_dir='\S+a\.png' is a file, not a folder"),
+        (evaluate_main, ["ckpt_path={ckpt}", "fuse=true", "dtype=float16", "output_dir={tmp}/out"], r"fuse=True needs oneDNN on a CPU in float32 or bfloat16, uncompiled; got cpu / torch\.float16"),
         (export_main, ["ckpt_path={ckpt}", "output={tmp}/out"], r"output='\S+out' is a folder; give the file to write, e.g. \S+model\.onnx"),
         (export_main, ["ckpt_path={ckpt}", "format=tflite", "output={tmp}/out/model.tflite"], r"format='tflite' is not supported; choose one of onnx, torch_export"),
         (export_main, ["ckpt_path={tmp}/in/junk.ckpt", "output={tmp}/out/model.onnx"], r"\S+junk\.ckpt is not a train\.py checkpoint.*"),
     ],
     ids=["missing-ckpt", "not-a-ckpt", "empty-folder", "empty-glob", "output-dir-is-a-file", "output-dir-is-the-input",
-         "evaluate-missing-ckpt", "evaluate-output-dir-is-a-file", "export-output-is-a-folder", "export-format", "export-not-a-ckpt"],
+         "fuse-and-compile", "evaluate-missing-ckpt", "evaluate-output-dir-is-a-file", "evaluate-fuse-float16",
+         "export-output-is-a-folder", "export-format", "export-not-a-ckpt"],
 )  # fmt: skip
 def test_bad_input_fails_in_one_line_and_writes_nothing(checkpoint, tmp_path, command, arguments, message):
     (tmp_path / "in").mkdir()

@@ -1,12 +1,14 @@
 """The Deformable-DETR head in the training job: levels, parameter groups, precisions, resume, DDP, reloading."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from detr_backbone import nested_tensor_from_tensor_list
+from detr_backbone.commands.evaluate import main as evaluate_main
 from detr_backbone.data import IMAGENET_MEAN, IMAGENET_STD
 from detr_backbone.detection.deformable import DeformableDETR
 from detr_backbone.inference import Predictor, load_detector
@@ -14,6 +16,7 @@ from detr_backbone.training.job import Job, validated
 from detr_backbone.training.module import DetrModule
 
 from .jobs import TINY, compose_config
+from .test_commands import COCO_STATS, cocoeval
 from .test_distributed import ONE_PER_BATCH, run_train
 
 DEFORMABLE = [
@@ -99,6 +102,12 @@ def test_resume_continues_and_reloads_for_evaluation_and_prediction(tmp_path):
     torch.testing.assert_close(found.scores, scores[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(found.boxes, boxes[0], rtol=1e-4, atol=1e-3)
     assert torch.equal(found.labels, labels[0])
+    # evaluate: COCO's numbers of the head's detections, equal to pycocotools' on the files it wrote
+    evaluate_main([f"ckpt_path={checkpoint}", "data.val_size=4", f"output_dir={tmp_path / 'eval'}", "progress=false"])
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    reference = cocoeval(tmp_path / "eval" / "ground_truth.json", tmp_path / "eval" / "detections.json")
+    assert saved["summary"] == dict(zip(COCO_STATS, reference.stats.tolist()))
+    assert len(json.loads((tmp_path / "eval" / "detections.json").read_text())) == 4 * 15  # top-k: all 5 x 3 pairs
 
 
 def test_ddp_on_two_cpu_processes(tmp_path):
@@ -107,3 +116,19 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert (checkpoint["global_step"], checkpoint["epoch"]) == (4, 0)
     assert checkpoint["hyper_parameters"]["head"]["_target_"] == "detr_backbone.detection.deformable.build_deformable_detr"
+
+
+def test_init_from_asks_for_detrs_head():
+    with pytest.raises(ValueError, match=r"^init_from='detr.pth' reads DETR's weight layouts, and model._target_='detr_backbone.detection.deformable.build_deformable_detr' is another head; use model=detr"):
+        validated(compose_config(*TINY, *DEFORMABLE, "init_from=detr.pth"))
+
+
+@pytest.mark.parametrize("backbone", [("backbone=resnet50",), ("backbone=timm", "backbone.name=convnext_tiny")])
+def test_the_published_head_runs_on_a_resnet_50_and_a_timm_model(tmp_path, backbone):
+    # python train.py model=deformable_detr backbone=..., on TINY's small data for one step
+    config = validated(compose_config(*TINY, *backbone, "model=deformable_detr", "trainer.fast_dev_run=1", "test_after_fit=false"))
+    run = Job(config, tmp_path)
+    assert run.module.detector.backbone.strides == [8, 16, 32] and len(run.module.detector.input_proj) == 4
+    assert run.module.detector.num_feature_levels == 4  # three backbone levels and one stride-2 convolution
+    run.run()
+    assert torch.isfinite(run.trainer.callback_metrics["train/loss"])

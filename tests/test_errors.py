@@ -36,7 +36,7 @@ def one_line_error(error: pytest.ExceptionInfo) -> str:
     [
         (["backbone._target_=detr_backbone.ResNet"], "backbone._target_='detr_backbone.ResNet' is not one of detr_backbone.Backbone, detr_backbone.GroupNormBackbone, detr_backbone.TimmBackbone"),
         (["position._target_=detr_backbone.Cosine"], "position._target_='detr_backbone.Cosine' is not one of detr_backbone.PositionEmbeddingSine, detr_backbone.PositionEmbeddingLearned"),
-        (["model._target_=detr_backbone.detection.build_yolo"], "model._target_='detr_backbone.detection.build_yolo' is not one of detr_backbone.detection.build_detr"),
+        (["model._target_=detr_backbone.detection.build_yolo"], "model._target_='detr_backbone.detection.build_yolo' is not one of detr_backbone.detection.build_detr, detr_backbone.detection.deformable.build_deformable_detr"),
         (["lr_backbone=-0.001"], "lr_backbone=-0.001 must be >= 0 (0 freezes the backbone)"),
         (["hidden_dim=33"], "hidden_dim=33 must be a positive even number (half for rows, half for columns)"),
         (["callbacks.checkpoint.every_n_train_steps=0"], "callbacks.checkpoint.every_n_train_steps=0 must be null (off) or > 0"),

@@ -254,7 +254,7 @@ def test_size_divisibility_reaches_the_collate():
 
 
 def test_model_compile_option_compiles_the_detector_in_place():
-    cfg = compose_config("hidden_dim=32", "model.enc_layers=1", "model.dec_layers=1", "model.dim_feedforward=64", "model.compile=true")
+    cfg = compose_config("model=detr_small", "hidden_dim=32", "model.enc_layers=1", "model.dec_layers=1", "model.dim_feedforward=64", "model.compile=true")
     head = HeadConfig(**OmegaConf.to_container(cfg.model, resolve=True))
     joiner_cfg = JoinerConfig.from_args({"backbone": {"name": "resnet18"}, "hidden_dim": 32})
     compiled = build_detector(joiner_cfg, head, num_classes=3)

@@ -10,6 +10,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from detr_backbone.data import ShapesDataset, collate_detection, detr_val_transforms
+from detr_backbone.detection.postprocess import per_image
 from detr_backbone.inference import Detections, Predictor, UnnamedClassesWarning, load_detector
 from detr_backbone.inference.fusion import FusedResidualBlock, FusedStemConv, fusion_supported
 from detr_backbone.inference.predictor import size_groups
@@ -45,7 +46,7 @@ def module_detections(module: DetrModule, sample, transform=None) -> dict[str, t
     image, target = (transform or dataset.transforms)(*sample)
     batch, targets = collate_detection([(image, target)])
     with torch.no_grad():
-        (found,) = module.postprocess(module(batch), torch.stack([t["orig_size"] for t in targets]))
+        (found,) = per_image(*module.detector.detections(module(batch), torch.stack([t["orig_size"] for t in targets])))
     order = found["scores"].argsort(descending=True, stable=True)
     return {key: value[order] for key, value in found.items()}
 

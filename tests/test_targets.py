@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from detr_backbone import build_backbone, downsample_mask, nested_tensor_from_tensor_list
+from detr_backbone.commands.export import main as export_main
 from detr_backbone.declared_backbone import DeclaredBackbone
 from detr_backbone.inference.checkpoint import load_detector, load_training_module
 from detr_backbone.targets import TargetNotAllowedError
@@ -164,10 +165,13 @@ def test_commands_refuse_it_in_one_line_and_take_the_allow_list(os_system_checkp
     refused = subprocess.run([*command, f"ckpt_path={path}"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert refused.returncode == 1 and not marker.exists() and not (tmp_path / "model.onnx").exists()
     assert refused.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {path} names backbone._target_='os.system'")
-    allowed = f"allowed_targets=[{BACKBONE},{ENCODING}]"
-    exported = subprocess.run(
-        [*command, f"ckpt_path={own_parts_checkpoint}", allowed, "format=torch_export", f"output={tmp_path / 'model.pt2'}"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
-    )  # fmt: skip
-    assert exported.returncode == 0, exported.stderr
+    allowed = f"allowed_targets=[{BACKBONE},{ENCODING}]"  # the same command, in this process
+    export_main([f"ckpt_path={own_parts_checkpoint}", allowed, "format=torch_export", f"output={tmp_path / 'model.pt2'}"])
     assert (tmp_path / "model.pt2").is_file()
+
+
+def test_own_parts_train_in_bfloat16(tmp_path):
+    run = Job(validated(compose_config(*SMALL, *OWN_PARTS, "precision=bf16-true", "trainer.fast_dev_run=1")), tmp_path)
+    run.run()
+    assert torch.isfinite(run.trainer.callback_metrics["train/loss"])
+    assert run.module.detector.backbone[0].body.stage3[0].weight.dtype == torch.bfloat16

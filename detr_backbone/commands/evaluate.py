@@ -38,10 +38,12 @@ DETECTIONS_FILE, GROUND_TRUTH_FILE, METRICS_FILE = "detections.json", "ground_tr
 class EvaluateConfig:
     ckpt_path: Optional[str] = None  # train.py checkpoint, DETR checkpoint or Hugging Face DETR folder
     dilation: Optional[bool] = None  # DETR's own checkpoints do not record it: true for their DC5 files
+    allowed_targets: list[str] = field(default_factory=list)  # your own _target_ paths a checkpoint may build
     data: DataConfig = field(default_factory=DataConfig)
     output_dir: str = "evaluation"
     device: str = "cpu"
     dtype: str = "float32"  # float32 | bfloat16 | float16
+    fuse: Optional[bool] = None  # oneDNN-fused frozen-BN ResNet convolutions; null: on a CPU in float32/bfloat16
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -81,14 +83,14 @@ def file_name(dataset: Dataset, image_id: int) -> str | None:
 def evaluate(cfg: EvaluateConfig) -> CocoMetrics:
     output_dir = Path(cfg.output_dir)
     require(not output_dir.exists() or output_dir.is_dir(), f"output_dir={cfg.output_dir!r} is a file, not a folder")
-    loaded = load_detector(cfg.ckpt_path, cfg.dilation)
+    loaded = load_detector(cfg.ckpt_path, cfg.dilation, cfg.allowed_targets)
     datamodule = build_datamodule(cfg.data)
     dataset = datamodule.dataset("val")
     require(len(dataset) > 0, f"the data={cfg.data.kind} validation set has no images")
     names, ids = dataset_categories(dataset)
     category_ids = model_category_ids(loaded, names, ids, f"the data={cfg.data.kind} validation set")
     # COCO evaluation ranks every query of every image, as DETR's does: no threshold, no top-k
-    predictor = Predictor.from_loaded(loaded, threshold=0.0, top_k=None, device=cfg.device, dtype=cfg.dtype)
+    predictor = Predictor.from_loaded(loaded, threshold=0.0, top_k=None, device=cfg.device, dtype=cfg.dtype, fuse=cfg.fuse)
     rows: list[dict[str, Any]] = []
     for images, targets in tqdm(datamodule.val_dataloader(), unit="batch", disable=not cfg.progress, file=sys.stderr):
         original_sizes = torch.stack([target["orig_size"] for target in targets])

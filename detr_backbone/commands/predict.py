@@ -37,6 +37,7 @@ DETECTIONS_FILE = "detections.json"
 class PredictConfig:
     ckpt_path: Optional[str] = None  # train.py checkpoint, DETR checkpoint or Hugging Face DETR folder
     dilation: Optional[bool] = None  # DETR's own checkpoints do not record it: true for their DC5 files
+    allowed_targets: list[str] = field(default_factory=list)  # your own _target_ paths a checkpoint may build
     input: Optional[str] = None  # an image, a folder or a glob
     output_dir: str = "predictions"
     threshold: float = 0.5  # detections scoring below are dropped
@@ -47,6 +48,7 @@ class PredictConfig:
     device: str = "cpu"
     dtype: str = "float32"  # float32 | bfloat16 | float16
     compile: bool = False  # torch.compile the detector (pays off on large folders of few image sizes)
+    fuse: Optional[bool] = None  # oneDNN-fused frozen-BN ResNet convolutions; null: on a CPU in float32/bfloat16, uncompiled
     on_error: str = "skip"  # an unreadable image: skip (named, counted) | stop (the run fails, naming it)
     annotations: Optional[str] = None  # a COCO instances file: image_id by file name, category_id by class name
     draw: bool = True  # write the drawn images (detections.json is always written)
@@ -61,6 +63,7 @@ class PredictConfig:
         require(self.size is None or self.size >= 0, f"size={self.size} must be >= 0 (0: no resize) or null")
         require(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
         require(self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
+        require(not (self.fuse and self.compile), "fuse=true and compile=true exclude each other: inductor fuses on its own")
         require(self.on_error in ON_ERROR, f"on_error={self.on_error!r} is not one of {', '.join(ON_ERROR)}")
 
 
@@ -74,7 +77,7 @@ class PredictSummary:
 
 def predictor_options(cfg: PredictConfig) -> dict[str, Any]:
     options = dict(threshold=cfg.threshold, top_k=cfg.top_k, batch_size=cfg.batch_size, max_size=cfg.max_size)
-    options.update(device=cfg.device, dtype=cfg.dtype, compile=cfg.compile)
+    options.update(device=cfg.device, dtype=cfg.dtype, compile=cfg.compile, fuse=cfg.fuse)
     if cfg.size is not None:  # otherwise the checkpoint's own evaluation size
         options["size"] = cfg.size or None
     return options
@@ -153,7 +156,9 @@ def predict(cfg: PredictConfig) -> PredictSummary:
     files = find_images(cfg.input)
     output_dir = Path(cfg.output_dir)
     names = relative_names(files, output_dir)
-    predictor = Predictor.from_checkpoint(cfg.ckpt_path, dilation=cfg.dilation, **predictor_options(cfg))
+    predictor = Predictor.from_checkpoint(
+        cfg.ckpt_path, dilation=cfg.dilation, allowed_targets=cfg.allowed_targets, **predictor_options(cfg)
+    )
     image_ids, category_ids = annotation_ids(cfg, predictor.class_names)
     category_ids = category_ids or predictor.category_ids
     rows: list[dict[str, Any]] = []

@@ -28,7 +28,6 @@ from torch.export import Dim, ExportedProgram
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..detection.detr import DETR
-from ..detection.postprocess import batched_detections
 from ..nested_tensor import NestedTensor
 from ..training.file_writes import atomic_write
 from .checkpoint import LoadedDetector
@@ -86,7 +85,7 @@ class ExportableDetector(nn.Module):
             return logits, boxes
         # padding is at the bottom and the right: the first column counts the valid rows, the first row the columns
         sizes = torch.stack([(~mask[:, :, 0]).sum(1), (~mask[:, 0, :]).sum(1)], dim=1)
-        return (logits, boxes, *batched_detections(logits, boxes, sizes))
+        return (logits, boxes, *self.detector.detections(outputs, sizes))
 
 
 def example_batch(batch: int, height: int, width: int, seed: int = 0) -> tuple[Tensor, Tensor]:

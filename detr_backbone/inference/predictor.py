@@ -15,9 +15,9 @@ from torch import Tensor
 
 from ..compilation import COMPILE_SIZE_DIVISIBILITY, compile_in_place
 from ..detection.detr import DETR
-from ..detection.postprocess import batched_detections
 from ..nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 from .checkpoint import LoadedDetector, load_detector
+from .fusion import fuse_resnet_blocks, fusion_supported
 from .preprocess import EvalTransform, ImageInput, read_image
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,12 +54,20 @@ def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 class Predictor:
     """Runs a detector on images: the evaluation resize and normalisation, batches of similar sizes,
-    ``torch.inference_mode``, DETR's post-processing, then a score threshold and a top-k per image.
+    ``torch.inference_mode``, the head's own post-processing (DETR's softmax over classes, or Deformable
+    DETR's top-k over query x class sigmoid scores), then a score threshold and a top-k per image.
 
     ``size`` / ``max_size``: the evaluation resize (shorter side / longest side; ``size=None`` keeps
     images as they are). ``dtype``: the weights and inputs are cast to it (float32, bfloat16 or
     float16). ``compile``: torch.compile the detector (each new padded shape compiles once, so batches
     are then padded to multiples of 32 unless ``size_divisibility`` says otherwise).
+    ``fuse``: run a torchvision ResNet backbone with frozen BatchNorm as oneDNN-fused convolutions
+    (``fusion.fuse_resnet_blocks``: norm, ReLU and residual add inside each conv, weights packed once
+    per input shape; float32 gives the same numbers, bfloat16 rounds once where the plain path rounds
+    after each step). None: where it applies (a CPU, float32 or bfloat16, not compiled); other
+    backbones are left as they are, and so is everything with False. ``fused_blocks`` counts what was
+    fused. The detector is prepared in place (eval mode, dtype, fusion or compilation); its state
+    dict keys do not change.
     """
 
     def __init__(
@@ -77,6 +85,7 @@ class Predictor:
         device: torch.device | str = "cpu",
         dtype: torch.dtype | str = torch.float32,
         compile: bool = False,
+        fuse: bool | None = None,
     ):
         if len(class_names) != detector.num_classes:
             raise ValueError(f"{len(class_names)} class names for a detector of {detector.num_classes} classes")
@@ -85,6 +94,11 @@ class Predictor:
         self.device, self.dtype = torch.device(device), as_dtype(dtype)
         self.detector = detector.eval().requires_grad_(False).to(self.device, self.dtype)
         self.detector.aux_loss = False  # only the last decoder layer's outputs are used
+        supported = fusion_supported(self.device, self.dtype)
+        if fuse and (compile or not supported):
+            reason = "compile=True (inductor fuses on its own)" if compile else f"{self.device} / {self.dtype}"
+            raise ValueError(f"fuse=True needs oneDNN on a CPU in float32 or bfloat16, uncompiled; got {reason}")
+        self.fused_blocks = fuse_resnet_blocks(self.detector) if (supported and not compile and fuse is not False) else 0
         if compile:
             compile_in_place(self.detector)
             # padded sizes in few buckets, so that few graphs compile (as the training job does)
@@ -96,13 +110,15 @@ class Predictor:
         self.batch_size, self.size_divisibility = batch_size, size_divisibility
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, *, dilation: bool | None = None, **options) -> Predictor:
+    def from_checkpoint(
+        cls, path: str | os.PathLike, *, dilation: bool | None = None, allowed_targets: Sequence[str] = (), **options
+    ) -> Predictor:
         """A predictor of a train.py checkpoint, a DETR checkpoint or a Hugging Face DETR folder.
 
         The resize defaults to the source's evaluation size: none for train.py checkpoints of the shapes
         data, DETR's 800 / 1333 for published weights. ``options`` are those of the constructor.
         """
-        return cls.from_loaded(load_detector(path, dilation), **options)
+        return cls.from_loaded(load_detector(path, dilation, allowed_targets), **options)
 
     @classmethod
     def from_loaded(cls, loaded: LoadedDetector, **options) -> Predictor:
@@ -134,7 +150,7 @@ class Predictor:
             self.threshold if threshold is None else threshold, self.top_k if top_k is None else top_k
         )
         outputs = self.detector(images.to(self.device, self.dtype, non_blocking=True))
-        scores, labels, boxes = batched_detections(outputs["pred_logits"], outputs["pred_boxes"], original_sizes.to(self.device))
+        scores, labels, boxes = self.detector.detections(outputs, original_sizes.to(self.device))
         return [
             self.selected(*image, size, threshold, top_k)
             for *image, size in zip(scores.cpu(), labels.cpu(), boxes.cpu(), original_sizes.tolist())

@@ -20,7 +20,7 @@ from .callbacks.prediction_grid import PredictionGrid
 from .callbacks.preemption import cluster_plugins
 from .checkpoint_io import AtomicCheckpointIO
 from .compile_padding import padded_for_compile
-from .config import CallbacksConfig, Config
+from .config import CallbacksConfig, Config, HeadConfig
 from .faults import ended_cleanly, fault_callbacks
 from .init_from import initialize_from, without_backbone_weights
 from .loggers import build_loggers, check_trackers, tracker_callbacks
@@ -60,6 +60,11 @@ def validated(cfg: DictConfig | Config, run_dir: Path | None = None) -> Config:
         config.init_from is None or config.ckpt_path is None,
         f"init_from={config.init_from!r} and ckpt_path={config.ckpt_path!r} exclude each other: ckpt_path resumes "
         "a run (step, optimizer, schedule), init_from starts a new one from a detector's weights; set one",
+    )
+    require(
+        config.init_from is None or isinstance(config.model, HeadConfig),
+        f"init_from={config.init_from!r} reads DETR's weight layouts, and model._target_={config.model._target_!r} "
+        "is another head; use model=detr (or detr_small) with init_from",
     )
     JoinerConfig.from_args(config)  # cross-field checks of the Joiner's knobs
     return resumed(padded_for_compile(config), run_dir)
