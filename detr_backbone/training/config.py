@@ -16,18 +16,17 @@ from ..config import BackboneConfig, PositionConfig, backbone_config, position_c
 
 
 @dataclass
-class HeadConfig:
-    """The detector around the Joiner (conf/model/detr*.yaml): DETR's transformer, heads and losses.
-    ``_target_`` builds the detector from the fields its signature names; the rest set the loss."""
+class TransformerHeadConfig:
+    """What DETR's and Deformable DETR's heads share (conf/model/): ``_target_`` builds the detector
+    from the fields its signature names; the costs and loss weights set the criterion."""
 
-    _target_: str = "detr_backbone.detection.build_detr"
+    _target_: str = ""
     num_queries: int = 100
     enc_layers: int = 6
     dec_layers: int = 6
     nheads: int = 8
     dim_feedforward: int = 2048
     dropout: float = 0.1
-    pre_norm: bool = False
     aux_loss: bool = True
     cost_class: float = 1.0  # Hungarian matching costs
     cost_bbox: float = 5.0
@@ -35,49 +34,48 @@ class HeadConfig:
     loss_ce: float = 1.0  # loss weights
     loss_bbox: float = 5.0
     loss_giou: float = 2.0
-    eos_coef: float = 0.1  # weight of the no-object class in the cross-entropy
     compile: bool = False  # torch.compile the whole detector in place (backbone.compile: the Joiner only); off: no CPU gain measured
 
+    POSITIVE = ("num_queries", "dec_layers", "nheads", "dim_feedforward")
+
     def __post_init__(self) -> None:
-        for name in ("num_queries", "dec_layers", "nheads", "dim_feedforward"):
+        for name in self.POSITIVE:
             require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be > 0")
         require(self.enc_layers >= 0, f"model.enc_layers={self.enc_layers} must be >= 0")
         require(0 <= self.dropout < 1, f"model.dropout={self.dropout} must be in [0, 1)")
 
 
 @dataclass
-class DeformableHeadConfig:
+class HeadConfig(TransformerHeadConfig):
+    """DETR (conf/model/detr*.yaml): its transformer, a softmax class head with "no object", and its set loss."""
+
+    _target_: str = "detr_backbone.detection.build_detr"
+    pre_norm: bool = False
+    eos_coef: float = 0.1  # weight of the no-object class in the cross-entropy
+
+
+@dataclass
+class DeformableHeadConfig(TransformerHeadConfig):
     """Deformable DETR (conf/model/deformable_detr*.yaml): multi-scale deformable attention on the Joiner's
     levels, a sigmoid head and focal loss; defaults are Deformable-DETR's main.py."""
 
     _target_: str = "detr_backbone.detection.deformable.build_deformable_detr"
     num_queries: int = 300
-    enc_layers: int = 6
-    dec_layers: int = 6
-    nheads: int = 8
     dim_feedforward: int = 1024
-    dropout: float = 0.1
+    cost_class: float = 2.0  # the focal class cost
+    loss_ce: float = 2.0  # the sigmoid focal loss
     num_feature_levels: int = 4  # the Joiner's levels plus stride-2 convolutions up to this count
     enc_n_points: int = 4  # sampling points per head and level
     dec_n_points: int = 4
-    aux_loss: bool = True
     with_box_refine: bool = False  # each decoder layer refines the previous one's boxes
     two_stage: bool = False  # queries from the encoder's best proposals (needs with_box_refine)
-    cost_class: float = 2.0  # Hungarian matching costs; the class cost is the focal one
-    cost_bbox: float = 5.0
-    cost_giou: float = 2.0
-    loss_ce: float = 2.0  # loss weights; loss_ce is the sigmoid focal loss
-    loss_bbox: float = 5.0
-    loss_giou: float = 2.0
     focal_alpha: float = 0.25
     lr_linear_proj_mult: float = 0.1  # sampling offsets and reference points train at lr times this
-    compile: bool = False
+
+    POSITIVE = (*TransformerHeadConfig.POSITIVE, "num_feature_levels", "enc_n_points", "dec_n_points")
 
     def __post_init__(self) -> None:
-        for name in ("num_queries", "dec_layers", "nheads", "dim_feedforward", "num_feature_levels", "enc_n_points", "dec_n_points"):
-            require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be > 0")
-        require(self.enc_layers >= 0, f"model.enc_layers={self.enc_layers} must be >= 0")
-        require(0 <= self.dropout < 1, f"model.dropout={self.dropout} must be in [0, 1)")
+        super().__post_init__()
         require(0 < self.focal_alpha < 1, f"model.focal_alpha={self.focal_alpha} must be in (0, 1)")
         require(self.lr_linear_proj_mult > 0, f"model.lr_linear_proj_mult={self.lr_linear_proj_mult} must be > 0")
         require(
