@@ -1,12 +1,13 @@
 """Train a DETR detector around the configured Joiner.
 
-    python train.py                                      # the CPU default: learns the shapes data
-    python train.py backbone=resnet101_gn dilation=true
-    python train.py -m backbone=resnet50,resnet101 position=sine,learned
-    python train.py ckpt_path=outputs/<run>/checkpoints/last.ckpt    # resume
-    python train.py -m hparams_search=detr_optuna                    # Optuna search, conf/hparams_search/
-    python train.py debug=fdr                                        # a debug preset, conf/debug/
+python train.py                                      # the CPU default: learns the shapes data
+python train.py backbone=resnet101_gn dilation=true
+python train.py -m backbone=resnet50,resnet101 position=sine,learned
+python train.py ckpt_path=outputs/<run>/checkpoints/last.ckpt    # resume
+python train.py -m hparams_search=detr_optuna                    # Optuna search, conf/hparams_search/
+python train.py debug=fdr                                        # a debug preset, conf/debug/
 """
+
 from __future__ import annotations
 
 import sys

@@ -4,6 +4,7 @@ compiled, for the default job's training step and for a DETR-sized detector (Res
 Compile times are cold (an empty inductor cache, as on a machine's first run) and warm (the same
 graphs again once dynamo forgets them: the on-disk caches a second run of the same job finds).
 """
+
 from __future__ import annotations
 
 import copy
@@ -115,7 +116,10 @@ def default_job(overrides: Sequence[str], steps: int, repeats: int, warmup: int,
     shapes = {tuple(images.tensors.shape) for images, _ in padded}
     return {
         "case": "default job, training step (plain loop), model.compile=true",
-        "size_divisibility": {"eager_unpadded": cfg.data.size_divisibility, "padded": compiled_cfg.data.size_divisibility},
+        "size_divisibility": {
+            "eager_unpadded": cfg.data.size_divisibility,
+            "padded": compiled_cfg.data.size_divisibility,
+        },
         "padded_shapes": sorted(shapes),
         **result,
     }
@@ -151,9 +155,13 @@ def detr_sized(backbone: str, size: Sequence[int], repeats: int, warmup: int, de
     train = compare(
         {"eager": training_call(eager, [(batch, targets)], clip_max_norm)},
         training_call(compiled, [(batch, targets)], clip_max_norm),
-        repeats, warmup, device,
-    )  # fmt: skip
-    inference = compare({"eager": inference_call(eager, batch)}, inference_call(compiled, batch), repeats, warmup, device)
+        repeats,
+        warmup,
+        device,
+    )
+    inference = compare(
+        {"eager": inference_call(eager, batch)}, inference_call(compiled, batch), repeats, warmup, device
+    )
     return {
         "case": f"DETR ({backbone} Joiner, 6+6 layers, 100 queries), batch {list(batch.tensors.shape)}",
         "train": train,

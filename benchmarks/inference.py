@@ -21,6 +21,7 @@ use_pretrained_backbone=False))`` and our ``model=detr backbone=resnet50 hidden_
 - ``exported``: the same detector as an ONNX file in ONNX Runtime and as a torch.export program,
   against eager PyTorch on the same normalised batch, with the largest output differences.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,13 @@ from .timing import interleaved_medians
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest_inference.json"
 OUR_DETR = ["model=detr", "backbone=resnet50", "hidden_dim=256"]
 QUICK_DETR = [
-    "model=detr", "backbone=resnet18", "hidden_dim=64", "model.enc_layers=1", "model.dec_layers=1", "model.num_queries=10",
-]  # fmt: skip
+    "model=detr",
+    "backbone=resnet18",
+    "hidden_dim=64",
+    "model.enc_layers=1",
+    "model.dec_layers=1",
+    "model.num_queries=10",
+]
 NUM_CLASSES = 91  # Hugging Face's DetrConfig default: COCO's ids 0..90 and a no-object row
 
 
@@ -112,16 +118,22 @@ def versus_hugging_face(images: list[torch.Tensor], args: argparse.Namespace) ->
         calls["ours_predictor_compiled"] = lambda: compiled(images)  # the warm-up round pays the compilation
     with torch.inference_mode():
         times = interleaved_medians(calls, args.repeats, args.warmup, torch.device("cpu"))
-    return {"seconds": times, "times_faster_than_hf_call": ratios(times, "hf_forward_postprocess"),
-            "bare_forward_ratio": times["hf_bare_forward"]["median_s"] / times["ours_bare_forward"]["median_s"],
-            "fusion_gain": times["ours_predictor_unfused"]["median_s"] / times["ours_predictor"]["median_s"],
-            "fused_blocks": ours.fused_blocks, "bf16_supported": bf16_supported()}  # fmt: skip
+    return {
+        "seconds": times,
+        "times_faster_than_hf_call": ratios(times, "hf_forward_postprocess"),
+        "bare_forward_ratio": times["hf_bare_forward"]["median_s"] / times["ours_bare_forward"]["median_s"],
+        "fusion_gain": times["ours_predictor_unfused"]["median_s"] / times["ours_predictor"]["median_s"],
+        "fused_blocks": ours.fused_blocks,
+        "bf16_supported": bf16_supported(),
+    }
 
 
 def versus_eager(images: list[torch.Tensor], args: argparse.Namespace, folder: Path) -> dict:
     """ONNX Runtime and the torch.export program against eager PyTorch, the same detector and batch."""
     detector = our_detector(args.quick)
-    loaded = LoadedDetector(detector, [f"class {i}" for i in range(NUM_CLASSES)], list(range(NUM_CLASSES)), "benchmark", "-", 800)
+    loaded = LoadedDetector(
+        detector, [f"class {i}" for i in range(NUM_CLASSES)], list(range(NUM_CLASSES)), "benchmark", "-", 800
+    )
     eager = ExportableDetector(detector).eval()
     traced = traced_detector(loaded, trace_size=(96, 128) if args.quick else (384, 512))
     check = (64, 96) if args.quick else (352, 448)
@@ -135,13 +147,21 @@ def versus_eager(images: list[torch.Tensor], args: argparse.Namespace, folder: P
     with torch.inference_mode():
         expected = eager(batch, mask)
         differences = {
-            format: {name: float((got - want).abs().max()) for name, got, want in zip(RAW_OUTPUTS, run(batch, mask), expected)}
+            format: {
+                name: float((got - want).abs().max())
+                for name, got, want in zip(RAW_OUTPUTS, run(batch, mask), expected)
+            }
             for format, run in runners.items()
         }
         times = interleaved_medians(
-            {"eager": lambda: eager(batch, mask), **{format: partial(run, batch, mask) for format, run in runners.items()}},
-            args.repeats, args.warmup, torch.device("cpu"),
-        )  # fmt: skip
+            {
+                "eager": lambda: eager(batch, mask),
+                **{format: partial(run, batch, mask) for format, run in runners.items()},
+            },
+            args.repeats,
+            args.warmup,
+            torch.device("cpu"),
+        )
     return {
         "seconds": times,
         "times_faster_than_eager": ratios(times, "eager"),
@@ -157,8 +177,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny models and images, one round: an end-to-end check")
     parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (the compiled variant compiles in them)")
-    parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave out the torch.compile variant")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="untimed rounds first (the compiled variant compiles in them)"
+    )
+    parser.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="leave out the torch.compile variant"
+    )
     parser.add_argument("--sections", default="hf,exported", help="comma-separated: hf, exported")
     args = parser.parse_args(argv)
     if args.quick:
@@ -173,18 +197,25 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore")
     height, width = (96, 128) if args.quick else (800, 1066)
     generator = torch.Generator().manual_seed(0)
-    images = [torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator) for _ in range(args.batch)]
+    images = [
+        torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator) for _ in range(args.batch)
+    ]
     peak = theoretical_cpu_peak()
     results: dict = {
         "machine": {
-            "cpu": cpu_model_name(), "lscpu_model_name": peak["model"] if peak else None,
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cpu": cpu_model_name(),
+            "lscpu_model_name": peak["model"] if peak else None,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
         },
         "settings": {
-            "images": [args.batch, 3, height, width], "repeats": args.repeats, "warmup": args.warmup,
-            "quick": args.quick, "compile": args.compile,
+            "images": [args.batch, 3, height, width],
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "quick": args.quick,
+            "compile": args.compile,
         },
-    }  # fmt: skip
+    }
     sections = args.sections.split(",")
     if "hf" in sections:
         results["hf"] = versus_hugging_face(images, args)
@@ -193,13 +224,18 @@ def main(argv: list[str] | None = None) -> dict:
         for name, value in results["hf"]["seconds"].items():
             print(f"  {name:<26}{value['median_s']:8.2f} s   x{results['hf']['times_faster_than_hf_call'][name]:.2f}")
         print(f"  bare forward ratio (HF / ours): {results['hf']['bare_forward_ratio']:.2f}")
-        print(f"  fused ResNet blocks: {results['hf']['fused_blocks']}, unfused / fused: {results['hf']['fusion_gain']:.2f}", flush=True)
+        print(
+            f"  fused ResNet blocks: {results['hf']['fused_blocks']}, unfused / fused: {results['hf']['fusion_gain']:.2f}",
+            flush=True,
+        )
     if "exported" in sections:
         with tempfile.TemporaryDirectory() as folder:
             results["exported"] = versus_eager(images, args, Path(folder))
         print("\nexported vs eager PyTorch (x: times faster than eager)")
         for name, value in results["exported"]["seconds"].items():
-            print(f"  {name:<26}{value['median_s']:8.2f} s   x{results['exported']['times_faster_than_eager'][name]:.2f}")
+            print(
+                f"  {name:<26}{value['median_s']:8.2f} s   x{results['exported']['times_faster_than_eager'][name]:.2f}"
+            )
         print(f"  max |diff| vs eager: {results['exported']['max_abs_diff_vs_eager']}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2, default=str))

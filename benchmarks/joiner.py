@@ -1,4 +1,5 @@
 """Joiner inference and training step: the reference layout against our plain path, defaults and fast paths."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -40,10 +41,16 @@ MODELS = {
     "resnet50": ModelSpec("resnet50", {"kind": "torchvision", "name": "resnet50"}, {"name": "resnet50"}),
     "resnet101": ModelSpec("resnet101", {"kind": "torchvision", "name": "resnet101"}, {"name": "resnet101"}),
     "resnet50_dc5": ModelSpec(
-        "resnet50_dc5", {"kind": "torchvision", "name": "resnet50", "dilation": True}, {"name": "resnet50", "dilation": True}
+        "resnet50_dc5",
+        {"kind": "torchvision", "name": "resnet50", "dilation": True},
+        {"name": "resnet50", "dilation": True},
     ),
-    "resnet50_gn": ModelSpec("resnet50_gn", {"kind": "groupnorm", "name": "resnet50"}, {"name": "resnet50", "group_norm": True}),
-    "convnext_tiny": ModelSpec("convnext_tiny", {"kind": "timm", "name": "convnext_tiny"}, {"timm_name": "convnext_tiny"}),
+    "resnet50_gn": ModelSpec(
+        "resnet50_gn", {"kind": "groupnorm", "name": "resnet50"}, {"name": "resnet50", "group_norm": True}
+    ),
+    "convnext_tiny": ModelSpec(
+        "convnext_tiny", {"kind": "timm", "name": "convnext_tiny"}, {"timm_name": "convnext_tiny"}
+    ),
     "resnet18": ModelSpec("resnet18", {"kind": "torchvision", "name": "resnet18"}, {"name": "resnet18"}),  # --quick
 }
 
@@ -180,8 +187,15 @@ def benchmark_model(
                 "pct_of_theoretical_peak": None if not theoretical_gflops else 100 * gflops / theoretical_gflops,
                 "peak_memory_mb": peak_memory_mb(mode_calls[name], device),
             }
-        rows.append({
-            "model": spec.name, "mode": mode, "batch": list(batch.tensors.shape), "gflop": flops["ours"] / 1e9,
-            "reference_gflop": flops["reference"] / 1e9, "measured_peak_gflops": round_peak, "variants": variants,
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": spec.name,
+                "mode": mode,
+                "batch": list(batch.tensors.shape),
+                "gflop": flops["ours"] / 1e9,
+                "reference_gflop": flops["reference"] / 1e9,
+                "measured_peak_gflops": round_peak,
+                "variants": variants,
+            }
+        )
     return rows

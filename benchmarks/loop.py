@@ -1,5 +1,6 @@
 """The training job's step: the Lightning loop against a plain PyTorch loop, the default job's fast
 paths, and how fast the data module feeds batches."""
+
 from __future__ import annotations
 
 import copy
@@ -40,7 +41,9 @@ def job_config(overrides: Sequence[str] = ()) -> Config:
 
 def with_fast_paths(cfg: Config, channels_last: bool, cache_size: int) -> Config:
     backbone = dataclasses.replace(cfg.backbone, channels_last=channels_last)
-    return dataclasses.replace(cfg, backbone=backbone, position=dataclasses.replace(cfg.position, cache_size=cache_size))
+    return dataclasses.replace(
+        cfg, backbone=backbone, position=dataclasses.replace(cfg.position, cache_size=cache_size)
+    )
 
 
 def to_device(batch, device: torch.device):
@@ -79,7 +82,9 @@ class StepClock(pl.Callback):
         self.end = time.perf_counter()
 
 
-def lightning_seconds_per_step(module: DetrModule, cfg: Config, batches: list, warmup: int, device: torch.device, log_dir: str) -> float:
+def lightning_seconds_per_step(
+    module: DetrModule, cfg: Config, batches: list, warmup: int, device: torch.device, log_dir: str
+) -> float:
     clock = StepClock(warmup)
     trainer = pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
@@ -170,7 +175,9 @@ def default_job_fast_paths(cfg: Config, steps: int, repeats: int, warmup: int, d
         "backbone": dataclasses.asdict(cfg.backbone),
         "batch_size": cfg.data.batch_size,
         "image_sides": [cfg.data.min_size, cfg.data.max_size],
-        "variants": {name: {**timing, "speedup_vs_plain": plain_s / timing["median_s"]} for name, timing in times.items()},
+        "variants": {
+            name: {**timing, "speedup_vs_plain": plain_s / timing["median_s"]} for name, timing in times.items()
+        },
     }
 
 
@@ -194,6 +201,7 @@ def data_loading(cfg: Config, batches: int, worker_counts: Sequence[int]) -> dic
     """Batches per second the job's training loader delivers: drawing every image with 0, 1, 2
     workers, and from the shapes cache once it is filled (in-process; a worker's cache would last
     only as long as the worker)."""
+
     def loader(workers: int, cache: bool):
         return dataclasses.replace(cfg.data, num_workers=workers, persistent_workers=workers > 0, cache=cache)
 
@@ -202,5 +210,8 @@ def data_loading(cfg: Config, batches: int, worker_counts: Sequence[int]) -> dic
         "batches": batches,
         "batches_per_s_by_workers": rates,
         "batches_per_s_cached_in_process": loader_rate(loader(0, cache=True), batches, warm=True),
-        "job_loader": {field: getattr(cfg.data, field) for field in ("num_workers", "pin_memory", "persistent_workers", "size_divisibility", "cache")},
+        "job_loader": {
+            field: getattr(cfg.data, field)
+            for field in ("num_workers", "pin_memory", "persistent_workers", "size_divisibility", "cache")
+        },
     }

@@ -1,4 +1,5 @@
 """What the machine can do: peak fp32 FLOP rate (measured and theoretical) and peak memory of a call."""
+
 from __future__ import annotations
 
 import contextlib

@@ -3,6 +3,7 @@
 A torchvision ResNet with torchvision's FrozenBatchNorm2d (or GroupNorm(32)), cut by torchvision's
 IntermediateLayerGetter, NCHW, float32, and DETR's sine encoding computed anew on every call.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,9 @@ class ReferenceJoiner(nn.Module):
     def __init__(self, name: str, dilation: bool = False, group_norm: bool = False, hidden_dim: int = 256):
         super().__init__()
         norm = partial(nn.GroupNorm, 32) if group_norm else FrozenBatchNorm2d
-        resnet = getattr(torchvision.models, name)(replace_stride_with_dilation=[False, False, dilation], norm_layer=norm)
+        resnet = getattr(torchvision.models, name)(
+            replace_stride_with_dilation=[False, False, dilation], norm_layer=norm
+        )
         for stage_name, parameter in resnet.named_parameters():  # DETR: stem and layer1 frozen
             if not stage_name.startswith(("layer2", "layer3", "layer4")):
                 parameter.requires_grad_(False)

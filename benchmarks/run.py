@@ -1,10 +1,11 @@
 """Run the benchmarks, print the tables and write them as JSON.
 
-    python -m benchmarks.run                       # the full CPU run (a few minutes on 2 cores)
-    python -m benchmarks.run --quick               # tiny sizes, seconds: proves the script works
-    python -m benchmarks.run --models resnet50 --repeats 5 --compile --output /tmp/r50.json
-    python -m benchmarks.run --sections compile    # where torch.compile pays (about 10 minutes on 2 cores: it compiles)
+python -m benchmarks.run                       # the full CPU run (a few minutes on 2 cores)
+python -m benchmarks.run --quick               # tiny sizes, seconds: proves the script works
+python -m benchmarks.run --models resnet50 --repeats 5 --compile --output /tmp/r50.json
+python -m benchmarks.run --sections compile    # where torch.compile pays (about 10 minutes on 2 cores: it compiles)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,18 @@ DEFAULT_SECTIONS = SECTIONS[:-1]  # compile is opt-in (--compile or --sections):
 # The shapes job with DETR's head (experiment=shapes_detr), whose figures docs/performance.md reports
 SHAPES_DETR = ["experiment=shapes_detr"]
 QUICK_JOB = [
-    *SHAPES_DETR, "hidden_dim=32", "model.enc_layers=1", "model.dec_layers=1", "model.dim_feedforward=64", "model.num_queries=5",
-    "data.train_size=16", "data.val_size=4", "data.batch_size=4", "data.min_size=48", "data.max_size=64",
-]  # fmt: skip
+    *SHAPES_DETR,
+    "hidden_dim=32",
+    "model.enc_layers=1",
+    "model.dec_layers=1",
+    "model.dim_feedforward=64",
+    "model.num_queries=5",
+    "data.train_size=16",
+    "data.val_size=4",
+    "data.batch_size=4",
+    "data.min_size=48",
+    "data.max_size=64",
+]
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -60,19 +70,41 @@ def parse_sections(text: str) -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON file to write (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: an end-to-end check in seconds")
-    parser.add_argument("--models", type=parse_models, default=list(DEFAULT_MODELS), help="comma-separated: " + ", ".join(joiner.MODELS))
-    parser.add_argument("--all-variants", type=parse_models, default=["resnet50"], help="models also timed with each fast path alone")
-    parser.add_argument("--size", type=parse_size, default=None, help="image HEIGHTxWIDTH (default 512x640 on CPU, 800x1066 on GPU)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes and one repeat: an end-to-end check in seconds"
+    )
+    parser.add_argument(
+        "--models", type=parse_models, default=list(DEFAULT_MODELS), help="comma-separated: " + ", ".join(joiner.MODELS)
+    )
+    parser.add_argument(
+        "--all-variants", type=parse_models, default=["resnet50"], help="models also timed with each fast path alone"
+    )
+    parser.add_argument(
+        "--size", type=parse_size, default=None, help="image HEIGHTxWIDTH (default 512x640 on CPU, 800x1066 on GPU)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument("--compile", action="store_true", help="also time the joiners under torch.compile, and run the compile section")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time the joiners under torch.compile, and run the compile section"
+    )
     parser.add_argument("--loop-steps", type=int, default=30, help="training steps per Lightning / plain loop run")
     parser.add_argument("--loop-repeats", type=int, default=3, help="alternating Lightning / plain runs")
-    parser.add_argument("--job-repeats", type=int, default=15, help="timed steps per variant of the default job's detector")
-    parser.add_argument("--sections", type=parse_sections, default=list(DEFAULT_SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
+    parser.add_argument(
+        "--job-repeats", type=int, default=15, help="timed steps per variant of the default job's detector"
+    )
+    parser.add_argument(
+        "--sections",
+        type=parse_sections,
+        default=list(DEFAULT_SECTIONS),
+        help="comma-separated: " + ", ".join(SECTIONS),
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's, one per core); 1 on a shared machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads (default: torch's, one per core); 1 on a shared machine",
+    )
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
@@ -113,7 +145,9 @@ def machine_info(device: torch.device, matmul_size: int) -> dict:
 
 
 def print_joiner_header() -> None:
-    print(f"\n{'model':<14}{'mode':<10}{'variant':<15}{'img/s':>8}{'x ref':>7}{'GFLOP/s':>9}{'% peak':>8}{'% theor':>8}{'mem MB':>8}")
+    print(
+        f"\n{'model':<14}{'mode':<10}{'variant':<15}{'img/s':>8}{'x ref':>7}{'GFLOP/s':>9}{'% peak':>8}{'% theor':>8}{'mem MB':>8}"
+    )
     print("(% peak: of a fp32 matmul timed in the same rounds; % theor: of cores x GHz x FLOP/cycle)")
 
 
@@ -129,14 +163,19 @@ def print_joiner(rows: list[dict]) -> None:
 
 
 def print_compile_header() -> None:
-    print("\ntorch.compile against eager (compile: the first step's seconds beyond a compiled step; break-even: compile / saving per step)")
+    print(
+        "\ntorch.compile against eager (compile: the first step's seconds beyond a compiled step; break-even: compile / saving per step)"
+    )
     print(f"  {'case':<22}{'compile s':>16}{'eager ms':>10}{'comp. ms':>10}{'x':>7}{'break-even':>22}")
     print(f"  {'':<22}{'cold':>8}{'warm':>8}{'':>27}{'cold':>11}{'warm':>11}", flush=True)
 
 
 def print_compile_row(name: str, r: dict, eager: str) -> None:
     steady, versus = r["steady"], r[f"vs_{eager}"]
-    even = {key: "never" if versus[key] is None else f"{versus[key]:,.0f}" for key in ("break_even_steps_cold", "break_even_steps_warm")}
+    even = {
+        key: "never" if versus[key] is None else f"{versus[key]:,.0f}"
+        for key in ("break_even_steps_cold", "break_even_steps_warm")
+    }
     print(
         f"  {name:<22}{r['compile_s']['cold_cache']:>8.1f}{r['compile_s']['warm_cache']:>8.1f}"
         f"{steady[eager]['median_s'] * 1e3:>10.1f}{steady['compiled']['median_s'] * 1e3:>10.1f}"
@@ -151,23 +190,41 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     matmul_size = 512 if args.quick else 2048
-    results: dict = {"machine": machine_info(args.device, matmul_size), "settings": {
-        "size": list(args.size), "repeats": args.repeats, "warmup": args.warmup, "quick": args.quick,
-        "models": args.models, "all_variants": args.all_variants, "compile": args.compile, "sections": args.sections,
-    }}  # fmt: skip
+    results: dict = {
+        "machine": machine_info(args.device, matmul_size),
+        "settings": {
+            "size": list(args.size),
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "quick": args.quick,
+            "models": args.models,
+            "all_variants": args.all_variants,
+            "compile": args.compile,
+            "sections": args.sections,
+        },
+    }
     machine = results["machine"]
     print(f"peak fp32: measured {machine['measured_peak_gflops']:.1f} GFLOP/s ({machine['measured_peak_how']})")
     if machine["theoretical_peak"]:
-        print(f"           theoretical {machine['theoretical_peak']['gflops']:.1f} GFLOP/s = {machine['theoretical_peak']['derivation']}")
+        print(
+            f"           theoretical {machine['theoretical_peak']['gflops']:.1f} GFLOP/s = {machine['theoretical_peak']['derivation']}"
+        )
     if "joiner" in args.sections:
         theoretical = machine["theoretical_peak"]["gflops"] if machine["theoretical_peak"] else None
         results["joiner"] = []
         print_joiner_header()
         for name in args.models:
             rows = joiner.benchmark_model(
-                joiner.MODELS[name], args.size, args.device, args.repeats, args.warmup,
-                name in args.all_variants, args.compile, matmul_size, theoretical,
-            )  # fmt: skip
+                joiner.MODELS[name],
+                args.size,
+                args.device,
+                args.repeats,
+                args.warmup,
+                name in args.all_variants,
+                args.compile,
+                matmul_size,
+                theoretical,
+            )
             print_joiner(rows)
             results["joiner"] += rows
     cfg = loop.job_config(QUICK_JOB if args.quick else SHAPES_DETR)
@@ -175,23 +232,38 @@ def main(argv: list[str] | None = None) -> dict:
         warmup = max(1, args.loop_steps // 6)
         results["loop"] = loop.lightning_overhead(cfg, args.loop_steps, warmup, args.loop_repeats, args.device)
         r = results["loop"]
-        print(f"\nLightning loop {r['lightning_s_per_step'] * 1e3:.1f} ms/step, plain loop {r['plain_s_per_step'] * 1e3:.1f} ms/step: overhead {r['overhead_pct']:+.1f}%")
+        print(
+            f"\nLightning loop {r['lightning_s_per_step'] * 1e3:.1f} ms/step, plain loop {r['plain_s_per_step'] * 1e3:.1f} ms/step: overhead {r['overhead_pct']:+.1f}%"
+        )
     if "default_job" in args.sections:
-        results["default_job"] = loop.default_job_fast_paths(cfg, args.loop_steps, args.job_repeats, max(1, args.warmup), args.device)
+        results["default_job"] = loop.default_job_fast_paths(
+            cfg, args.loop_steps, args.job_repeats, max(1, args.warmup), args.device
+        )
         print("\ndefault job training step (plain loop):")
         for name, v in results["default_job"]["variants"].items():
             print(f"  {name:<14}{v['median_s'] * 1e3:8.1f} ms   x{v['speedup_vs_plain']:.2f} vs plain")
     if "data" in args.sections:
         results["data"] = loop.data_loading(cfg, 2 if args.quick else 40, (0, 1) if args.quick else (0, 1, 2))
         data = results["data"]
-        print("\ndata loading (batches/s by workers):", {k: round(v, 1) for k, v in data["batches_per_s_by_workers"].items()},
-              f"cached, in-process: {data['batches_per_s_cached_in_process']:.1f}")
+        print(
+            "\ndata loading (batches/s by workers):",
+            {k: round(v, 1) for k, v in data["batches_per_s_by_workers"].items()},
+            f"cached, in-process: {data['batches_per_s_cached_in_process']:.1f}",
+        )
     if "compile" in args.sections:
         print_compile_header()
-        job = compiled.default_job(QUICK_JOB if args.quick else SHAPES_DETR, args.loop_steps, args.job_repeats, max(1, args.warmup), args.device)
+        job = compiled.default_job(
+            QUICK_JOB if args.quick else SHAPES_DETR,
+            args.loop_steps,
+            args.job_repeats,
+            max(1, args.warmup),
+            args.device,
+        )
         print_compile_row("job, eager unpadded", job, "eager_unpadded")
         print_compile_row("job, eager padded", job, "eager_padded")
-        detr = compiled.detr_sized("resnet18" if args.quick else "resnet50", args.size, args.repeats, max(1, args.warmup), args.device)
+        detr = compiled.detr_sized(
+            "resnet18" if args.quick else "resnet50", args.size, args.repeats, max(1, args.warmup), args.device
+        )
         print_compile_row("DETR train", detr["train"], "eager")
         print_compile_row("DETR inference", detr["inference"], "eager")
         results["compile"] = {"default_job": job, "detr": detr}

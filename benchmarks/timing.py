@@ -1,4 +1,5 @@
 """Interleaved timing: every variant runs once per round, so drift in machine load hits all alike."""
+
 from __future__ import annotations
 
 import statistics
@@ -24,6 +25,11 @@ def interleaved_medians(
             if round_index >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {
-        name: {"median_s": statistics.median(values), "min_s": min(values), "max_s": max(values), "repeats": len(values)}
+        name: {
+            "median_s": statistics.median(values),
+            "min_s": min(values),
+            "max_s": max(values),
+            "repeats": len(values),
+        }
         for name, values in times.items()
     }

@@ -1,4 +1,5 @@
 """``python -m detr_backbone <command> [arguments]``: runs one of the package's commands."""
+
 from __future__ import annotations
 
 import importlib

@@ -4,6 +4,7 @@ All kinds share ``BackboneBase`` (freezing, level selection, mask downsampling);
 only build the body: a torchvision ResNet with frozen BatchNorm (DETR), the same ResNet with
 GroupNorm (MDETR's ``resnet50-gn``), or any timm model that offers ``features_only``.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -24,9 +25,17 @@ from .nested_tensor import NestedTensor
 from .weights import explain_download_errors
 
 TORCHVISION_RESNETS = (
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
-)  # fmt: skip
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+)
 RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 LEVELS = 4
 
@@ -54,7 +63,9 @@ def select_levels(
     if return_interm_layers:
         return list(range(count))
     if not -count <= main_layer < count:
-        raise ValueError(f"main_layer must index one of the {count} feature levels ({-count}..{count - 1}), got {main_layer}")
+        raise ValueError(
+            f"main_layer must index one of the {count} feature levels ({-count}..{count - 1}), got {main_layer}"
+        )
     return [main_layer % count]
 
 
@@ -145,7 +156,9 @@ class Backbone(BackboneBase):
         if trainable_layers is None:
             trainable_layers = detr_trainable_layers(train_backbone)
         # the getter drops every stage after the last one returned
-        body = IntermediateLayerGetter(resnet, return_layers={RESNET_STAGES[level]: str(i) for i, level in enumerate(selected)})
+        body = IntermediateLayerGetter(
+            resnet, return_layers={RESNET_STAGES[level]: str(i) for i, level in enumerate(selected)}
+        )
         stages = RESNET_STAGES[: selected[-1] + 1]
         super().__init__(body, stages, trainable_layers, channels, strides, channel_list=levels is not None)
 
@@ -177,7 +190,9 @@ class GroupNormBackbone(Backbone):
     norm_layer = GroupNorm32
 
     def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool, **kwargs):
-        super().__init__(name.removesuffix("-gn").removesuffix("_gn"), train_backbone, return_interm_layers, dilation, **kwargs)
+        super().__init__(
+            name.removesuffix("-gn").removesuffix("_gn"), train_backbone, return_interm_layers, dilation, **kwargs
+        )
 
     def imagenet_state_dict(self, name: str) -> dict[str, Tensor]:
         raise ValueError(
@@ -220,7 +235,9 @@ class TimmBackbone(BackboneBase):
 def create_timm_features(name: str, out_indices: tuple[int, ...], dilation: bool, pretrained: bool) -> nn.Module:
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5)
-        raise ValueError(f"unknown timm model {name!r}; close names: {', '.join(close) or 'none'} (see timm.list_models())")
+        raise ValueError(
+            f"unknown timm model {name!r}; close names: {', '.join(close) or 'none'} (see timm.list_models())"
+        )
     options = {"features_only": True, "out_indices": out_indices}
     if dilation:
         options["output_stride"] = 16

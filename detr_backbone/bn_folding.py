@@ -6,6 +6,7 @@ over the feature map disappears while gradients still reach ``W`` (a trained sta
 Nothing is renamed or copied: the convolution keeps its parameters, the norm keeps its buffers
 under its own name, so the state dict is DETR's and checkpoints load before or after folding.
 """
+
 from __future__ import annotations
 
 from typing import TypeVar
@@ -21,9 +22,17 @@ def sharing_parameters(cls: type[ConvType], conv: nn.Conv2d, norm: FrozenBatchNo
     """A ``cls`` with ``conv``'s settings and its very parameters (no copy, the same state dict keys),
     holding ``norm`` as a plain attribute: the norm stays registered where it was."""
     made = cls(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-        conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
-    )  # fmt: skip
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
+        conv.padding_mode,
+        device="meta",
+    )
     made.weight, made.bias = conv.weight, conv.bias
     made.train(conv.training)
     object.__setattr__(made, "norm", norm)

@@ -1,4 +1,5 @@
 """torch.compile of the Joiner or of the whole detector: in place, one static graph per batch shape."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -4,6 +4,7 @@ The same schemas back the Hydra config groups (registered in Hydra's ConfigStore
 ``register_configs``) and plain Python use. ``JoinerConfig.from_args`` also reads DETR's flat
 argument object, so DETR's ``build_backbone(args)`` call keeps working.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -36,7 +37,9 @@ def own_kind(target: str, targets: Mapping[str, str]) -> str | None:
     """The kind of one of our targets, by its public path or its module's (``detr_backbone.backbone.Backbone``)."""
     for kind, public in targets.items():
         package, name = public.split(".")
-        if target == public or (target.startswith(f"{package}.") and target.count(".") == 2 and target.endswith(f".{name}")):
+        if target == public or (
+            target.startswith(f"{package}.") and target.count(".") == 2 and target.endswith(f".{name}")
+        ):
             return kind
     return None
 
@@ -48,7 +51,9 @@ class BackboneOptions:
     _target_: str = ""  # the class or function that builds the backbone (first, so configs show it first)
     return_interm_layers: bool = False  # return every level, not only the last
     main_layer: int = -1  # which level is returned without return_interm_layers (-1: last)
-    levels: Optional[list[int]] = None  # the levels returned, 1-based ([2, 3, 4]: Deformable-DETR's); null: the two knobs above
+    levels: Optional[list[int]] = (
+        None  # the levels returned, 1-based ([2, 3, 4]: Deformable-DETR's); null: the two knobs above
+    )
     trainable_layers: Optional[int] = None  # trailing stages that train, 0..5; None: DETR's rule
     freeze: bool = False  # freeze the whole Joiner, learned positional table included
     checkpoint: Optional[str] = None  # weights file: state dict, GN ImageNet checkpoint or detector checkpoint
@@ -185,7 +190,7 @@ def part_config(values: Any, where: str, targets: Mapping[str, str], own: type, 
             f"{where}.kind={kind!r} and {where}._target_={values.get('_target_')!r} disagree; set only _target_",
         )
         values["_target_"] = targets[kind]
-    target = values.get("_target_", getattr(own, "_target_"))
+    target = values.get("_target_", own._target_)
     if not isinstance(target, str) or own_kind(target, targets) is not None or is_own(target):
         return structured(own, values, where)
     option_names = {f.name for f in fields(custom)} - {"_target_", "arguments"}

@@ -12,6 +12,7 @@ to deep) can be a backbone. It declares its maps in one of two ways:
 ``DeclaredBackbone`` then selects levels, downsamples the mask to each, freezes stages and runs in
 channels_last exactly as for our own backbones.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -36,12 +37,18 @@ def declared_levels(body: nn.Module, target: str) -> tuple[list[int], list[int],
     elif isinstance(info, Sequence) and info and all(isinstance(level, dict) for level in info):
         channels, strides = [level.get("num_chs") for level in info], [level.get("reduction") for level in info]
         stages = [found for level in info if level.get("module") and (found := find_module(body, level["module"]))]
-    elif isinstance(getattr(body, "num_channels", None), Sequence) and isinstance(getattr(body, "strides", None), Sequence):
+    elif isinstance(getattr(body, "num_channels", None), Sequence) and isinstance(
+        getattr(body, "strides", None), Sequence
+    ):
         channels, strides = list(body.num_channels), list(body.strides)
         stages = list(getattr(body, "stage_modules", []))
     else:
-        raise ValueError(f"backbone._target_={target!r} built a {type(body).__name__} that does not declare its feature maps: {DECLARATION}")
-    valid = channels and len(channels) == len(strides) and all(isinstance(n, int) and n > 0 for n in (*channels, *strides))
+        raise ValueError(
+            f"backbone._target_={target!r} built a {type(body).__name__} that does not declare its feature maps: {DECLARATION}"
+        )
+    valid = (
+        channels and len(channels) == len(strides) and all(isinstance(n, int) and n > 0 for n in (*channels, *strides))
+    )
     if not valid:
         raise ValueError(
             f"backbone._target_={target!r} declares num_channels={channels} and strides={strides}: "
@@ -85,7 +92,9 @@ class DeclaredBackbone(BackboneBase):
         self.returned = select_levels(return_interm_layers, main_layer, levels, count=len(channels))
         picked = [channels[i] for i in self.returned], [strides[i] for i in self.returned]
         # freeze_stages numbers the stages 1..len(stages) from the first; these are the last ones
-        counted_from_first = min(trainable_layers + NUM_STAGES - 1 - len(stages), NUM_STAGES) if stages else trainable_layers
+        counted_from_first = (
+            min(trainable_layers + NUM_STAGES - 1 - len(stages), NUM_STAGES) if stages else trainable_layers
+        )
         super().__init__(body, stages, counted_from_first, *picked, channel_list=levels is not None)
         self.trainable_layers = trainable_layers
 

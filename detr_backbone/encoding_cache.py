@@ -1,4 +1,5 @@
 """A bounded cache of tensors computed from a padding mask (the sine encoding depends on nothing else)."""
+
 from __future__ import annotations
 
 from collections import OrderedDict

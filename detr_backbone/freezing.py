@@ -5,6 +5,7 @@ feature levels (strides 4, 8, 16, 32 for a ResNet: layer1..layer4). ``trainable_
 trains the last k stages, like torchvision's detection builders. DETR trains layer2..layer4 when
 the backbone has a learning rate (k = 3) and nothing otherwise (k = 0).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

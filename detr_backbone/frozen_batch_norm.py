@@ -1,4 +1,5 @@
 """DETR's frozen BatchNorm, keeping the dtype of its input."""
+
 from __future__ import annotations
 
 from torch import Tensor
@@ -39,5 +40,3 @@ def as_folded(bn: FrozenBatchNorm2d) -> FoldedFrozenBatchNorm2d:
     for name, buffer in bn.named_buffers(recurse=False):
         setattr(folded, name, buffer)
     return folded
-
-

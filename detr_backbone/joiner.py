@@ -1,4 +1,5 @@
 """The Joiner (backbone + positional encoding) and the builders that make it from a config."""
+
 from __future__ import annotations
 
 import inspect

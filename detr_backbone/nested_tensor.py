@@ -1,4 +1,5 @@
 """A batch of differently sized images, padded to one size, with the mask of where the padding is."""
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ swept in the learned positional table: with lr_backbone=0 the table kept require
 and never moved. Here the body and the positional table are separate groups with their own,
 explicit learning rates; frozen parameters join no group and no group is left empty.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable

@@ -1,4 +1,5 @@
 """2-D positional encodings of a feature map, as in DETR: fixed sine/cosine or a learned table."""
+
 from __future__ import annotations
 
 import math

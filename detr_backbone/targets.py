@@ -6,6 +6,7 @@ is trusted; a config read back from a checkpoint is not: unpickling is already o
 code execution back. So a saved target is built only if it is one of this package's or the
 caller allows it by name.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -37,7 +38,9 @@ def check_allowed(target: str, allowed: Iterable[str], where: str, source: str) 
 def resolve(target: str, where: str) -> Callable[..., Any]:
     """The callable a dotted path names, e.g. ``my_pkg.backbones.make_backbone``; one-line errors."""
     if not isinstance(target, str) or not target or any(not part.isidentifier() for part in target.split(".")):
-        raise ValueError(f"{where}={target!r} is not a dotted path to a class or function, e.g. my_pkg.backbones.make_backbone")
+        raise ValueError(
+            f"{where}={target!r} is not a dotted path to a class or function, e.g. my_pkg.backbones.make_backbone"
+        )
     parts = target.split(".")
     module, depth = None, len(parts)
     while depth > 0:
@@ -49,14 +52,20 @@ def resolve(target: str, where: str) -> Callable[..., Any]:
                 raise ValueError(f"{where}={target!r} cannot be imported: {error}") from None
             depth -= 1
     if module is None:
-        raise ValueError(f"{where}={target!r} cannot be imported: no module named {parts[0]!r} (is it installed and on sys.path?)")
+        raise ValueError(
+            f"{where}={target!r} cannot be imported: no module named {parts[0]!r} (is it installed and on sys.path?)"
+        )
     found: Any = module
     for position, name in enumerate(parts[depth:], start=depth):
         if not hasattr(found, name):
-            raise ValueError(f"{where}={target!r} cannot be imported: {'.'.join(parts[:position])} has no attribute {name!r}")
+            raise ValueError(
+                f"{where}={target!r} cannot be imported: {'.'.join(parts[:position])} has no attribute {name!r}"
+            )
         found = getattr(found, name)
     if not callable(found):
-        raise ValueError(f"{where}={target!r} is a {type(found).__name__}, not a class or function that builds the part")
+        raise ValueError(
+            f"{where}={target!r} is a {type(found).__name__}, not a class or function that builds the part"
+        )
     return found
 
 

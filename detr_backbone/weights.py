@@ -9,6 +9,7 @@
   learned positional table.
 Files are read with ``weights_only=True`` (or as safetensors): a checkpoint cannot run code when it is loaded.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -61,7 +62,10 @@ class LoadReport:
 
     def __str__(self) -> str:
         lines = [f"{self.path}: loaded {self.loaded} tensors, skipped {len(self.skipped)} keys of other modules"]
-        for label, keys in (("missing from the checkpoint", self.missing), ("unexpected in the checkpoint", self.unexpected)):
+        for label, keys in (
+            ("missing from the checkpoint", self.missing),
+            ("unexpected in the checkpoint", self.unexpected),
+        ):
             if keys:
                 lines.append(f"  {label}: {first_keys(keys)}")
         return "\n".join(lines)
@@ -122,13 +126,15 @@ def split_detector_state(state: Mapping[str, Tensor]) -> tuple[dict, dict, list[
         return None
     prefix = anchor[: anchor.index(BODY_KEY)]
     body_prefix, position_prefix = prefix + BODY_KEY, prefix + POSITION_KEY
-    body = {key[len(body_prefix):]: value for key, value in state.items() if key.startswith(body_prefix)}
-    position = {key[len(position_prefix):]: value for key, value in state.items() if key.startswith(position_prefix)}
+    body = {key[len(body_prefix) :]: value for key, value in state.items() if key.startswith(body_prefix)}
+    position = {key[len(position_prefix) :]: value for key, value in state.items() if key.startswith(position_prefix)}
     others = [key for key in state if not key.startswith((body_prefix, position_prefix))]
     return body, position, others
 
 
-def match_keys(module: nn.Module, state: Mapping[str, Tensor], report: LoadReport, prefix: str, skip_foreign: bool) -> dict:
+def match_keys(
+    module: nn.Module, state: Mapping[str, Tensor], report: LoadReport, prefix: str, skip_foreign: bool
+) -> dict:
     """The tensors of ``state`` that fit ``module``; the rest is recorded in ``report``.
 
     With ``skip_foreign``, keys of top-level modules that ``module`` does not have (a classifier

@@ -2,6 +2,7 @@
 
 Nothing here imports detr_backbone: these are what a user writes in their own package.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Helpers shared by the tests: compose the real conf/ tree, and the overrides of a job small enough for tests."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,21 +13,42 @@ register_configs()
 
 # A few steps on a handful of tiny images: enough to exercise the whole job in seconds.
 TINY = [
-    "backbone=resnet18", "model=detr_small", "hidden_dim=32", "model.enc_layers=1", "model.dec_layers=1", "model.dim_feedforward=64",
-    "model.num_queries=5", "data.train_size=8", "data.val_size=4", "data.batch_size=4", "data.num_workers=0",
-    "data.persistent_workers=false", "data.min_size=64", "data.max_size=80", "trainer.max_epochs=1",
-    "callbacks.progress_bar=none", "trainer.enable_model_summary=false", "trainer.accelerator=cpu",
+    "backbone=resnet18",
+    "model=detr_small",
+    "hidden_dim=32",
+    "model.enc_layers=1",
+    "model.dec_layers=1",
+    "model.dim_feedforward=64",
+    "model.num_queries=5",
+    "data.train_size=8",
+    "data.val_size=4",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "data.persistent_workers=false",
+    "data.min_size=64",
+    "data.max_size=80",
+    "trainer.max_epochs=1",
+    "callbacks.progress_bar=none",
+    "trainer.enable_model_summary=false",
+    "trainer.accelerator=cpu",
     "trainer.log_every_n_steps=1",
-]  # fmt: skip
+]
 
 
 # Smaller still, for jobs that run several times in one test: 8 images of 32-48 pixels in batches of 2,
 # a ResNet-18-GN cut after layer2, no picture or summary callbacks, no test after fitting.
 SMALL = [
     *(o for o in TINY if not o.startswith(("backbone=", "data.batch_size", "data.min_size", "data.max_size"))),
-    "backbone=resnet18_gn", "data.batch_size=2", "data.min_size=32", "data.max_size=48", "data.train_size=8",
-    "data.val_size=2", "callbacks.predictions.enabled=false", "callbacks.parameter_summary=false", "test_after_fit=false",
-]  # fmt: skip
+    "backbone=resnet18_gn",
+    "data.batch_size=2",
+    "data.min_size=32",
+    "data.max_size=48",
+    "data.train_size=8",
+    "data.val_size=2",
+    "callbacks.predictions.enabled=false",
+    "callbacks.parameter_summary=false",
+    "test_after_fit=false",
+]
 
 
 def compose_config(*overrides: str):

@@ -1,4 +1,5 @@
 """Backbones: module tree, levels, dilation, freezing rules and the reference bugs they fix."""
+
 from __future__ import annotations
 
 from argparse import Namespace
@@ -26,7 +27,11 @@ from detr_backbone.config import JoinerConfig
 
 def joiner_of(kind="torchvision", name="resnet50", lr_backbone=1e-5, position="sine", **backbone):
     return build_backbone(
-        {"backbone": {"kind": kind, "name": name, **backbone}, "position": {"kind": position}, "lr_backbone": lr_backbone}
+        {
+            "backbone": {"kind": kind, "name": name, **backbone},
+            "position": {"kind": position},
+            "lr_backbone": lr_backbone,
+        }
     )
 
 
@@ -50,15 +55,26 @@ def test_joiner_is_a_two_child_sequential_with_detr_names():
     joiner = joiner_of(name="resnet18")
     assert isinstance(joiner, nn.Sequential) and [name for name, _ in joiner.named_children()] == ["0", "1"]
     assert [name for name, _ in joiner[0].body.named_children()] == [
-        "conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"
-    ]  # fmt: skip
+        "conv1",
+        "bn1",
+        "relu",
+        "maxpool",
+        "layer1",
+        "layer2",
+        "layer3",
+        "layer4",
+    ]
     assert all(not isinstance(m, nn.BatchNorm2d) for m in joiner.modules())
     assert sum(isinstance(m, FrozenBatchNorm2d) for m in joiner.modules()) == 20
 
 
 @pytest.mark.parametrize(
     ("name", "channels"),
-    [("resnet18", [64, 128, 256, 512]), ("resnet50", [256, 512, 1024, 2048]), ("wide_resnet50_2", [256, 512, 1024, 2048])],
+    [
+        ("resnet18", [64, 128, 256, 512]),
+        ("resnet50", [256, 512, 1024, 2048]),
+        ("wide_resnet50_2", [256, 512, 1024, 2048]),
+    ],
 )
 def test_intermediate_levels_have_the_stage_channels_and_strides(name, channels):
     joiner = joiner_of(name=name, return_interm_layers=True)
@@ -127,7 +143,7 @@ def test_zero_backbone_lr_and_freeze_backbone_freeze_everything():
 def test_trainable_layers_counts_stages_from_the_end(layers, first):
     body = joiner_of(name="resnet18", trainable_layers=layers)[0].body
     order = ["conv1", "layer1", "layer2", "layer3", "layer4"]
-    expected_stages = order[order.index(first):] if first else []
+    expected_stages = order[order.index(first) :] if first else []
     assert {name.split(".")[0] for name in trainable_names(body)} == set(expected_stages)
 
 
@@ -205,7 +221,9 @@ def test_timm_backbone_applies_freezing():
 
 def test_learned_table_with_zero_backbone_lr_is_frozen_not_silently_idle():
     # DETR grouped by the substring "backbone": the table went to lr_backbone=0 yet kept requires_grad.
-    cfg = JoinerConfig.from_args({"backbone": {"name": "resnet18"}, "position": {"kind": "learned"}, "lr_backbone": 0.0})
+    cfg = JoinerConfig.from_args(
+        {"backbone": {"name": "resnet18"}, "position": {"kind": "learned"}, "lr_backbone": 0.0}
+    )
     joiner = build_backbone(cfg)
     assert trainable_names(joiner) == set() and joiner_parameter_groups(joiner, cfg) == []
     cfg = JoinerConfig.from_args(
@@ -217,7 +235,9 @@ def test_learned_table_with_zero_backbone_lr_is_frozen_not_silently_idle():
 
 
 def test_parameter_groups_hold_every_trainable_parameter_once():
-    cfg = JoinerConfig.from_args({"backbone": {"name": "resnet18"}, "position": {"kind": "learned"}, "lr_backbone": 2e-5})
+    cfg = JoinerConfig.from_args(
+        {"backbone": {"name": "resnet18"}, "position": {"kind": "learned"}, "lr_backbone": 2e-5}
+    )
     joiner = build_backbone(cfg)
     groups = joiner_parameter_groups(joiner, cfg)
     assert [(g["name"], g["lr"]) for g in groups] == [("backbone", 2e-5), ("position", 2e-5)]
@@ -231,7 +251,9 @@ def test_parameter_groups_hold_every_trainable_parameter_once():
 def test_detr_constructors_and_args_give_the_same_tree_and_numbers():
     torch.manual_seed(0)
     by_hand = Joiner(Backbone("resnet50", True, False, False), PositionEmbeddingSine(128, 10000, True, None))
-    args = Namespace(backbone="resnet50", lr_backbone=1e-5, masks=False, dilation=False, position_embedding="sine", hidden_dim=256)
+    args = Namespace(
+        backbone="resnet50", lr_backbone=1e-5, masks=False, dilation=False, position_embedding="sine", hidden_dim=256
+    )
     built = build_backbone(args)
     assert built.state_dict().keys() == by_hand.state_dict().keys()
     assert trainable_names(built) == trainable_names(by_hand)
@@ -244,9 +266,22 @@ def test_detr_constructors_and_args_give_the_same_tree_and_numbers():
 
 
 def test_mdetr_names_select_groupnorm_and_timm():
-    gn = build_backbone(Namespace(backbone="resnet50-gn", lr_backbone=1e-5, masks=True, dilation=False, position_embedding="v3", hidden_dim=64))
+    gn = build_backbone(
+        Namespace(
+            backbone="resnet50-gn", lr_backbone=1e-5, masks=True, dilation=False, position_embedding="v3", hidden_dim=64
+        )
+    )
     assert any(isinstance(m, nn.GroupNorm) for m in gn.modules()) and len(gn[0].feature_channels) == 4
-    timm_joiner = build_backbone(Namespace(backbone="timm_resnet18", lr_backbone=1e-5, masks=False, dilation=False, position_embedding="sine", hidden_dim=64))
+    timm_joiner = build_backbone(
+        Namespace(
+            backbone="timm_resnet18",
+            lr_backbone=1e-5,
+            masks=False,
+            dilation=False,
+            position_embedding="sine",
+            hidden_dim=64,
+        )
+    )
     assert isinstance(timm_joiner[0], TimmBackbone)
 
 
@@ -276,7 +311,9 @@ def test_trainable_layers_without_backbone_lr_is_rejected():
         build_backbone({"backbone": {"name": "resnet18", "trainable_layers": 2}, "lr_backbone": 0.0})
 
 
-@pytest.mark.parametrize(("knob", "fragment"), [({"hidden_dim": 255}, "hidden_dim=255"), ({"lr_backbone": -1e-5}, "lr_backbone=-1e-05")])
+@pytest.mark.parametrize(
+    ("knob", "fragment"), [({"hidden_dim": 255}, "hidden_dim=255"), ({"lr_backbone": -1e-5}, "lr_backbone=-1e-05")]
+)
 def test_bad_top_level_knobs(knob, fragment):
     with pytest.raises(ValueError, match=fragment):
         build_backbone({"backbone": {"name": "resnet18"}, "lr_backbone": 1e-5, **knob})

@@ -1,5 +1,6 @@
 """Bad data in a long run: images of any mode load as RGB, an unreadable image is skipped (warned once,
 counted, bounded) or stops the run by name, and ``verify`` lists every problem of a COCO folder at once."""
+
 from __future__ import annotations
 
 import csv
@@ -56,9 +57,20 @@ def coco_folder(folder: Path, count: int = 4) -> tuple[Path, Path]:
         name = f"{index:03d}.png"
         Image.new("RGB", (WIDTH, HEIGHT), (40 * index, 90, 150)).save(images / name)
         entries.append({"id": index + 1, "file_name": name, "width": WIDTH, "height": HEIGHT})
-        annotations.append({"id": 100 + index, "image_id": index + 1, "category_id": 1, "bbox": [4, 5, 20, 16], "area": 320, "iscrowd": 0})
+        annotations.append(
+            {
+                "id": 100 + index,
+                "image_id": index + 1,
+                "category_id": 1,
+                "bbox": [4, 5, 20, 16],
+                "area": 320,
+                "iscrowd": 0,
+            }
+        )
     path = folder / "instances.json"
-    path.write_text(json.dumps({"images": entries, "annotations": annotations, "categories": [{"id": 1, "name": "box"}]}))
+    path.write_text(
+        json.dumps({"images": entries, "annotations": annotations, "categories": [{"id": 1, "name": "box"}]})
+    )
     return images, path
 
 
@@ -71,8 +83,18 @@ def damage(images: Path) -> tuple[Path, Path]:
 
 
 def coco_job(tmp_path: Path, images: Path, annotations: Path, *overrides: str) -> Job:
-    data = [f"data.{split}_{kind}={path}" for split in ("train", "val") for kind, path in (("images", images), ("annotations", annotations))]
-    tiny = ["data.scales=[32]", "data.max_resize=64", "data.val_resize=32", "data.pin_memory=false", "data.size_divisibility=0"]
+    data = [
+        f"data.{split}_{kind}={path}"
+        for split in ("train", "val")
+        for kind, path in (("images", images), ("annotations", annotations))
+    ]
+    tiny = [
+        "data.scales=[32]",
+        "data.max_resize=64",
+        "data.val_resize=32",
+        "data.pin_memory=false",
+        "data.size_divisibility=0",
+    ]
     return Job(validated(compose_config(*SMALL, "data=coco", *data, *tiny, *overrides)), tmp_path / "run")
 
 
@@ -80,12 +102,22 @@ def test_skip_trains_on_stand_ins_warns_once_per_file_and_counts_them(tmp_path):
     images, annotations = coco_folder(tmp_path)
     truncated, missing = damage(images)
     # a loader worker reads the images: the marks reach the training process with the batches
-    job = coco_job(tmp_path, images, annotations, "data.bad_samples=skip", "data.max_bad_fraction=0.5",
-                   "trainer.max_epochs=2", "data.num_workers=1", "logger.csv=true")  # fmt: skip
+    job = coco_job(
+        tmp_path,
+        images,
+        annotations,
+        "data.bad_samples=skip",
+        "data.max_bad_fraction=0.5",
+        "trainer.max_epochs=2",
+        "data.num_workers=1",
+        "logger.csv=true",
+    )
     with pytest.warns(BadSampleWarning) as caught:
         job.run()
     messages = sorted(str(w.message) for w in caught if issubclass(w.category, BadSampleWarning))
-    assert messages == [f"{path} cannot be read; a stand-in sample was used in its place" for path in (truncated, missing)]
+    assert messages == [
+        f"{path} cannot be read; a stand-in sample was used in its place" for path in (truncated, missing)
+    ]
     assert job.trainer.global_step == 4  # every batch trained, in both epochs
     with open(tmp_path / "run" / "csv" / "metrics.csv") as stream:
         counts = [float(row["data/bad_images"]) for row in csv.DictReader(stream) if row.get("data/bad_images")]
@@ -116,7 +148,9 @@ def test_too_many_bad_images_stop_the_run(tmp_path):
     job = coco_job(tmp_path, images, annotations, "data.max_bad_fraction=0.25", "trainer.max_epochs=3")
     with pytest.raises(BadSampleLimitError) as error:
         job.run()
-    assert str(error.value).startswith("2 of the 4 train images could not be read, more than data.max_bad_fraction=0.25 of them (")
+    assert str(error.value).startswith(
+        "2 of the 4 train images could not be read, more than data.max_bad_fraction=0.25 of them ("
+    )
     assert job.trainer.global_step <= 2  # within the first epoch, whichever of its two batches brought the second
 
 

@@ -1,4 +1,5 @@
 """The benchmark script: the reference it times is DETR's computation, and --quick runs end to end."""
+
 from __future__ import annotations
 
 import json
@@ -60,10 +61,12 @@ def test_quick_run_writes_every_section(tmp_path):
         assert set(variants) == {"reference", "plain", "default", "channels_last", "fold_frozen_bn", "pos_cache"}
         assert variants["reference"]["ratio_to_reference"] == 1.0
         assert row["reference_gflop"] == pytest.approx(row["gflop"])  # the same network, frozen the same way
-        for name, numbers in variants.items():
+        for numbers in variants.values():
             assert numbers["images_per_s"] == pytest.approx(2 / numbers["median_s"])
             assert numbers["gflops"] == pytest.approx(row["gflop"] / numbers["median_s"])
-            assert numbers["pct_of_measured_peak"] == pytest.approx(100 * numbers["gflops"] / row["measured_peak_gflops"])
+            assert numbers["pct_of_measured_peak"] == pytest.approx(
+                100 * numbers["gflops"] / row["measured_peak_gflops"]
+            )
     loop = results["loop"]
     assert loop["overhead_pct"] == pytest.approx(100 * (loop["lightning_s_per_step"] / loop["plain_s_per_step"] - 1))
     assert set(results["default_job"]["variants"]) == {"plain", "channels_last", "pos_cache", "default"}

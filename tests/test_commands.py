@@ -1,4 +1,5 @@
 """predict and evaluate on a checkpoint trained here, and what every command does with bad input."""
+
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +27,20 @@ from .tiny_checkpoint import CLASS_NAMES, NUM_QUERIES, train_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-COCO_STATS = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large"]
+COCO_STATS = [
+    "AP",
+    "AP50",
+    "AP75",
+    "AP_small",
+    "AP_medium",
+    "AP_large",
+    "AR1",
+    "AR10",
+    "AR100",
+    "AR_small",
+    "AR_medium",
+    "AR_large",
+]
 # category ids as a COCO file may have them: sparse, and in another order than the checkpoint's classes
 COCO_CATEGORIES = {3: "rectangle", 11: "ellipse", 7: "triangle"}
 
@@ -50,18 +64,29 @@ def coco_folder(tmp_path_factory) -> tuple[Path, Path]:
     images, annotations = [], []
     for index, (image, target) in enumerate(shapes(5)):
         image.save(folder / "images" / f"{index:03d}.png")
-        images.append({"id": 100 + index, "file_name": f"{index:03d}.png", "height": image.height, "width": image.width})
+        images.append(
+            {"id": 100 + index, "file_name": f"{index:03d}.png", "height": image.height, "width": image.width}
+        )
         boxes = box_convert(target["boxes"].as_subclass(torch.Tensor), "xyxy", "xywh").tolist()
         for box, label in zip(boxes, target["labels"].tolist()):
             annotations.append(annotation(len(annotations) + 1, 100 + index, ids[CLASS_NAMES[label]], box))
     annotations.append({**annotation(len(annotations) + 1, 100, 3, [0, 0, 8, 8]), "iscrowd": 1})
     categories = [{"id": cat_id, "name": name} for cat_id, name in COCO_CATEGORIES.items()]
-    (folder / "instances.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    (folder / "instances.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
     return folder / "images", folder / "instances.json"
 
 
 def annotation(number: int, image_id: int, category_id: int, box: list[float]) -> dict:
-    return {"id": number, "image_id": image_id, "category_id": category_id, "bbox": box, "area": box[2] * box[3], "iscrowd": 0}
+    return {
+        "id": number,
+        "image_id": image_id,
+        "category_id": category_id,
+        "bbox": box,
+        "area": box[2] * box[3],
+        "iscrowd": 0,
+    }
 
 
 def photos(folder: Path) -> dict[str, Image.Image]:
@@ -127,7 +152,9 @@ def test_predict_stops_at_an_unreadable_image_when_told(checkpoint, tmp_path):
     photos(tmp_path / "photos")
     out = tmp_path / "out"
     arguments = [f"ckpt_path={checkpoint}", f"input={tmp_path / 'photos'}", f"output_dir={out}", "progress=false"]
-    with pytest.raises(SystemExit, match=r"^error: cannot read image \S*broken\.jpg: .* \(on_error=skip would skip it and go on\)$"):
+    with pytest.raises(
+        SystemExit, match=r"^error: cannot read image \S*broken\.jpg: .* \(on_error=skip would skip it and go on\)$"
+    ):
         predict_main([*arguments, "on_error=stop"])
     assert not out.exists()
 
@@ -137,19 +164,30 @@ def test_predict_names_an_image_over_the_decompression_bomb_limit(checkpoint, tm
     for name, side in (("small.png", 40), ("huge.png", 64)):
         Image.fromarray(np.full((side, side, 3), 90, dtype=np.uint8)).save(tmp_path / "in" / name)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1800)  # PIL refuses over twice the limit: 64 x 64 = 4096 > 3600
-    summary = predict_main([f"ckpt_path={checkpoint}", f"input={tmp_path / 'in'}", f"output_dir={tmp_path / 'out'}", "progress=false"])
+    summary = predict_main(
+        [f"ckpt_path={checkpoint}", f"input={tmp_path / 'in'}", f"output_dir={tmp_path / 'out'}", "progress=false"]
+    )
     assert summary.images == 1 and [file.name for file, _ in summary.skipped] == ["huge.png"]
     assert "decompression-bomb limit" in summary.skipped[0][1] and "4096 pixels" in summary.skipped[0][1]
 
 
 def test_predict_reads_image_and_category_ids_from_annotations(checkpoint, coco_folder, tmp_path):
     images, annotations = coco_folder
-    predict_main([
-        f"ckpt_path={checkpoint}", f"input={images}/00*.png", f"annotations={annotations}", f"output_dir={tmp_path}",
-        "threshold=0", "draw=false", "progress=false",
-    ])  # fmt: skip
+    predict_main(
+        [
+            f"ckpt_path={checkpoint}",
+            f"input={images}/00*.png",
+            f"annotations={annotations}",
+            f"output_dir={tmp_path}",
+            "threshold=0",
+            "draw=false",
+            "progress=false",
+        ]
+    )
     rows = json.loads((tmp_path / "detections.json").read_text())
-    assert {(row["file_name"], row["image_id"]) for row in rows} == {(f"00{index}.png", 100 + index) for index in range(5)}
+    assert {(row["file_name"], row["image_id"]) for row in rows} == {
+        (f"00{index}.png", 100 + index) for index in range(5)
+    }
     assert all(COCO_CATEGORIES[row["category_id"]] == row["label"] for row in rows)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["detections.json"]
 
@@ -159,16 +197,26 @@ def test_predict_reads_image_and_category_ids_from_annotations(checkpoint, coco_
 
 def test_evaluate_on_a_coco_folder_equals_cocoeval_of_the_written_files(checkpoint, coco_folder, tmp_path, capsys):
     images, annotations = coco_folder
-    evaluate_main([
-        f"ckpt_path={checkpoint}", "data=coco", f"data.val_images={images}", f"data.val_annotations={annotations}",
-        "data.val_resize=48", "data.max_resize=80", "data.num_workers=0", "data.persistent_workers=false",
-        "data.pin_memory=false", f"output_dir={tmp_path}", "progress=false",
-    ])  # fmt: skip
+    evaluate_main(
+        [
+            f"ckpt_path={checkpoint}",
+            "data=coco",
+            f"data.val_images={images}",
+            f"data.val_annotations={annotations}",
+            "data.val_resize=48",
+            "data.max_resize=80",
+            "data.num_workers=0",
+            "data.persistent_workers=false",
+            "data.pin_memory=false",
+            f"output_dir={tmp_path}",
+            "progress=false",
+        ]
+    )
     saved = json.loads((tmp_path / "metrics.json").read_text())
     reference = cocoeval(annotations, tmp_path / "detections.json")
     assert saved["summary"] == dict(zip(COCO_STATS, reference.stats.tolist()))
     assert max(saved["summary"].values()) > 0  # not a comparison of zeros
-    names = {cat_id: name for cat_id, name in COCO_CATEGORIES.items()}
+    names = dict(COCO_CATEGORIES)
     expected = {
         names[cat_id]: {"AP": class_ap(reference, index), "AP50": class_ap(reference, index, slice(0, 1))}
         for index, cat_id in enumerate(reference.params.catIds)
@@ -187,13 +235,19 @@ def test_evaluate_the_shapes_data_writes_their_ground_truth(checkpoint, tmp_path
     data = ["data.val_size=4", "data.min_size=40", "data.max_size=56"]
     evaluate_main([f"ckpt_path={checkpoint}", *data, f"output_dir={tmp_path}", "progress=false"])
     truth = json.loads((tmp_path / "ground_truth.json").read_text())
-    assert truth["categories"] == [{"id": 1, "name": "rectangle"}, {"id": 2, "name": "ellipse"}, {"id": 3, "name": "triangle"}]
+    assert truth["categories"] == [
+        {"id": 1, "name": "rectangle"},
+        {"id": 2, "name": "ellipse"},
+        {"id": 3, "name": "triangle"},
+    ]
     samples = shapes(4, min_size=40, max_size=56)
     sizes = [(index, image.height, image.width) for index, (image, _) in enumerate(samples)]
     assert [(entry["id"], entry["height"], entry["width"]) for entry in truth["images"]] == sizes
     boxes = [box_convert(t["boxes"].as_subclass(torch.Tensor), "xyxy", "xywh").tolist() for _, t in samples]
     assert [a["bbox"] for a in truth["annotations"]] == [box for image in boxes for box in image]
-    assert [a["category_id"] for a in truth["annotations"]] == [label + 1 for _, t in samples for label in t["labels"].tolist()]
+    assert [a["category_id"] for a in truth["annotations"]] == [
+        label + 1 for _, t in samples for label in t["labels"].tolist()
+    ]
     saved = json.loads((tmp_path / "metrics.json").read_text())
     reference = cocoeval(tmp_path / "ground_truth.json", tmp_path / "detections.json")
     assert saved["summary"] == dict(zip(COCO_STATS, reference.stats.tolist()))
@@ -205,24 +259,84 @@ def test_evaluate_the_shapes_data_writes_their_ground_truth(checkpoint, tmp_path
 @pytest.mark.parametrize(
     "command, arguments, message",
     [
-        (predict_main, ["ckpt_path={tmp}/missing.ckpt", "input={tmp}/in"], r"checkpoint file not found: \S+missing\.ckpt"),
-        (predict_main, ["ckpt_path={tmp}/in/junk.ckpt", "input={tmp}/in"], r"\S+junk\.ckpt is not a train\.py checkpoint, a DETR checkpoint or Hugging Face DETR weights \(.*\)"),
-        (predict_main, ["ckpt_path={ckpt}", "input={tmp}/empty"], r"input='\S+empty': the folder holds no image files \(0 other files\)"),
-        (predict_main, ["ckpt_path={ckpt}", "input={tmp}/in/*.jpg"], r"input='\S+\*\.jpg': the glob holds no image files \(0 other files\)"),
-        (predict_main, ["ckpt_path={ckpt}", "input={tmp}/in", "output_dir={tmp}/in/a.png"], r"output_dir='\S+a\.png' is a file, not a folder"),
-        (predict_main, ["ckpt_path={ckpt}", "input={tmp}/in", "output_dir={tmp}/in"], r"output_dir='\S+in' would overwrite the input images .*"),
-        (predict_main, ["ckpt_path={ckpt}", "input={tmp}/in", "fuse=true", "compile=true"], r"fuse=true and compile=true exclude each other: inductor fuses on its own"),
+        (
+            predict_main,
+            ["ckpt_path={tmp}/missing.ckpt", "input={tmp}/in"],
+            r"checkpoint file not found: \S+missing\.ckpt",
+        ),
+        (
+            predict_main,
+            ["ckpt_path={tmp}/in/junk.ckpt", "input={tmp}/in"],
+            r"\S+junk\.ckpt is not a train\.py checkpoint, a DETR checkpoint or Hugging Face DETR weights \(.*\)",
+        ),
+        (
+            predict_main,
+            ["ckpt_path={ckpt}", "input={tmp}/empty"],
+            r"input='\S+empty': the folder holds no image files \(0 other files\)",
+        ),
+        (
+            predict_main,
+            ["ckpt_path={ckpt}", "input={tmp}/in/*.jpg"],
+            r"input='\S+\*\.jpg': the glob holds no image files \(0 other files\)",
+        ),
+        (
+            predict_main,
+            ["ckpt_path={ckpt}", "input={tmp}/in", "output_dir={tmp}/in/a.png"],
+            r"output_dir='\S+a\.png' is a file, not a folder",
+        ),
+        (
+            predict_main,
+            ["ckpt_path={ckpt}", "input={tmp}/in", "output_dir={tmp}/in"],
+            r"output_dir='\S+in' would overwrite the input images .*",
+        ),
+        (
+            predict_main,
+            ["ckpt_path={ckpt}", "input={tmp}/in", "fuse=true", "compile=true"],
+            r"fuse=true and compile=true exclude each other: inductor fuses on its own",
+        ),
         (evaluate_main, ["ckpt_path={tmp}/missing.ckpt"], r"checkpoint file not found: \S+missing\.ckpt"),
-        (evaluate_main, ["ckpt_path={ckpt}", "output_dir={tmp}/in/a.png"], r"output_dir='\S+a\.png' is a file, not a folder"),
-        (evaluate_main, ["ckpt_path={ckpt}", "fuse=true", "dtype=float16", "output_dir={tmp}/out"], r"fuse=True needs oneDNN on a CPU in float32 or bfloat16, uncompiled; got cpu / torch\.float16"),
-        (export_main, ["ckpt_path={ckpt}", "output={tmp}/out"], r"output='\S+out' is a folder; give the file to write, e.g. \S+model\.onnx"),
-        (export_main, ["ckpt_path={ckpt}", "format=tflite", "output={tmp}/out/model.tflite"], r"format='tflite' is not supported; choose one of onnx, torch_export"),
-        (export_main, ["ckpt_path={tmp}/in/junk.ckpt", "output={tmp}/out/model.onnx"], r"\S+junk\.ckpt is not a train\.py checkpoint.*"),
+        (
+            evaluate_main,
+            ["ckpt_path={ckpt}", "output_dir={tmp}/in/a.png"],
+            r"output_dir='\S+a\.png' is a file, not a folder",
+        ),
+        (
+            evaluate_main,
+            ["ckpt_path={ckpt}", "fuse=true", "dtype=float16", "output_dir={tmp}/out"],
+            r"fuse=True needs oneDNN on a CPU in float32 or bfloat16, uncompiled; got cpu / torch\.float16",
+        ),
+        (
+            export_main,
+            ["ckpt_path={ckpt}", "output={tmp}/out"],
+            r"output='\S+out' is a folder; give the file to write, e.g. \S+model\.onnx",
+        ),
+        (
+            export_main,
+            ["ckpt_path={ckpt}", "format=tflite", "output={tmp}/out/model.tflite"],
+            r"format='tflite' is not supported; choose one of onnx, torch_export",
+        ),
+        (
+            export_main,
+            ["ckpt_path={tmp}/in/junk.ckpt", "output={tmp}/out/model.onnx"],
+            r"\S+junk\.ckpt is not a train\.py checkpoint.*",
+        ),
     ],
-    ids=["missing-ckpt", "not-a-ckpt", "empty-folder", "empty-glob", "output-dir-is-a-file", "output-dir-is-the-input",
-         "fuse-and-compile", "evaluate-missing-ckpt", "evaluate-output-dir-is-a-file", "evaluate-fuse-float16",
-         "export-output-is-a-folder", "export-format", "export-not-a-ckpt"],
-)  # fmt: skip
+    ids=[
+        "missing-ckpt",
+        "not-a-ckpt",
+        "empty-folder",
+        "empty-glob",
+        "output-dir-is-a-file",
+        "output-dir-is-the-input",
+        "fuse-and-compile",
+        "evaluate-missing-ckpt",
+        "evaluate-output-dir-is-a-file",
+        "evaluate-fuse-float16",
+        "export-output-is-a-folder",
+        "export-format",
+        "export-not-a-ckpt",
+    ],
+)
 def test_bad_input_fails_in_one_line_and_writes_nothing(checkpoint, tmp_path, command, arguments, message):
     (tmp_path / "in").mkdir()
     (tmp_path / "empty").mkdir()

@@ -1,5 +1,6 @@
 """torch.compile with varying image sizes: one static graph per batch shape, values of the eager model,
 and batches padded to few shapes whenever the config compiles."""
+
 from __future__ import annotations
 
 import copy
@@ -22,7 +23,9 @@ RTOL, ATOL = 1e-4, 1e-5
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
-    pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile is not supported on this platform"),
+    pytest.mark.skipif(
+        not torch._dynamo.is_dynamo_supported(), reason="torch.compile is not supported on this platform"
+    ),
 ]
 
 
@@ -80,8 +83,12 @@ def test_compiled_small_detector_trains_on_three_image_sizes_like_the_eager_one(
         assert_close(trained.detach(), reference.detach())
     # one graph per image size, each with the sizes as numbers: nothing left to a symbolic size
     assert counter.frame_count == 3
-    sizes = [node.meta["example_value"].shape for graph in counter.graphs for node in graph.graph.find_nodes(op="placeholder")
-             if isinstance(node.meta.get("example_value"), torch.Tensor)]  # fmt: skip
+    sizes = [
+        node.meta["example_value"].shape
+        for graph in counter.graphs
+        for node in graph.graph.find_nodes(op="placeholder")
+        if isinstance(node.meta.get("example_value"), torch.Tensor)
+    ]
     assert sizes and all(isinstance(side, int) for size in sizes for side in size)
 
 
@@ -101,7 +108,7 @@ def test_compiling_pads_batches_to_multiples_of_32_unless_a_multiple_is_set(over
     assert cfg.data.size_divisibility == expected
     chosen = expected == COMPILE_SIZE_DIVISIBILITY
     assert len(messages) == chosen
-    assert not chosen or "data.size_divisibility" in messages[0] and "multiples of 32" in messages[0]
+    assert not chosen or ("data.size_divisibility" in messages[0] and "multiples of 32" in messages[0])
     images, _ = next(iter(build_datamodule(cfg.data).train_dataloader()))
     if expected:
         assert images.tensors.shape[-2] % expected == 0 and images.tensors.shape[-1] % expected == 0

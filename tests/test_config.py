@@ -1,4 +1,5 @@
 """Hydra configs: the real conf/ tree composes, validates, builds, and train.py runs from it."""
+
 from __future__ import annotations
 
 import os
@@ -20,16 +21,35 @@ from .jobs import ROOT, TINY, compose_config
 
 def test_every_group_option_composes_against_the_schema():
     backbones = sorted(p.stem for p in (ROOT / "conf" / "backbone").glob("*.yaml"))
-    assert backbones == ["custom", "resnet101", "resnet101_gn", "resnet18", "resnet18_gn", "resnet50", "resnet50_gn", "timm"]
+    assert backbones == [
+        "custom",
+        "resnet101",
+        "resnet101_gn",
+        "resnet18",
+        "resnet18_gn",
+        "resnet50",
+        "resnet50_gn",
+        "timm",
+    ]
     models = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
     for backbone in backbones[1:]:
         for position in ("sine", "learned"):
-            config = validated(compose_config(f"backbone={backbone}", f"position={position}"))  # the schemas' own checks
+            config = validated(
+                compose_config(f"backbone={backbone}", f"position={position}")
+            )  # the schemas' own checks
             assert isinstance(config.backbone, BackboneConfig) and config.position.kind == position
     for model in models:
         assert validated(compose_config(f"model={model}")).model._target_.startswith("detr_backbone.detection.")
-    own = validated(compose_config("backbone=custom", "backbone._target_=my_lab.make_backbone", "position=custom",
-                                   "position._target_=my_lab.Encoding", "+backbone.depth=3", "+position.period=7.5"))  # fmt: skip
+    own = validated(
+        compose_config(
+            "backbone=custom",
+            "backbone._target_=my_lab.make_backbone",
+            "position=custom",
+            "position._target_=my_lab.Encoding",
+            "+backbone.depth=3",
+            "+position.period=7.5",
+        )
+    )
     assert isinstance(own.backbone, CustomBackboneConfig) and own.backbone.arguments == {"depth": 3}
     assert isinstance(own.position, CustomPositionConfig) and own.position.arguments == {"period": 7.5}
 
@@ -61,15 +81,24 @@ def test_misspelled_key_and_bad_type_fail_at_composition():
 
 def test_schema_defaults_match_detr():
     cfg = Config()
-    assert (cfg.hidden_dim, cfg.lr_backbone, cfg.position.temperature, cfg.position.normalize) == (256, 1e-5, 10000.0, True)
+    assert (cfg.hidden_dim, cfg.lr_backbone, cfg.position.temperature, cfg.position.normalize) == (
+        256,
+        1e-5,
+        10000.0,
+        True,
+    )
 
 
 def run_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={cwd}/run", f"hydra.sweep.dir={cwd}/multirun"],
-        capture_output=True, text=True, cwd=cwd, env=env, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )
 
 
 def test_train_py_writes_its_run_folder(tmp_path):
@@ -78,7 +107,9 @@ def test_train_py_writes_its_run_folder(tmp_path):
     run = tmp_path / "run"
     saved = OmegaConf.load(run / ".hydra" / "config.yaml")
     assert saved.backbone.name == "resnet18" and saved.position._target_ == "detr_backbone.PositionEmbeddingLearned"
-    assert (run / "checkpoints" / "last.ckpt").is_file() and len(list((run / "checkpoints").glob("epoch000-*.ckpt"))) == 1
+    assert (run / "checkpoints" / "last.ckpt").is_file() and len(
+        list((run / "checkpoints").glob("epoch000-*.ckpt"))
+    ) == 1
     metrics = (run / "csv" / "metrics.csv").read_text().splitlines()
     header = metrics[0].split(",")
     assert {"train/loss", "val/map_50", "test/map_50", "lr-AdamW/head"} <= set(header)
@@ -91,7 +122,8 @@ def test_train_py_sweep_writes_one_folder_per_job(tmp_path):
     jobs = sorted(p.name for p in (tmp_path / "multirun").iterdir() if p.is_dir())
     assert jobs == ["0", "1"]
     assert [OmegaConf.load(tmp_path / "multirun" / j / ".hydra" / "config.yaml").position._target_ for j in jobs] == [
-        "detr_backbone.PositionEmbeddingSine", "detr_backbone.PositionEmbeddingLearned"
+        "detr_backbone.PositionEmbeddingSine",
+        "detr_backbone.PositionEmbeddingLearned",
     ]
     assert all((tmp_path / "multirun" / j / "checkpoints" / "last.ckpt").is_file() for j in jobs)
 

@@ -1,4 +1,5 @@
 """Datasets, DETR's transforms, batching and the DataModule, checked against hand-computed numbers."""
+
 from __future__ import annotations
 
 import json
@@ -64,7 +65,9 @@ def test_shapes_cache_draws_each_image_once_and_serves_the_same_samples(monkeypa
     plain, cached = ShapesDataset(5, seed=7), ShapesDataset(5, seed=7, cache=True)
     drawn = []
     draw = ShapesDataset._draw
-    monkeypatch.setattr(ShapesDataset, "_draw", lambda self, index: drawn.append((self is cached, index)) or draw(self, index))
+    monkeypatch.setattr(
+        ShapesDataset, "_draw", lambda self, index: drawn.append((self is cached, index)) or draw(self, index)
+    )
     for index in (3, 1, 3, 1, 3):
         image, target = cached[index]
         expected_image, expected_target = plain[index]
@@ -341,8 +344,18 @@ def test_coco_errors_name_the_file(tmp_path: Path, coco_folder):
 # ---------------------------------------------------------------- DataModule
 
 SHAPES_CONFIG = dict(
-    kind="shapes", batch_size=4, num_workers=0, pin_memory=False, persistent_workers=False,
-    size_divisibility=32, seed=0, train_size=10, val_size=6, min_size=40, max_size=56, max_objects=2,
+    kind="shapes",
+    batch_size=4,
+    num_workers=0,
+    pin_memory=False,
+    persistent_workers=False,
+    size_divisibility=32,
+    seed=0,
+    train_size=10,
+    val_size=6,
+    min_size=40,
+    max_size=56,
+    max_objects=2,
 )
 
 
@@ -387,11 +400,24 @@ def test_worker_loaders_and_persistent_workers_only_with_workers():
 
 def test_coco_datamodule_from_a_dictconfig(coco_folder):
     image_dir, annotations = coco_folder
-    cfg = OmegaConf.create(dict(
-        kind="coco", batch_size=2, num_workers=0, pin_memory=False, persistent_workers=False,
-        size_divisibility=0, seed=0, train_images=str(image_dir), train_annotations=str(annotations),
-        val_images=str(image_dir), val_annotations=str(annotations), scales=[64, 72], max_resize=120, val_resize=64,
-    ))
+    cfg = OmegaConf.create(
+        dict(
+            kind="coco",
+            batch_size=2,
+            num_workers=0,
+            pin_memory=False,
+            persistent_workers=False,
+            size_divisibility=0,
+            seed=0,
+            train_images=str(image_dir),
+            train_annotations=str(annotations),
+            val_images=str(image_dir),
+            val_annotations=str(annotations),
+            scales=[64, 72],
+            max_resize=120,
+            val_resize=64,
+        )
+    )
     datamodule = build_datamodule(cfg)
     assert datamodule.num_classes == 2 and datamodule.class_names == ["cat", "dog"]
     batches = list(datamodule.val_dataloader())

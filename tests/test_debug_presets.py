@@ -1,4 +1,5 @@
 """conf/debug/: each preset composes to the Trainer settings it documents, and does that to the job."""
+
 from __future__ import annotations
 
 import os
@@ -99,7 +100,7 @@ def test_fdr_runs_one_batch_of_each_loop_and_writes_no_checkpoint(tmp_path):
 
 def test_overfit_trains_on_the_same_first_batches_every_epoch_and_learns_them(tmp_path):
     # 8 training images in batches of 2: 4 batches, of which overfit_batches=3 are used
-    job, batches, _ = run_preset(tmp_path, "overfit", "trainer.max_epochs=8")
+    _job, batches, _ = run_preset(tmp_path, "overfit", "trainer.max_epochs=8")
     first_three = [[0, 1], [2, 3], [4, 5]]
     assert all(batches.train[epoch] == first_three for epoch in range(8))
     assert all(batches.val[epoch] == [[0, 1]] for epoch in range(8))  # the 2 validation images: one batch
@@ -131,7 +132,12 @@ def test_profiler_writes_its_report_into_the_run_folder(tmp_path, profiler, expe
 def test_train_py_with_a_preset_writes_under_outputs_debug_with_lightning_debug_logs(tmp_path):
     env = {**os.environ, "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *JOB, "debug=fdr"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=240
+        [sys.executable, str(ROOT / "train.py"), *JOB, "debug=fdr"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     [run] = (tmp_path / "outputs" / "debug").glob("*/*")  # <date>/<time>

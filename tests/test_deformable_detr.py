@@ -1,5 +1,6 @@
 """Deformable DETR: deformable attention against bilinear sampling by hand, the checkpoint layout,
 focal matching and loss, top-k post-processing, and training steps in float32 and bfloat16."""
+
 from __future__ import annotations
 
 import math
@@ -36,9 +37,14 @@ OPTIONS = {
     "two_stage": {"with_box_refine": True, "two_stage": True},
 }
 SMALL = {
-    "num_queries": 10, "enc_layers": 2, "dec_layers": 2, "nheads": 4, "dim_feedforward": 64,
-    "enc_n_points": 2, "dec_n_points": 3,
-}  # fmt: skip
+    "num_queries": 10,
+    "enc_layers": 2,
+    "dec_layers": 2,
+    "nheads": 4,
+    "dim_feedforward": 64,
+    "enc_n_points": 2,
+    "dec_n_points": 3,
+}
 
 
 def small_joiner(**backbone):
@@ -67,8 +73,11 @@ def bilinear(level_map: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch
     fx, fy = px - x0, py - y0
     total = level_map.new_zeros(level_map.shape[-1])
     corners = (
-        (x0, y0, (1 - fx) * (1 - fy)), (x0 + 1, y0, fx * (1 - fy)), (x0, y0 + 1, (1 - fx) * fy), (x0 + 1, y0 + 1, fx * fy)
-    )  # fmt: skip
+        (x0, y0, (1 - fx) * (1 - fy)),
+        (x0 + 1, y0, fx * (1 - fy)),
+        (x0, y0 + 1, (1 - fx) * fy),
+        (x0 + 1, y0 + 1, fx * fy),
+    )
     for cx, cy, weight in corners:
         if 0 <= cx < width and 0 <= cy < height:
             total = total + weight * level_map[cy, cx]
@@ -183,18 +192,33 @@ def test_msdeformattn_initial_pattern():
 
 
 def deformable_head_keys(
-    d: int, ffn: int, layers: int, heads: int, levels: int, enc_points: int, dec_points: int,
-    num_classes: int, queries: int, backbone_channels: list[int], with_box_refine: bool, two_stage: bool,
-) -> dict:  # fmt: skip
+    d: int,
+    ffn: int,
+    layers: int,
+    heads: int,
+    levels: int,
+    enc_points: int,
+    dec_points: int,
+    num_classes: int,
+    queries: int,
+    backbone_channels: list[int],
+    with_box_refine: bool,
+    two_stage: bool,
+) -> dict:
     """Deformable-DETR's non-backbone state dict keys and shapes, in its order (written from its modules)."""
 
     def sampling(points: int) -> dict:
         offsets, weights = heads * levels * points * 2, heads * levels * points
         return {
-            "sampling_offsets.weight": (offsets, d), "sampling_offsets.bias": (offsets,),
-            "attention_weights.weight": (weights, d), "attention_weights.bias": (weights,),
-            "value_proj.weight": (d, d), "value_proj.bias": (d,), "output_proj.weight": (d, d), "output_proj.bias": (d,),
-        }  # fmt: skip
+            "sampling_offsets.weight": (offsets, d),
+            "sampling_offsets.bias": (offsets,),
+            "attention_weights.weight": (weights, d),
+            "attention_weights.bias": (weights,),
+            "value_proj.weight": (d, d),
+            "value_proj.bias": (d,),
+            "output_proj.weight": (d, d),
+            "output_proj.bias": (d,),
+        }
 
     def norm(name: str, width: int = d) -> dict:
         return {f"{name}.weight": (width,), f"{name}.bias": (width,)}
@@ -207,11 +231,20 @@ def deformable_head_keys(
 
     feedforward = {**linear("linear1", ffn, d), **linear("linear2", d, ffn)}
     encoder_layer = {**under("self_attn", sampling(enc_points)), **norm("norm1"), **feedforward, **norm("norm2")}
-    multihead = {"in_proj_weight": (3 * d, d), "in_proj_bias": (3 * d,), "out_proj.weight": (d, d), "out_proj.bias": (d,)}
+    multihead = {
+        "in_proj_weight": (3 * d, d),
+        "in_proj_bias": (3 * d,),
+        "out_proj.weight": (d, d),
+        "out_proj.bias": (d,),
+    }
     decoder_layer = {
-        **under("cross_attn", sampling(dec_points)), **norm("norm1"),
-        **under("self_attn", multihead), **norm("norm2"), **feedforward, **norm("norm3"),
-    }  # fmt: skip
+        **under("cross_attn", sampling(dec_points)),
+        **norm("norm1"),
+        **under("self_attn", multihead),
+        **norm("norm2"),
+        **feedforward,
+        **norm("norm3"),
+    }
     class_head = linear("", num_classes, d)
     box_head = {**linear("layers.0", d, d), **linear("layers.1", d, d), **linear("layers.2", 4, d)}
     num_pred = layers + 1 if two_stage else layers
@@ -294,7 +327,9 @@ def test_heads_are_shared_without_refinement_and_copies_with_it(joiner):
     # the first extra level reads the deepest backbone map, the next ones the previous extra level
     six = build_deformable_detr(joiner, 3, **SMALL, num_feature_levels=6)
     assert [p[0].in_channels for p in six.input_proj] == [64, 128, 256, 512, 512, D]
-    assert [p[0].kernel_size for p in six.input_proj] == [(1, 1)] * 4 + [(3, 3)] * 2 and six.input_proj[5][0].stride == (2, 2)
+    assert [p[0].kernel_size for p in six.input_proj] == [(1, 1)] * 4 + [(3, 3)] * 2 and six.input_proj[5][
+        0
+    ].stride == (2, 2)
     assert all(isinstance(p[1], nn.GroupNorm) and p[1].num_groups == 32 for p in six.input_proj)
     seen = {}
     six.transformer.register_forward_hook(lambda module, args, output: seen.update(levels=args[:3]))
@@ -317,7 +352,9 @@ def test_linear_projection_parameters_are_the_sampling_offsets_and_reference_poi
         for i in range(2)
         for kind in ("weight", "bias")
     ]
-    assert sorted(names) == sorted(sampling + ["transformer.reference_points.weight", "transformer.reference_points.bias"])
+    assert sorted(names) == sorted(
+        [*sampling, "transformer.reference_points.weight", "transformer.reference_points.bias"]
+    )
 
 
 def test_options_are_checked(joiner):
@@ -329,7 +366,9 @@ def test_options_are_checked(joiner):
     with pytest.raises(ValueError, match="num_feature_levels=5 but the transformer was built for 4"):
         DeformableDETR(joiner, transformer, 3, 10, 5)
     with pytest.raises(ValueError, match="two_stage reads the proposal heads"):
-        two_stage = DeformableTransformer(D, 4, 1, 1, 64, num_feature_levels=1, two_stage=True, two_stage_num_proposals=4)
+        two_stage = DeformableTransformer(
+            D, 4, 1, 1, 64, num_feature_levels=1, two_stage=True, two_stage_num_proposals=4
+        )
         two_stage([torch.randn(1, D, 3, 3)], [torch.zeros(1, 3, 3, dtype=torch.bool)], [torch.randn(1, D, 3, 3)])
 
 
@@ -340,9 +379,19 @@ def test_options_are_checked(joiner):
 def test_transformer_ignores_padded_content(two_stage):
     torch.manual_seed(0)
     transformer = DeformableTransformer(
-        D, 4, 2, 2, 64, dropout=0.0, return_intermediate_dec=True, num_feature_levels=2, dec_n_points=2, enc_n_points=2,
-        two_stage=two_stage, two_stage_num_proposals=5,
-    ).eval()  # fmt: skip
+        D,
+        4,
+        2,
+        2,
+        64,
+        dropout=0.0,
+        return_intermediate_dec=True,
+        num_feature_levels=2,
+        dec_n_points=2,
+        enc_n_points=2,
+        two_stage=two_stage,
+        two_stage_num_proposals=5,
+    ).eval()
     queries = None
     if two_stage:  # the proposal heads DeformableDETR would hand over (the third pair scores the proposals)
         transformer.decoder.class_embed = nn.ModuleList(nn.Linear(D, 3) for _ in range(3))
@@ -492,7 +541,9 @@ def test_focal_loss_by_hand_with_auxiliary_and_proposal_losses():
     expected_ce = sum(focal_loss_by_hand(logits[0, q, c].item(), q == 0 and c == 1) for q in range(2) for c in range(3))
     # the proposals are matched as "object or not": the target counts as class 0
     enc_logits = proposals["pred_logits"]
-    expected_enc = sum(focal_loss_by_hand(enc_logits[0, q, c].item(), q == 0 and c == 0) for q in range(2) for c in range(3))
+    expected_enc = sum(
+        focal_loss_by_hand(enc_logits[0, q, c].item(), q == 0 and c == 0) for q in range(2) for c in range(3)
+    )
     assert losses["loss_ce"].item() == pytest.approx(expected_ce, abs=1e-6)
     assert losses["loss_ce_0"].item() == pytest.approx(expected_ce, abs=1e-6)
     assert losses["loss_ce_enc"].item() == pytest.approx(expected_enc, abs=1e-6)
@@ -545,7 +596,9 @@ def test_each_detector_names_its_post_processing(joiner):
     torch.manual_seed(0)
     outputs = {"pred_logits": torch.randn(2, 10, 4), "pred_boxes": torch.rand(2, 10, 4)}
     sizes = torch.tensor([[64, 96], [48, 80]])
-    detr = DETR(small_joiner(return_interm_layers=False), Transformer(D, 4, 1, 1, 64, return_intermediate_dec=True), 3, 10)
+    detr = DETR(
+        small_joiner(return_interm_layers=False), Transformer(D, 4, 1, 1, 64, return_intermediate_dec=True), 3, 10
+    )
     logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
     for got, want in zip(detr.detections(outputs, sizes), batched_detections(logits, boxes, sizes)):
         torch.testing.assert_close(got, want)

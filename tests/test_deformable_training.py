@@ -1,4 +1,5 @@
 """The Deformable-DETR head in the training job: levels, parameter groups, precisions, resume, DDP, reloading."""
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,12 @@ from .test_commands import COCO_STATS, cocoeval
 from .test_distributed import ONE_PER_BATCH, run_train
 
 DEFORMABLE = [
-    "model=deformable_detr_small", "model.num_queries=5", "model.enc_layers=1", "model.dec_layers=2",
+    "model=deformable_detr_small",
+    "model.num_queries=5",
+    "model.enc_layers=1",
+    "model.dec_layers=2",
     "model.dim_feedforward=64",
-]  # fmt: skip
+]
 
 
 def job(tmp_path: Path, *overrides: str) -> Job:
@@ -62,7 +66,9 @@ def test_every_precision_trains(tmp_path, precision):
 
 
 def test_refinement_and_two_stage_train_and_log_only_the_final_losses(tmp_path):
-    run = job(tmp_path, "model.with_box_refine=true", "model.two_stage=true", "trainer.fast_dev_run=1", "test_after_fit=false")
+    run = job(
+        tmp_path, "model.with_box_refine=true", "model.two_stage=true", "trainer.fast_dev_run=1", "test_after_fit=false"
+    )
     run.run()
     logged = set(run.trainer.callback_metrics)
     assert {"train/loss", "train/loss_ce", "train/loss_bbox", "train/loss_giou"} <= logged
@@ -90,7 +96,11 @@ def test_resume_continues_and_reloads_for_evaluation_and_prediction(tmp_path):
         expected = resumed.module(images)
         torch.testing.assert_close(loaded(images)["pred_boxes"], expected["pred_boxes"])
     detector = load_detector(checkpoint)
-    assert isinstance(detector.detector, DeformableDETR) and detector.class_names == ["rectangle", "ellipse", "triangle"]
+    assert isinstance(detector.detector, DeformableDETR) and detector.class_names == [
+        "rectangle",
+        "ellipse",
+        "triangle",
+    ]
     # the Predictor's detections are the head's own top-k post-processing of the same image
     raw = torch.rand(3, 56, 72, generator=torch.Generator().manual_seed(0))
     found = Predictor.from_loaded(detector, size=None, threshold=0.0)([raw])[0]
@@ -111,22 +121,31 @@ def test_resume_continues_and_reloads_for_evaluation_and_prediction(tmp_path):
 
 
 def test_ddp_on_two_cpu_processes(tmp_path):
-    result = run_train(tmp_path, *ONE_PER_BATCH, *DEFORMABLE, "trainer=ddp", "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path}/run")
+    result = run_train(
+        tmp_path, *ONE_PER_BATCH, *DEFORMABLE, "trainer=ddp", "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path}/run"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert (checkpoint["global_step"], checkpoint["epoch"]) == (4, 0)
-    assert checkpoint["hyper_parameters"]["head"]["_target_"] == "detr_backbone.detection.deformable.build_deformable_detr"
+    assert (
+        checkpoint["hyper_parameters"]["head"]["_target_"] == "detr_backbone.detection.deformable.build_deformable_detr"
+    )
 
 
 def test_init_from_asks_for_detrs_head():
-    with pytest.raises(ValueError, match=r"^init_from='detr.pth' reads DETR's weight layouts, and model._target_='detr_backbone.detection.deformable.build_deformable_detr' is another head; use model=detr"):
+    with pytest.raises(
+        ValueError,
+        match=r"^init_from='detr.pth' reads DETR's weight layouts, and model._target_='detr_backbone.detection.deformable.build_deformable_detr' is another head; use model=detr",
+    ):
         validated(compose_config(*TINY, *DEFORMABLE, "init_from=detr.pth"))
 
 
 @pytest.mark.parametrize("backbone", [("backbone=resnet50",), ("backbone=timm", "backbone.name=convnext_tiny")])
 def test_the_published_head_runs_on_a_resnet_50_and_a_timm_model(tmp_path, backbone):
     # python train.py model=deformable_detr backbone=..., on TINY's small data for one step
-    config = validated(compose_config(*TINY, *backbone, "model=deformable_detr", "trainer.fast_dev_run=1", "test_after_fit=false"))
+    config = validated(
+        compose_config(*TINY, *backbone, "model=deformable_detr", "trainer.fast_dev_run=1", "test_after_fit=false")
+    )
     run = Job(config, tmp_path)
     assert run.module.detector.backbone.strides == [8, 16, 32] and len(run.module.detector.input_proj) == 4
     assert run.module.detector.num_feature_levels == 4  # three backbone levels and one stride-2 convolution

@@ -1,4 +1,5 @@
 """The DETR head: checkpoint layout, transformer math, matching, losses and post-processing."""
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,9 @@ D_MODEL = 32
 
 
 def small_joiner():
-    return build_backbone({"backbone": {"kind": "torchvision", "name": "resnet18"}, "hidden_dim": D_MODEL, "lr_backbone": 1e-5})
+    return build_backbone(
+        {"backbone": {"kind": "torchvision", "name": "resnet18"}, "hidden_dim": D_MODEL, "lr_backbone": 1e-5}
+    )
 
 
 def small_transformer(**kwargs) -> Transformer:
@@ -59,7 +62,12 @@ def target(labels, boxes) -> dict[str, torch.Tensor]:
 
 def detr_head_keys(d: int = 256, ffn: int = 2048, layers: int = 6, num_classes: int = 91, queries: int = 100) -> dict:
     """DETR's non-backbone state dict keys and shapes, in DETR's order (its optimizer states follow it)."""
-    attention = {"in_proj_weight": (3 * d, d), "in_proj_bias": (3 * d,), "out_proj.weight": (d, d), "out_proj.bias": (d,)}
+    attention = {
+        "in_proj_weight": (3 * d, d),
+        "in_proj_bias": (3 * d,),
+        "out_proj.weight": (d, d),
+        "out_proj.bias": (d,),
+    }
     feedforward = {"linear1.weight": (ffn, d), "linear1.bias": (ffn,), "linear2.weight": (d, ffn), "linear2.bias": (d,)}
     norm = {"weight": (d,), "bias": (d,)}
     encoder_layer = {
@@ -92,7 +100,9 @@ def detr_head_keys(d: int = 256, ffn: int = 2048, layers: int = 6, num_classes: 
 
 
 def test_detr_checkpoint_layout_loads_strictly():
-    joiner = build_backbone({"backbone": {"kind": "torchvision", "name": "resnet50"}, "hidden_dim": 256, "lr_backbone": 1e-5})
+    joiner = build_backbone(
+        {"backbone": {"kind": "torchvision", "name": "resnet50"}, "hidden_dim": 256, "lr_backbone": 1e-5}
+    )
     model = DETR(joiner, Transformer(256, 8, 6, 6, 2048, return_intermediate_dec=True), num_classes=91, num_queries=100)
     backbone = {f"backbone.{k}": tuple(v.shape) for k, v in joiner.state_dict().items()}
     assert len(backbone) == 265 and all(k.startswith("backbone.0.body.") for k in backbone)
@@ -117,9 +127,18 @@ def test_transformer_tree_post_norm_and_pre_norm():
     assert post.encoder.norm is None and isinstance(pre.encoder.norm, nn.LayerNorm)
     assert isinstance(post.decoder.norm, nn.LayerNorm) and isinstance(pre.decoder.norm, nn.LayerNorm)
     assert [name for name, _ in post.decoder.layers[0].named_children()] == [
-        "self_attn", "multihead_attn", "linear1", "dropout", "linear2",
-        "norm1", "norm2", "norm3", "dropout1", "dropout2", "dropout3",
-    ]  # fmt: skip
+        "self_attn",
+        "multihead_attn",
+        "linear1",
+        "dropout",
+        "linear2",
+        "norm1",
+        "norm2",
+        "norm3",
+        "dropout1",
+        "dropout2",
+        "dropout3",
+    ]
     assert isinstance(build_transformer(64, 4, 1, 1, 128, 0.0), Transformer)
 
 
@@ -230,7 +249,11 @@ def test_detr_outputs(small_detr):
     assert out["pred_logits"].shape == (2, 7, 6) and out["pred_boxes"].shape == (2, 7, 4)
     assert ((out["pred_boxes"] > 0) & (out["pred_boxes"] < 1)).all()
     assert len(out["aux_outputs"]) == 2 - 1
-    assert out["aux_outputs"][0]["pred_logits"].shape == (2, 7, 6) and out["aux_outputs"][0]["pred_boxes"].shape == (2, 7, 4)
+    assert out["aux_outputs"][0]["pred_logits"].shape == (2, 7, 6) and out["aux_outputs"][0]["pred_boxes"].shape == (
+        2,
+        7,
+        4,
+    )
     torch.testing.assert_close(again["pred_logits"], out["pred_logits"])
     assert small_detr.input_proj.in_channels == 512 and small_detr.input_proj.kernel_size == (1, 1)
 
@@ -257,7 +280,9 @@ def two_by_two():
 
 def test_matcher_cost_entries_by_hand():
     outputs, targets = two_by_two()
-    cost = HungarianMatcher().cost_matrix(outputs["pred_logits"][0], outputs["pred_boxes"][0], targets[0]["labels"], targets[0]["boxes"])
+    cost = HungarianMatcher().cost_matrix(
+        outputs["pred_logits"][0], outputs["pred_boxes"][0], targets[0]["labels"], targets[0]["boxes"]
+    )
     # query 0 (0.15, 0.15, 0.35, 0.35) vs target 1 (0.15, 0.2, 0.35, 0.4): L1 0.05, p(class 1) 0.7,
     # intersection 0.2 x 0.15 = 0.03, union 0.05, IoU 0.6, enclosing box 0.2 x 0.25 = union, GIoU 0.6
     assert cost[0, 1].item() == pytest.approx(5 * 0.05 - 1 * 0.7 - 2 * 0.6, abs=1e-5)
@@ -284,7 +309,12 @@ def test_batched_matching_equals_matching_each_image_alone():
     matcher = HungarianMatcher()
     batched = matcher(outputs, targets)
     for image, (queries, objects) in enumerate(batched):
-        alone = matcher.cost_matrix(outputs["pred_logits"][image], outputs["pred_boxes"][image], targets[image]["labels"], targets[image]["boxes"])
+        alone = matcher.cost_matrix(
+            outputs["pred_logits"][image],
+            outputs["pred_boxes"][image],
+            targets[image]["labels"],
+            targets[image]["boxes"],
+        )
         expected_queries, expected_objects = linear_sum_assignment(alone.numpy())
         assert queries.tolist() == expected_queries.tolist() and objects.tolist() == expected_objects.tolist()
         assert len(queries) == counts[image]
@@ -323,10 +353,22 @@ def predictions(dtype=torch.float32, requires_grad=False):
 
 def test_criterion_matches_hand_computation():
     logits, boxes = predictions()
-    outputs = {"pred_logits": logits, "pred_boxes": boxes, "aux_outputs": [{"pred_logits": logits, "pred_boxes": boxes}]}
+    outputs = {
+        "pred_logits": logits,
+        "pred_boxes": boxes,
+        "aux_outputs": [{"pred_logits": logits, "pred_boxes": boxes}],
+    }
     criterion = SetCriterion(num_classes=2, matcher=HungarianMatcher())
     losses = criterion(outputs, [target([1], [TARGET_BOX])])
-    assert set(losses) == {"loss_ce", "loss_bbox", "loss_giou", "class_error", "loss_ce_0", "loss_bbox_0", "loss_giou_0"}
+    assert set(losses) == {
+        "loss_ce",
+        "loss_bbox",
+        "loss_giou",
+        "class_error",
+        "loss_ce_0",
+        "loss_bbox_0",
+        "loss_giou_0",
+    }
     assert losses["loss_ce"].item() == pytest.approx(EXPECTED_CE, abs=1e-6)
     assert losses["loss_bbox"].item() == pytest.approx(EXPECTED_L1, abs=1e-6)
     assert losses["loss_giou"].item() == pytest.approx(EXPECTED_GIOU, abs=1e-6)

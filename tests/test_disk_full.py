@@ -1,5 +1,6 @@
 """A full disk (ENOSPC) while a run writes its checkpoint, prediction grid or logs: the run stops with one line
 that names the folder and the space needed, the previous files are intact and no temporary file is left."""
+
 from __future__ import annotations
 
 import csv
@@ -59,7 +60,7 @@ def test_checkpoint_write_on_a_full_disk_keeps_the_previous_last_ckpt(tmp_path, 
     needed = re.fullmatch(
         rf"no space left on device in {folder}: writing last\.ckpt needs ([0-9.]+) MB there, .* free; the previous last\.ckpt is intact",
         str(error),
-    )  # fmt: skip
+    )
     assert needed, str(error)
     previous = folder / "last.ckpt"
     assert float(needed[1]) == pytest.approx(previous.stat().st_size / 1e6, abs=0.1)
@@ -78,7 +79,9 @@ def test_prediction_grid_on_a_full_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(Image.Image, "save", full_disk_save)
     error = run(tmp_path, "callbacks.predictions.enabled=true", "callbacks.predictions.num_images=2")
     folder = tmp_path / "predictions"
-    assert re.fullmatch(rf"no space left on device in {folder}: writing epoch000\.png needs [0-9.]+ KB there, .* free", str(error))
+    assert re.fullmatch(
+        rf"no space left on device in {folder}: writing epoch000\.png needs [0-9.]+ KB there, .* free", str(error)
+    )
     assert list(folder.iterdir()) == []
 
 
@@ -91,14 +94,18 @@ def test_logs_on_a_full_disk(tmp_path, monkeypatch):
     assert re.fullmatch(
         rf"no space left on device in {tmp_path}: writing the logs failed, .* free; the run's next checkpoint needs [0-9.]+ MB there",
         str(error),
-    ), str(error)  # fmt: skip
+    ), str(error)
 
 
 def test_stale_temporary_files_of_a_killed_write_are_removed_at_the_next_start(tmp_path):
     checkpoints, predictions = tmp_path / "checkpoints", tmp_path / "predictions"
     checkpoints.mkdir()
     predictions.mkdir()
-    stale = [checkpoints / ".last.k3j2_x.tmp.ckpt", checkpoints / ".epoch000-val_map_500.0000.a1b2.tmp.ckpt", predictions / ".epoch003.zz9.tmp.png"]
+    stale = [
+        checkpoints / ".last.k3j2_x.tmp.ckpt",
+        checkpoints / ".epoch000-val_map_500.0000.a1b2.tmp.ckpt",
+        predictions / ".epoch003.zz9.tmp.png",
+    ]
     for path in stale:
         path.write_bytes(b"half a file")
     kept = checkpoints / "notes.txt"

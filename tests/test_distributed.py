@@ -1,4 +1,5 @@
 """Several processes: DDP on the CPU with gloo, the SLURM launcher config, submitit's local launcher."""
+
 from __future__ import annotations
 
 import csv
@@ -25,7 +26,12 @@ ONE_PER_BATCH = (*SMALL, "data.min_size=40", "data.max_size=40", "data.val_size=
 def run_train(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *overrides], capture_output=True, text=True, cwd=cwd, env=env, timeout=420
+        [sys.executable, str(ROOT / "train.py"), *overrides],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=420,
     )
 
 
@@ -35,7 +41,9 @@ def last_logged(metrics_csv: Path, key: str) -> float:
 
 
 def test_ddp_on_two_cpu_processes_trains_syncs_metrics_and_checkpoints_for_one_process(tmp_path):
-    result = run_train(tmp_path, *ONE_PER_BATCH, "trainer=ddp", "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path}/run")
+    result = run_train(
+        tmp_path, *ONE_PER_BATCH, "trainer=ddp", "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path}/run"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
@@ -47,7 +55,9 @@ def test_ddp_on_two_cpu_processes_trains_syncs_metrics_and_checkpoints_for_one_p
     # reduced across processes, the mAP's states are gathered before it is computed.
     cfg = validated(compose_config(*ONE_PER_BATCH, "trainer.accelerator=cpu"))
     module = DetrModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     single = trainer.validate(module, datamodule=build_datamodule(cfg.data), verbose=False)[0]
     for key in ("val/loss_ce", "val/map", "val/map_50"):
         assert single[key] == pytest.approx(last_logged(run / "csv" / "metrics.csv", key), rel=1e-5, abs=1e-7), key
@@ -59,7 +69,13 @@ def test_slurm_launcher_config_asks_for_a_task_per_device_on_every_node(tmp_path
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
     from omegaconf import OmegaConf
 
-    overrides = ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2", "hydra.launcher.partition=gpu"]
+    overrides = [
+        "hydra/launcher=slurm",
+        "trainer=ddp",
+        "trainer.devices=4",
+        "trainer.num_nodes=2",
+        "hydra.launcher.partition=gpu",
+    ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
@@ -74,21 +90,40 @@ def test_slurm_launcher_config_asks_for_a_task_per_device_on_every_node(tmp_path
     executor = submitit.AutoExecutor(cluster="slurm", folder=tmp_path / "submitit")
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     executor.update_parameters(
-        **{key if key in base else f"slurm_{key}": value for key, value in params.items()
-           if key not in ("_target_", "submitit_folder", "max_num_timeout")}
-    )  # fmt: skip
+        **{
+            key if key in base else f"slurm_{key}": value
+            for key, value in params.items()
+            if key not in ("_target_", "submitit_folder", "max_num_timeout")
+        }
+    )
     sbatch = executor._executor._make_submission_file_text("python train.py", "uid")
-    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--partition=gpu",
-                 "--time=1440", "--signal=USR2@120"):  # fmt: skip
+    for line in (
+        "--nodes=2",
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+        "--cpus-per-task=8",
+        "--partition=gpu",
+        "--time=1440",
+        "--signal=USR2@120",
+    ):
         assert f"#SBATCH {line}" in sbatch
 
 
 def test_submitit_local_launcher_runs_a_sweep_in_separate_processes(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the slurm extra: pip install -e '.[slurm]'")
+    pytest.importorskip(
+        "hydra_plugins.hydra_submitit_launcher", reason="needs the slurm extra: pip install -e '.[slurm]'"
+    )
     result = run_train(
-        tmp_path, "-m", *SMALL, "data.train_size=4", "trainer.max_epochs=1", "position=sine,learned", "hydra/launcher=submitit_local",
-        "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={tmp_path}/multirun",
-    )  # fmt: skip
+        tmp_path,
+        "-m",
+        *SMALL,
+        "data.train_size=4",
+        "trainer.max_epochs=1",
+        "position=sine,learned",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        f"hydra.sweep.dir={tmp_path}/multirun",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = tmp_path / "multirun"
     for job, target in (("0", "PositionEmbeddingSine"), ("1", "PositionEmbeddingLearned")):

@@ -1,7 +1,10 @@
 """The README and docs/: every config key has a row, every relative link and anchor resolves."""
+
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 import re
 import typing
 from pathlib import Path
@@ -34,7 +37,11 @@ def schema_keys(schema: type, prefix: str = "") -> list[str]:
         nested = [arg for arg in typing.get_args(kind) if dataclasses.is_dataclass(arg)]
         if not prefix and field.name in GROUP_SCHEMAS:
             group = [schema_keys(each, f"{field.name}.") for each in GROUP_SCHEMAS[field.name]]
-            keys += [key for key in dict.fromkeys(sum(group, [])) if not key.endswith(".arguments")]
+            keys += [
+                key
+                for key in dict.fromkeys(functools.reduce(operator.iadd, group, []))
+                if not key.endswith(".arguments")
+            ]
         elif dataclasses.is_dataclass(kind) or nested:
             keys += schema_keys(kind if dataclasses.is_dataclass(kind) else nested[0], f"{prefix}{field.name}.")
         else:
@@ -51,7 +58,14 @@ def anchors(page: Path) -> set[str]:
 def test_every_config_key_is_documented():
     reference = (ROOT / "docs" / "configuration.md").read_text()
     keys = schema_keys(Config)
-    assert {"backbone._target_", "backbone.levels", "model._target_", "model.num_queries", "callbacks.checkpoint.monitor", "ckpt_path"} <= set(keys)
+    assert {
+        "backbone._target_",
+        "backbone.levels",
+        "model._target_",
+        "model.num_queries",
+        "callbacks.checkpoint.monitor",
+        "ckpt_path",
+    } <= set(keys)
     missing = [key for key in keys if f"`{key}`" not in reference]
     assert not missing, f"docs/configuration.md has no entry for {missing}"
 

@@ -1,4 +1,5 @@
 """Bad input fails at once with one clear line that names the bad value and what would be valid."""
+
 from __future__ import annotations
 
 import json
@@ -34,14 +35,26 @@ def one_line_error(error: pytest.ExceptionInfo) -> str:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["backbone._target_=detr_backbone.ResNet"], "backbone._target_='detr_backbone.ResNet' is not one of detr_backbone.Backbone, detr_backbone.GroupNormBackbone, detr_backbone.TimmBackbone"),
-        (["position._target_=detr_backbone.Cosine"], "position._target_='detr_backbone.Cosine' is not one of detr_backbone.PositionEmbeddingSine, detr_backbone.PositionEmbeddingLearned"),
-        (["model._target_=detr_backbone.detection.build_yolo"], "model._target_='detr_backbone.detection.build_yolo' is not one of detr_backbone.detection.build_detr, detr_backbone.detection.deformable.build_deformable_detr"),
+        (
+            ["backbone._target_=detr_backbone.ResNet"],
+            "backbone._target_='detr_backbone.ResNet' is not one of detr_backbone.Backbone, detr_backbone.GroupNormBackbone, detr_backbone.TimmBackbone",
+        ),
+        (
+            ["position._target_=detr_backbone.Cosine"],
+            "position._target_='detr_backbone.Cosine' is not one of detr_backbone.PositionEmbeddingSine, detr_backbone.PositionEmbeddingLearned",
+        ),
+        (
+            ["model._target_=detr_backbone.detection.build_yolo"],
+            "model._target_='detr_backbone.detection.build_yolo' is not one of detr_backbone.detection.build_detr, detr_backbone.detection.deformable.build_deformable_detr",
+        ),
         (["lr_backbone=-0.001"], "lr_backbone=-0.001 must be >= 0 (0 freezes the backbone)"),
         (["hidden_dim=33"], "hidden_dim=33 must be a positive even number (half for rows, half for columns)"),
-        (["callbacks.checkpoint.every_n_train_steps=0"], "callbacks.checkpoint.every_n_train_steps=0 must be null (off) or > 0"),
+        (
+            ["callbacks.checkpoint.every_n_train_steps=0"],
+            "callbacks.checkpoint.every_n_train_steps=0 must be null (off) or > 0",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_config_values_fail_validation_in_one_line(overrides, message):
     with pytest.raises(ValueError) as error:
         validated(compose_config(*TINY, *overrides))
@@ -51,11 +64,17 @@ def test_bad_config_values_fail_validation_in_one_line(overrides, message):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["backbone.name=resnet51"], "unknown torchvision ResNet 'resnet51'; valid names: resnet18, resnet34, resnet50,"),
-        (["backbone=timm", "backbone.name=convnext_tinyy"], "unknown timm model 'convnext_tinyy'; close names: convnext_tiny"),
+        (
+            ["backbone.name=resnet51"],
+            "unknown torchvision ResNet 'resnet51'; valid names: resnet18, resnet34, resnet50,",
+        ),
+        (
+            ["backbone=timm", "backbone.name=convnext_tinyy"],
+            "unknown timm model 'convnext_tinyy'; close names: convnext_tiny",
+        ),
         (["backbone=resnet18_gn", "backbone.name=resnet51"], "unknown torchvision ResNet 'resnet51'"),
     ],
-)  # fmt: skip
+)
 def test_unknown_model_names_fail_when_building_in_one_line(overrides, message):
     with pytest.raises(ValueError) as error:
         build(*overrides)
@@ -66,7 +85,11 @@ def test_misspelled_key_names_the_key_and_the_valid_ones():
     with pytest.raises(ValueError) as error:
         build_backbone({"backbone": {"name": "resnet18", "dilaton": True}})
     message = one_line_error(error)
-    assert "Key 'dilaton' not in 'BackboneConfig'" in message and "valid keys: _target_, return_interm_layers," in message and " dilation," in message
+    assert (
+        "Key 'dilaton' not in 'BackboneConfig'" in message
+        and "valid keys: _target_, return_interm_layers," in message
+        and " dilation," in message
+    )
 
 
 def test_learned_table_overflow_names_the_size_and_the_option():
@@ -81,7 +104,9 @@ def test_learned_table_overflow_names_the_size_and_the_option():
 def test_mask_that_does_not_match_its_images():
     with pytest.raises(ValueError) as error:
         NestedTensor(torch.zeros(2, 3, 32, 48), torch.zeros(2, 32, 40, dtype=torch.bool))
-    assert one_line_error(error).startswith("NestedTensor mask of shape (2, 32, 40) does not match tensors of shape (2, 3, 32, 48)")
+    assert one_line_error(error).startswith(
+        "NestedTensor mask of shape (2, 32, 40) does not match tensors of shape (2, 3, 32, 48)"
+    )
 
 
 @pytest.mark.parametrize("kind, name", [("torchvision", "resnet18"), ("timm", "efficientnet_b0")])
@@ -177,7 +202,9 @@ def test_truncated_backbone_checkpoint(tmp_path, resnet18_checkpoint):
     truncated.write_bytes(resnet18_checkpoint.read_bytes()[:4096])
     with pytest.raises(ValueError) as error:
         build(f"backbone.checkpoint={truncated}")
-    assert one_line_error(error).startswith(f"could not read checkpoint '{truncated}' with weights_only=True: the file is truncated")
+    assert one_line_error(error).startswith(
+        f"could not read checkpoint '{truncated}' with weights_only=True: the file is truncated"
+    )
 
 
 def test_resume_checkpoint_missing_or_truncated(tmp_path, resnet18_checkpoint):
@@ -198,8 +225,11 @@ def test_resume_checkpoint_missing_or_truncated(tmp_path, resnet18_checkpoint):
 def run_train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *TINY, *overrides, f"hydra.run.dir={tmp_path}/run"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
 
 
 def test_train_py_reports_a_checkpoint_mismatch_in_one_line_without_traceback(tmp_path, resnet18_checkpoint):

@@ -1,5 +1,6 @@
 """Export round trips on a checkpoint trained here: ONNX through onnxruntime and the torch.export program,
 each on image sizes never traced, against eager PyTorch within the documented tolerance."""
+
 from __future__ import annotations
 
 import copy
@@ -74,7 +75,10 @@ def test_onnx_in_onnxruntime_matches_eager_on_sizes_never_traced(traced, eager, 
     assert max(report.max_abs_diff.values()) <= Tolerance().atol
     session = onnxruntime.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
     inputs = session.get_inputs()
-    assert [(i.name, i.shape) for i in inputs] == [("images", ["batch", 3, "height", "width"]), ("mask", ["batch", "height", "width"])]
+    assert [(i.name, i.shape) for i in inputs] == [
+        ("images", ["batch", 3, "height", "width"]),
+        ("mask", ["batch", "height", "width"]),
+    ]
     assert [o.name for o in session.get_outputs()] == list(OUTPUTS)
     for images, mask in unseen_batches():
         got = session.run(None, {"images": images.numpy(), "mask": mask.numpy()})
@@ -115,9 +119,19 @@ def test_a_file_that_fails_its_check_is_removed(traced, tmp_path):
 
 def test_export_command_writes_and_checks_the_file(checkpoint, tmp_path, capsys):
     output = tmp_path / "models" / "detector.pt2"
-    export_main([f"ckpt_path={checkpoint}", "format=torch_export", f"output={output}", "trace_size=[64,80]", "check_size=[72,64]"])
+    export_main(
+        [
+            f"ckpt_path={checkpoint}",
+            "format=torch_export",
+            f"output={output}",
+            "trace_size=[64,80]",
+            "check_size=[72,64]",
+        ]
+    )
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith(f"wrote {output} (torch.export program, ") and len(printed) == 3
     assert "dynamic: batch 1.., height" in printed[1]
-    assert printed[2].startswith("checked with torch.export.load on 3x3x72x64 (traced at 2x3x64x80): max |diff| pred_logits ")
+    assert printed[2].startswith(
+        "checked with torch.export.load on 3x3x72x64 (traced at 2x3x64x80): max |diff| pred_logits "
+    )
     assert sorted(p.name for p in output.parent.iterdir()) == ["detector.pt2"]

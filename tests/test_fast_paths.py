@@ -1,5 +1,6 @@
 """Fast paths: each gives the plain path's outputs and gradients (within float32 rounding), keeps
 DETR's state dict, and is switched by config."""
+
 from __future__ import annotations
 
 import copy
@@ -34,7 +35,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def joiner_with(name="resnet18", kind="torchvision", cache_size=None, **backbone):
     """A Joiner whose fast paths are the config defaults except those given."""
     position = {} if cache_size is None else {"cache_size": cache_size}
-    return build_backbone({"backbone": {"kind": kind, "name": name, **backbone}, "position": position, "hidden_dim": 64})
+    return build_backbone(
+        {"backbone": {"kind": kind, "name": name, **backbone}, "position": position, "hidden_dim": 64}
+    )
 
 
 def randomize_frozen_norms(module: nn.Module, seed: int = 0) -> None:
@@ -51,7 +54,9 @@ def randomize_frozen_norms(module: nn.Module, seed: int = 0) -> None:
 
 def padded_batch(seed: int = 0) -> NestedTensor:
     generator = torch.Generator().manual_seed(seed)
-    return nested_tensor_from_tensor_list([torch.randn(3, 64, 96, generator=generator), torch.randn(3, 48, 80, generator=generator)])
+    return nested_tensor_from_tensor_list(
+        [torch.randn(3, 64, 96, generator=generator), torch.randn(3, 48, 80, generator=generator)]
+    )
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -158,7 +163,14 @@ def test_defaults_turn_on_the_fast_paths_that_measured_faster_and_detr_args_keep
     groupnorm = joiner_with("resnet18", kind="groupnorm")
     assert groupnorm[0].channels_last is False  # measured slower with GroupNorm (README: Performance)
     detr = JoinerConfig.from_args(
-        Namespace(backbone="resnet50", lr_backbone=1e-5, masks=False, dilation=False, position_embedding="sine", hidden_dim=256)
+        Namespace(
+            backbone="resnet50",
+            lr_backbone=1e-5,
+            masks=False,
+            dilation=False,
+            position_embedding="sine",
+            hidden_dim=256,
+        )
     )
     assert (detr.backbone.channels_last, detr.backbone.fold_frozen_bn) == (False, False)
 
@@ -174,8 +186,16 @@ def masks_for(*valid: tuple[int, int], size=(6, 8)) -> NestedTensor:
 
 
 def test_cache_returns_the_uncached_values_and_hits_on_repeats():
-    cached, uncached = PositionEmbeddingSine(16, normalize=True, cache_size=4), PositionEmbeddingSine(16, normalize=True)
-    inputs = [masks_for((6, 8), (4, 5)), masks_for((6, 8), (4, 5)), masks_for((6, 8), (5, 4)), masks_for((6, 8), (4, 5))]
+    cached, uncached = (
+        PositionEmbeddingSine(16, normalize=True, cache_size=4),
+        PositionEmbeddingSine(16, normalize=True),
+    )
+    inputs = [
+        masks_for((6, 8), (4, 5)),
+        masks_for((6, 8), (4, 5)),
+        masks_for((6, 8), (5, 4)),
+        masks_for((6, 8), (4, 5)),
+    ]
     for tensor_list in inputs:
         assert torch.equal(cached(tensor_list), uncached(tensor_list))
     assert len(cached.cache) == 2  # same shape, different content: two entries
@@ -243,8 +263,12 @@ def test_compile_option_compiles_in_place_and_keeps_keys():
 
 def test_size_divisibility_reaches_the_collate():
     cfg = compose_config(
-        "data.size_divisibility=32", "data.num_workers=0", "data.persistent_workers=false", "data.train_size=8",
-        "data.min_size=64", "data.max_size=96",
+        "data.size_divisibility=32",
+        "data.num_workers=0",
+        "data.persistent_workers=false",
+        "data.train_size=8",
+        "data.min_size=64",
+        "data.max_size=96",
     )
     loader = build_datamodule(cfg.data).train_dataloader()
     assert loader.collate_fn.size_divisibility == 32
@@ -254,7 +278,14 @@ def test_size_divisibility_reaches_the_collate():
 
 
 def test_model_compile_option_compiles_the_detector_in_place():
-    cfg = compose_config("model=detr_small", "hidden_dim=32", "model.enc_layers=1", "model.dec_layers=1", "model.dim_feedforward=64", "model.compile=true")
+    cfg = compose_config(
+        "model=detr_small",
+        "hidden_dim=32",
+        "model.enc_layers=1",
+        "model.dec_layers=1",
+        "model.dim_feedforward=64",
+        "model.compile=true",
+    )
     head = HeadConfig(**OmegaConf.to_container(cfg.model, resolve=True))
     joiner_cfg = JoinerConfig.from_args({"backbone": {"name": "resnet18"}, "hidden_dim": 32})
     compiled = build_detector(joiner_cfg, head, num_classes=3)

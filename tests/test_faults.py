@@ -1,4 +1,5 @@
 """Faults: a run killed mid-epoch resumes exactly, checkpoint writes are atomic, NaN losses never train on."""
+
 from __future__ import annotations
 
 import os
@@ -75,10 +76,20 @@ def test_run_killed_mid_epoch_resumes_with_the_uninterrupted_order_and_weights(t
     marker = tmp_path / "blocked"
     (tmp_path / "blocking_train.py").write_text(BLOCKING_TRAIN)
     killed = subprocess.Popen(
-        [sys.executable, str(tmp_path / "blocking_train.py"), str(marker), "8", str(ROOT / "train.py"), *RESUMABLE,
-         f"hydra.run.dir={tmp_path}/killed"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(tmp_path / "blocking_train.py"),
+            str(marker),
+            "8",
+            str(ROOT / "train.py"),
+            *RESUMABLE,
+            f"hydra.run.dir={tmp_path}/killed",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 240
     while not marker.exists() and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -89,7 +100,9 @@ def test_run_killed_mid_epoch_resumes_with_the_uninterrupted_order_and_weights(t
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True)
     assert (checkpoint["global_step"], checkpoint["epoch"]) == (4, 1)
-    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"batches": 1, "batch_size": 2, "replicas": 1}]
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"batches": 1, "batch_size": 2, "replicas": 1}
+    ]
     assert not list(last.parent.glob(".*.tmp"))
 
     seen.clear()
@@ -113,7 +126,10 @@ def test_loader_state_skips_the_batches_already_handed_out(replicas, workers):
         if replicas > 1:  # what Lightning does under DDP: shard the sampler's order per process
             from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
 
-            samplers = [DistributedSamplerWrapper(s, num_replicas=replicas, rank=r, shuffle=False) for r, s in enumerate(samplers)]
+            samplers = [
+                DistributedSamplerWrapper(s, num_replicas=replicas, rank=r, shuffle=False)
+                for r, s in enumerate(samplers)
+            ]
         options = {"num_workers": workers, "persistent_workers": workers > 0}
         return [ResumableDataLoader(dataset, batch_size=3, sampler=s, **options) for s in samplers]
 
@@ -166,14 +182,19 @@ def test_guard_decides_with_the_other_processes():
     """Under DDP one process's NaN poisons everyone's all-reduced gradients: all stop, or all skip."""
     other_process_bad = SimpleNamespace(reduce_boolean_decision=lambda local_bad, all: True)
     trainer = SimpleNamespace(
-        strategy=other_process_bad, global_step=7, current_epoch=1, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=3))
+        strategy=other_process_bad,
+        global_step=7,
+        current_epoch=1,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=3)),
     )
     layer = torch.nn.Linear(2, 1)
     layer(torch.ones(1, 2)).sum().backward()
     optimizer = torch.optim.AdamW(layer.parameters())
     stop = NonFiniteLossGuard("stop")
     stop.on_before_backward(trainer, None, torch.tensor(0.5))  # finite here
-    with pytest.raises(NonFiniteLossError, match=r"loss is non-finite on another process at global step 7 \(epoch 1, batch 3\)"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"loss is non-finite on another process at global step 7 \(epoch 1, batch 3\)"
+    ):
         stop.on_before_optimizer_step(trainer, None, optimizer)
     skip = NonFiniteLossGuard("skip")
     skip.on_before_backward(trainer, None, torch.tensor(0.5))

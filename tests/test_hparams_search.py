@@ -1,4 +1,5 @@
 """conf/hparams_search/: an Optuna study run by train.py, its best trial, and a failed trial that does not end it."""
+
 from __future__ import annotations
 
 import csv
@@ -29,7 +30,10 @@ def search_space() -> dict[str, str]:
 
 SEARCHED = search_space()
 # The tiny job, minus the head sizes it pins, so that the study samples every searched key.
-JOB = [o for o in TINY if o.split("=")[0] not in SEARCHED] + ["test_after_fit=false", "callbacks.predictions.enabled=false"]
+JOB = [o for o in TINY if o.split("=")[0] not in SEARCHED] + [
+    "test_after_fit=false",
+    "callbacks.predictions.enabled=false",
+]
 
 
 def in_range(expression: str, value: float) -> bool:
@@ -43,10 +47,22 @@ def in_range(expression: str, value: float) -> bool:
 def run_study(sweep: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", "hparams_search=detr_optuna", "hydra.sweeper.n_trials=2",
-         *JOB, *overrides, f"hydra.sweep.dir={sweep}"],
-        capture_output=True, text=True, cwd=sweep.parent, env=env, timeout=240,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            "hparams_search=detr_optuna",
+            "hydra.sweeper.n_trials=2",
+            *JOB,
+            *overrides,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=sweep.parent,
+        env=env,
+        timeout=240,
+    )
 
 
 def logged(trial: Path, key: str) -> list[float]:

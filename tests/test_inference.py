@@ -1,5 +1,6 @@
 """The inference API on a checkpoint trained here: pixels of the original image, the LightningModule's own
 numbers, thresholds and top-k, class names, published DETR weights."""
+
 from __future__ import annotations
 
 import copy
@@ -139,7 +140,9 @@ def test_class_names_come_from_the_checkpoint(checkpoint, tmp_path):
     old = torch.load(checkpoint, weights_only=True)
     del old["hyper_parameters"]["class_names"]
     torch.save(old, tmp_path / "old.ckpt")
-    with pytest.warns(UnnamedClassesWarning, match=r"old.ckpt does not name its 3 classes: they are called 'class 0' to 'class 2'"):
+    with pytest.warns(
+        UnnamedClassesWarning, match=r"old.ckpt does not name its 3 classes: they are called 'class 0' to 'class 2'"
+    ):
         unnamed = Predictor.from_checkpoint(tmp_path / "old.ckpt", threshold=0.0)
     assert unnamed.class_names == ["class 0", "class 1", "class 2"]
     torch.testing.assert_close(unnamed(images(1)[0][0]).scores, found.scores)
@@ -173,16 +176,23 @@ def test_bfloat16_stays_close_to_float32(checkpoint):
 
 # --- oneDNN-fused ResNet blocks (Predictor's fuse): the plain path's detections, within float rounding ---
 
-needs_fusion = pytest.mark.skipif(not fusion_supported(torch.device("cpu"), torch.float32), reason="no oneDNN on this CPU")
+needs_fusion = pytest.mark.skipif(
+    not fusion_supported(torch.device("cpu"), torch.float32), reason="no oneDNN on this CPU"
+)
 
 
 def frozen_bn_detector(backbone: str, *overrides: str, seed: int = 0) -> torch.nn.Module:
     """A small random DETR on a torchvision ResNet with frozen BatchNorm whose buffers are far from identity."""
     torch.manual_seed(seed)
     cfg = compose_config(
-        f"backbone={backbone}", "hidden_dim=32", "model.enc_layers=1", "model.dec_layers=1",
-        "model.dim_feedforward=64", f"model.num_queries={NUM_QUERIES}", *overrides,
-    )  # fmt: skip
+        f"backbone={backbone}",
+        "hidden_dim=32",
+        "model.enc_layers=1",
+        "model.dec_layers=1",
+        "model.dim_feedforward=64",
+        f"model.num_queries={NUM_QUERIES}",
+        *overrides,
+    )
     detector = build_module(validated(cfg), len(CLASS_NAMES)).detector
     with torch.no_grad():
         for name, buffer in detector.backbone.named_buffers():

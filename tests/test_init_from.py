@@ -1,4 +1,5 @@
 """init_from: a run's detector from DETR's checkpoints, Hugging Face DETR and train.py checkpoints."""
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,15 @@ from .jobs import SMALL, TINY, compose_config
 
 # the Hugging Face model of these tests, and the overrides that build the same detector here
 HF_ARCHITECTURE = {
-    "d_model": 32, "encoder_layers": 1, "decoder_layers": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
-    "num_queries": 5, "encoder_attention_heads": 2, "decoder_attention_heads": 2,
-}  # fmt: skip
+    "d_model": 32,
+    "encoder_layers": 1,
+    "decoder_layers": 2,
+    "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64,
+    "num_queries": 5,
+    "encoder_attention_heads": 2,
+    "decoder_attention_heads": 2,
+}
 HF_OVERRIDES = ["model.dec_layers=2", "model.nheads=2", "data.classes=[rectangle,ellipse]"]
 
 
@@ -62,7 +69,15 @@ def one_line(error: pytest.ExceptionInfo) -> str:
 
 def test_coco_names_are_the_80_categories_at_their_ids():
     assert len(COCO_NAMES) == 91 and COCO_NAMES.count(UNUSED) == 11
-    assert [COCO_NAMES[i] for i in (0, 1, 3, 12, 18, 44, 90)] == [UNUSED, "person", "car", UNUSED, "dog", "bottle", "toothbrush"]
+    assert [COCO_NAMES[i] for i in (0, 1, 3, 12, 18, 44, 90)] == [
+        UNUSED,
+        "person",
+        "car",
+        UNUSED,
+        "dog",
+        "bottle",
+        "toothbrush",
+    ]
     assert len(set(COCO_NAMES) - {UNUSED}) == 80
 
 
@@ -74,12 +89,22 @@ def coco_folder(tmp_path: Path) -> list[str]:
     """A COCO-format folder whose categories are two COCO names (one in other case) and a new one."""
     Image.new("RGB", (40, 30), (90, 120, 200)).save(tmp_path / "a.png")
     annotations = tmp_path / "instances.json"
-    annotations.write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 18, "bbox": [4, 6, 10, 8], "area": 80, "iscrowd": 0}],
-        "categories": [{"id": 18, "name": "dog"}, {"id": 3, "name": "Car"}, {"id": 7, "name": "widget"}],
-    }))  # fmt: skip
-    return [f"data.{split}_{kind}={tmp_path if kind == 'images' else annotations}" for split in ("train", "val") for kind in ("images", "annotations")]
+    annotations.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}],
+                "annotations": [
+                    {"id": 1, "image_id": 1, "category_id": 18, "bbox": [4, 6, 10, 8], "area": 80, "iscrowd": 0}
+                ],
+                "categories": [{"id": 18, "name": "dog"}, {"id": 3, "name": "Car"}, {"id": 7, "name": "widget"}],
+            }
+        )
+    )
+    return [
+        f"data.{split}_{kind}={tmp_path if kind == 'images' else annotations}"
+        for split in ("train", "val")
+        for kind in ("images", "annotations")
+    ]
 
 
 def official_r50_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -113,7 +138,10 @@ def test_official_checkpoint_carries_coco_rows_by_name_and_every_other_tensor(tm
 
     report = (tmp_path / "run" / REPORT_FILE).read_text()
     assert str(run.init_report) + "\n" == report
-    assert "source: DETR checkpoint (resnet50, hidden_dim 256, 6 encoder + 6 decoder layers, 100 queries, 91 classes + no-object)" in report
+    assert (
+        "source: DETR checkpoint (resnet50, hidden_dim 256, 6 encoder + 6 decoder layers, 100 queries, 91 classes + no-object)"
+        in report
+    )
     assert "loaded: 455 tensors as they are" in report
     assert "classes carried over (2): Car <- row 3 (car), dog <- row 18\n" in report
     assert "new classes (1): widget\n" in report
@@ -136,9 +164,13 @@ def hugging_face_model(tmp_path_factory):
 
     torch.manual_seed(0)
     config = transformers.DetrConfig(
-        use_timm_backbone=True, use_pretrained_backbone=False, backbone="resnet18", **HF_ARCHITECTURE,
-        id2label={0: "Rectangle", 1: "ellipse"}, label2id={"Rectangle": 0, "ellipse": 1},
-    )  # fmt: skip
+        use_timm_backbone=True,
+        use_pretrained_backbone=False,
+        backbone="resnet18",
+        **HF_ARCHITECTURE,
+        id2label={0: "Rectangle", 1: "ellipse"},
+        label2id={"Rectangle": 0, "ellipse": 1},
+    )
     model = transformers.DetrForObjectDetection(config).eval()
     # its own init leaves the outputs nearly constant; random weights make the comparison mean something
     model.load_state_dict(randomized(model.state_dict(), seed=2))
@@ -163,7 +195,11 @@ def padded_batch() -> NestedTensor:
 
 @pytest.mark.parametrize(
     ("source", "naming"),
-    [("hub", "Hub names"), ("pytorch_model/pytorch_model.bin", "transformers 5 names"), ("model", "transformers 5 names")],
+    [
+        ("hub", "Hub names"),
+        ("pytorch_model/pytorch_model.bin", "transformers 5 names"),
+        ("model", "transformers 5 names"),
+    ],
 )
 def test_hugging_face_detr_gives_the_same_outputs(tmp_path, hugging_face_model, source, naming):
     model, root = hugging_face_model
@@ -220,13 +256,21 @@ def test_own_checkpoint_onto_other_classes_trains_and_reloads(tmp_path, own_chec
     assert saved["hyper_parameters"]["class_names"] == ["rectangle", "ellipse", "triangle"]
     source = {key.removeprefix("detector."): value for key, value in saved["state_dict"].items()}
 
-    run = job(tmp_path / "run", *SMALL, "data.classes=[triangle,star,rectangle]", "trainer.max_steps=2", f"init_from={source_path}")
+    run = job(
+        tmp_path / "run",
+        *SMALL,
+        "data.classes=[triangle,star,rectangle]",
+        "trainer.max_steps=2",
+        f"init_from={source_path}",
+    )
     weight = run.module.detector.class_embed.weight.detach().clone()
     assert torch.equal(weight[0], source["class_embed.weight"][2])  # triangle
     assert torch.equal(weight[2], source["class_embed.weight"][0])  # rectangle
     assert torch.equal(weight[3], source["class_embed.weight"][3])  # no object
     assert not any(torch.equal(weight[1], row) for row in source["class_embed.weight"])  # star: fresh
-    assert run.init_report.new_classes == ["star"] and run.init_report.loaded == len(source) - 4  # - empty_weight, - adapted
+    assert (
+        run.init_report.new_classes == ["star"] and run.init_report.loaded == len(source) - 4
+    )  # - empty_weight, - adapted
     assert run.init_report.skipped == ["criterion.empty_weight"]
 
     run.run()
@@ -254,7 +298,10 @@ def test_checkpoint_without_class_names_still_loads_and_starts_every_class_row_f
 # --- bad input -------------------------------------------------------------------------------
 
 
-HUB_KEYS = {"model.backbone.conv_encoder.model.conv1.weight": torch.zeros(1), "class_labels_classifier.weight": torch.zeros(1)}
+HUB_KEYS = {
+    "model.backbone.conv_encoder.model.conv1.weight": torch.zeros(1),
+    "class_labels_classifier.weight": torch.zeros(1),
+}
 
 
 def tiny_detr_checkpoint(path: Path, backbone: str = "resnet18", num_queries: int = 5) -> None:
@@ -277,16 +324,39 @@ def test_another_architectures_weights_fail_before_training_with_a_config_that_f
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda path: torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, path / "w.pth"), "is not a detector checkpoint: expected DETR's"),
-        (lambda path: (path / "w.pth").mkdir(), "is a folder without model.safetensors or pytorch_model.bin and config.json"),
-        (lambda path: (path / "w.pth").mkdir() or (path / "w.pth" / "config.json").write_text("{}"), "is a folder without model.safetensors or pytorch_model.bin: "),
-        (lambda path: torch.save(HUB_KEYS, path / "w.pth"), "has Hugging Face DETR weights but no config.json beside them"),
+        (
+            lambda path: torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, path / "w.pth"),
+            "is not a detector checkpoint: expected DETR's",
+        ),
+        (
+            lambda path: (path / "w.pth").mkdir(),
+            "is a folder without model.safetensors or pytorch_model.bin and config.json",
+        ),
+        (
+            lambda path: (path / "w.pth").mkdir() or (path / "w.pth" / "config.json").write_text("{}"),
+            "is a folder without model.safetensors or pytorch_model.bin: ",
+        ),
+        (
+            lambda path: torch.save(HUB_KEYS, path / "w.pth"),
+            "has Hugging Face DETR weights but no config.json beside them",
+        ),
         (lambda path: (path / "w.pth").write_text("not weights"), "could not read checkpoint"),
-        (lambda path: tiny_detr_checkpoint(path / "w.pth", num_queries=3), "has 3 object queries but model.num_queries=5: set model.num_queries=3 or fewer"),
+        (
+            lambda path: tiny_detr_checkpoint(path / "w.pth", num_queries=3),
+            "has 3 object queries but model.num_queries=5: set model.num_queries=3 or fewer",
+        ),
         (lambda path: None, "does not exist"),
     ],
-    ids=["not-a-detector", "empty-folder", "folder-without-weights", "no-config", "not-weights", "fewer-queries", "missing"],
-)  # fmt: skip
+    ids=[
+        "not-a-detector",
+        "empty-folder",
+        "folder-without-weights",
+        "no-config",
+        "not-weights",
+        "fewer-queries",
+        "missing",
+    ],
+)
 def test_bad_init_from_fails_in_one_line(tmp_path, make, message):
     make(tmp_path)
     with pytest.raises((ValueError, FileNotFoundError)) as error:

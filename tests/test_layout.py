@@ -1,4 +1,5 @@
 """The package's layers: each module imports only from its own layer and those below it."""
+
 from __future__ import annotations
 
 import ast
@@ -52,7 +53,11 @@ def test_the_layer_check_sees_relative_imports():
     imports = package_imports(PACKAGE / "training" / "callbacks" / "prediction_grid.py")
     assert "detr_backbone.detection.postprocess" in imports
     assert "detr_backbone.data.visualize" in imports
-    assert layer_of("detr_backbone.commands.render") > layer_of("detr_backbone.training.job") > layer_of("detr_backbone.joiner")
+    assert (
+        layer_of("detr_backbone.commands.render")
+        > layer_of("detr_backbone.training.job")
+        > layer_of("detr_backbone.joiner")
+    )
 
 
 def test_the_root_stays_the_backbone_library():
@@ -76,8 +81,14 @@ def test_the_root_stays_the_backbone_library():
         ("detr_backbone.detection", ["DETR", "Transformer", "HungarianMatcher", "SetCriterion", "PostProcess"]),
         ("detr_backbone.data", ["build_datamodule", "ShapesDataset", "CocoDetection"]),
         ("detr_backbone.training", ["DetrModule", "Job", "Config", "register_configs", "validated"]),
-        ("detr_backbone.training.callbacks", ["LastCheckpoint", "NonFiniteLossGuard", "PredictionGrid", "ParameterSummary"]),
-        ("detr_backbone.inference", ["Predictor", "Detections", "load_detector", "export_detector", "load_exported", "coco_metrics"]),
+        (
+            "detr_backbone.training.callbacks",
+            ["LastCheckpoint", "NonFiniteLossGuard", "PredictionGrid", "ParameterSummary"],
+        ),
+        (
+            "detr_backbone.inference",
+            ["Predictor", "Detections", "load_detector", "export_detector", "load_exported", "coco_metrics"],
+        ),
     ],
 )
 def test_public_names_import_from_their_layer(module, names):

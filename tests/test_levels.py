@@ -1,4 +1,5 @@
 """Level selection (``backbone.levels``) for every backbone kind, and the Deformable-DETR drop-in."""
+
 from __future__ import annotations
 
 import math
@@ -13,16 +14,25 @@ from detr_backbone.config import BackboneConfig
 
 
 def joiner_of(kind, name, levels, **backbone):
-    config = {"backbone": {"kind": kind, "name": name, "levels": levels, **backbone}, "hidden_dim": 64, "lr_backbone": 1e-5}
+    config = {
+        "backbone": {"kind": kind, "name": name, "levels": levels, **backbone},
+        "hidden_dim": 64,
+        "lr_backbone": 1e-5,
+    }
     return build_backbone(config)
 
 
 def deformable_args(**overrides):
     """Deformable-DETR's main.py defaults for the fields its build_backbone reads."""
     values = dict(
-        backbone="resnet50", lr_backbone=2e-5, masks=False, dilation=False, position_embedding="sine",
-        hidden_dim=256, num_feature_levels=4,
-    )  # fmt: skip
+        backbone="resnet50",
+        lr_backbone=2e-5,
+        masks=False,
+        dilation=False,
+        position_embedding="sine",
+        hidden_dim=256,
+        num_feature_levels=4,
+    )
     return Namespace(**{**values, **overrides})
 
 
@@ -66,7 +76,7 @@ def test_levels_give_names_channels_strides_and_sizes(kind, name, levels, channe
     assert [f.tensors.shape[1] for f in out.values()] == channels
     assert [tuple(f.tensors.shape[-2:]) for f in out.values()] == [(128 // s, 160 // s) for s in strides]
     assert joiner.strides == strides and joiner.num_channels == channels and joiner.feature_channels == channels
-    features, positions = joiner(images)
+    _features, positions = joiner(images)
     assert [p.shape for p in positions] == [(2, 64, 128 // s, 160 // s) for s in strides]
 
 
@@ -146,5 +156,9 @@ def test_deformable_args_give_deformables_joiner(overrides, strides, channels):
 def test_deformable_learned_encoding_and_detr_args_unchanged():
     learned = build_position_encoding(deformable_args(position_embedding="learned", hidden_dim=64))
     assert learned.row_embed.weight.shape == (50, 32)
-    detr = build_backbone(Namespace(backbone="resnet50", lr_backbone=1e-5, masks=True, dilation=False, position_embedding="sine", hidden_dim=32))
+    detr = build_backbone(
+        Namespace(
+            backbone="resnet50", lr_backbone=1e-5, masks=True, dilation=False, position_embedding="sine", hidden_dim=32
+        )
+    )
     assert detr.num_channels == 2048 and detr.strides == [4, 8, 16, 32] and detr[1].offset == 0.0

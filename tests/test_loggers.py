@@ -1,5 +1,6 @@
 """The experiment trackers, logger=wandb and logger=mlflow: offline by default, their files in the run folder,
 holding the composed config, the metrics and the validation prediction grids."""
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,14 @@ from .jobs import SMALL, TINY, compose_config
 
 # TINY without the test stage and the part summary: the trackers are what these tests look at
 OVERRIDES = [*TINY, "test_after_fit=false", "callbacks.parameter_summary=false"]
-SET_UP_BY_USER = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "WANDB_DIR", "MLFLOW_TRACKING_URI")
+SET_UP_BY_USER = (
+    "WANDB_API_KEY",
+    "WANDB_MODE",
+    "WANDB_IDENTITY_TOKEN_FILE",
+    "WANDB_BASE_URL",
+    "WANDB_DIR",
+    "MLFLOW_TRACKING_URI",
+)
 
 
 @contextmanager
@@ -188,7 +196,11 @@ def mlflow_run(store: Path) -> Path:
 
 
 def mlflow_params(run: Path) -> dict[str, str]:
-    return {str(path.relative_to(run / "params")): path.read_text() for path in (run / "params").rglob("*") if path.is_file()}
+    return {
+        str(path.relative_to(run / "params")): path.read_text()
+        for path in (run / "params").rglob("*")
+        if path.is_file()
+    }
 
 
 def mlflow_metric(run: Path, name: str) -> list[float]:
@@ -266,7 +278,9 @@ def test_tracking_uri_order(tmp_path, monkeypatch):
 @pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
 def test_a_missing_tracker_package_is_a_one_line_error_naming_the_extra(tracker, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, tracker, None)  # what importing it finds when it is not installed
-    with pytest.raises(ValueError, match=rf'^logger={tracker} needs the {tracker} package: pip install -e "\.\[{tracker}\]"$'):
+    with pytest.raises(
+        ValueError, match=rf'^logger={tracker} needs the {tracker} package: pip install -e "\.\[{tracker}\]"$'
+    ):
         validated(compose_config(*TINY, f"logger={tracker}"))
 
 

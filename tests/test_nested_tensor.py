@@ -1,4 +1,5 @@
 """NestedTensor padding, casting and the nearest-neighbour mask downsampling DETR relies on."""
+
 from __future__ import annotations
 
 import pytest
@@ -89,7 +90,9 @@ def nearest_reference(mask: torch.Tensor, out_h: int, out_w: int) -> torch.Tenso
     return out
 
 
-@pytest.mark.parametrize("in_hw, out_hw", [((32, 32), (1, 1)), ((13, 17), (4, 5)), ((96, 128), (3, 4)), ((7, 10), (9, 15))])
+@pytest.mark.parametrize(
+    "in_hw, out_hw", [((32, 32), (1, 1)), ((13, 17), (4, 5)), ((96, 128), (3, 4)), ((7, 10), (9, 15))]
+)
 def test_downsample_mask_is_detr_nearest_interpolation(in_hw, out_hw):
     torch.manual_seed(0)
     mask = torch.rand(3, *in_hw) > 0.5

@@ -1,4 +1,5 @@
 """Positional encodings: DETR's sine formula checked pixel by pixel, the learned table, dtypes, DETR calls."""
+
 from __future__ import annotations
 
 import argparse
@@ -183,8 +184,12 @@ def test_state_dict_keys_match_detr_checkpoints():
 def joiner(position: str):
     torch.manual_seed(0)
     return build_backbone(
-        {"backbone": {"kind": "torchvision", "name": "resnet18"}, "position": {"kind": position},
-         "hidden_dim": 64, "lr_backbone": 1e-5}
+        {
+            "backbone": {"kind": "torchvision", "name": "resnet18"},
+            "position": {"kind": position},
+            "hidden_dim": 64,
+            "lr_backbone": 1e-5,
+        }
     ).eval()
 
 
@@ -253,8 +258,12 @@ def test_detr_positional_constructor_arguments():
 
 def detr_args(position_embedding: str) -> argparse.Namespace:
     return argparse.Namespace(
-        backbone="resnet50", hidden_dim=256, position_embedding=position_embedding,
-        lr_backbone=1e-5, masks=False, dilation=False,
+        backbone="resnet50",
+        hidden_dim=256,
+        position_embedding=position_embedding,
+        lr_backbone=1e-5,
+        masks=False,
+        dilation=False,
     )
 
 

@@ -1,5 +1,6 @@
 """Preemption: SIGTERM or SLURM's warning signal, sent to a training process mid-epoch, ends it with
 last.ckpt at that very step; the resumed (or requeued) run goes on from there to an uninterrupted run's weights."""
+
 from __future__ import annotations
 
 import os
@@ -59,7 +60,11 @@ def assert_same_weights(expected: Job, actual: Job) -> None:
 
 def checkpoint_step(path: Path) -> tuple[int, int, list]:
     checkpoint = torch.load(path, weights_only=True)
-    return checkpoint["global_step"], checkpoint["epoch"], checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    return (
+        checkpoint["global_step"],
+        checkpoint["epoch"],
+        checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"],
+    )
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,10 +84,22 @@ def test_sigterm_to_train_py_writes_last_ckpt_at_the_current_step_and_ckpt_path_
     marker, release, run_dir = tmp_path / "waiting", tmp_path / "release", tmp_path / "preempted"
     (tmp_path / "waiting_train.py").write_text(WAITING_TRAIN)
     process = subprocess.Popen(
-        [sys.executable, str(tmp_path / "waiting_train.py"), str(marker), str(release), str(STOP_AT_SAMPLE),
-         str(ROOT / "train.py"), *PREEMPTIBLE, f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(tmp_path / "waiting_train.py"),
+            str(marker),
+            str(release),
+            str(STOP_AT_SAMPLE),
+            str(ROOT / "train.py"),
+            *PREEMPTIBLE,
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     uninterrupted = request.getfixturevalue("uninterrupted")  # trains while the process starts
     deadline = time.monotonic() + 240
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -138,8 +155,15 @@ def slurm_job(tmp_path, monkeypatch) -> Path:
     scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     scontrol.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    for name, value in {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "detr", "SLURM_PROCID": "0",
-                        "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "node1"}.items():  # fmt: skip
+    for name, value in {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "detr",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "node1",
+    }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
@@ -147,8 +171,12 @@ def slurm_job(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="SLURM's warning signal is POSIX")
-def test_slurm_warning_signal_requeues_the_job_which_resumes_at_the_step(tmp_path, monkeypatch, slurm_job, uninterrupted):
-    run_dir = tmp_path / "slurm-4242"  # one folder for every start of the job, e.g. hydra.run.dir=outputs/slurm-$SLURM_JOB_ID
+def test_slurm_warning_signal_requeues_the_job_which_resumes_at_the_step(
+    tmp_path, monkeypatch, slurm_job, uninterrupted
+):
+    run_dir = (
+        tmp_path / "slurm-4242"
+    )  # one folder for every start of the job, e.g. hydra.run.dir=outputs/slurm-$SLURM_JOB_ID
     job = Job(validated(compose_config(*PREEMPTIBLE), run_dir), run_dir)
     before = signal.getsignal(signal.SIGUSR1)  # SIG_DFL, unless something earlier in this process set one
     with monkeypatch.context() as patch, pytest.raises(Preempted) as stopped:

@@ -1,5 +1,6 @@
 """Resuming with a config that does not fit the checkpoint fails before anything is built, in one line that
 names the keys; the keys that may change on resume (limits, hardware, data paths, batch size, logging) do."""
+
 from __future__ import annotations
 
 import re
@@ -52,8 +53,11 @@ def test_another_backbone_names_the_keys_the_run_config_and_init_from(checkpoint
 
 def test_optimizer_and_data_order_keys_must_match_too(checkpoint):
     message = mismatch("lr=0.001", "seed=7", "data.train_size=10", f"ckpt_path={checkpoint}")
-    assert re.search(r"\(data\.train_size: 8 in the checkpoint, 10 now; lr: 0\.0002 in the checkpoint, 0\.001 now; "
-                     r"seed: 42 in the checkpoint, 7 now\)", message), message  # fmt: skip
+    assert re.search(
+        r"\(data\.train_size: 8 in the checkpoint, 10 now; lr: 0\.0002 in the checkpoint, 0\.001 now; "
+        r"seed: 42 in the checkpoint, 7 now\)",
+        message,
+    ), message
 
 
 def test_a_checkpoint_without_the_saved_config_is_checked_on_its_model_hyperparameters(checkpoint, tmp_path):
@@ -70,10 +74,18 @@ def test_a_checkpoint_without_the_saved_config_is_checked_on_its_model_hyperpara
 
 def test_keys_that_may_change_on_resume_do(checkpoint, tmp_path):
     allowed = (
-        "trainer.max_epochs=2", "trainer.max_steps=-1", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=5",
-        "data.batch_size=4", "data.num_workers=0", "logger.csv=false", "callbacks.checkpoint.every_n_train_steps=null",
-        "callbacks.lr_monitor=false", "backbone.compile=false", "test_after_fit=false",
-    )  # fmt: skip
+        "trainer.max_epochs=2",
+        "trainer.max_steps=-1",
+        "trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=5",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "logger.csv=false",
+        "callbacks.checkpoint.every_n_train_steps=null",
+        "callbacks.lr_monitor=false",
+        "backbone.compile=false",
+        "test_after_fit=false",
+    )
     job = Job(validated(compose_config(*SMALL, *allowed, f"ckpt_path={checkpoint}")), tmp_path)
     job.run()  # mid-epoch, in batches of 4 now: the loader skips the 6 samples trained on, in whole batches
     assert job.trainer.current_epoch == 2 and job.trainer.global_step > 3

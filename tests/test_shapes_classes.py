@@ -1,4 +1,5 @@
 """Shapes data with chosen classes (``data.classes``): new kinds, and the default job's images unchanged."""
+
 from __future__ import annotations
 
 import hashlib
@@ -48,11 +49,14 @@ def test_labels_follow_the_order_of_the_chosen_classes():
 @pytest.mark.parametrize(
     ("classes", "message"),
     [
-        (["rectangle", "hexagon"], "data.classes=['rectangle', 'hexagon'] must name each shape at most once, from rectangle, ellipse, triangle, star, cross (unknown: hexagon)"),
+        (
+            ["rectangle", "hexagon"],
+            "data.classes=['rectangle', 'hexagon'] must name each shape at most once, from rectangle, ellipse, triangle, star, cross (unknown: hexagon)",
+        ),
         (["star", "star"], "data.classes=['star', 'star'] must name each shape at most once"),
         ([], "data.classes=[] must name each shape at most once"),
     ],
-)  # fmt: skip
+)
 def test_bad_classes_fail_in_one_line(classes, message):
     with pytest.raises(ValueError) as error:
         ShapesDataset(4, classes=classes)

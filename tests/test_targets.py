@@ -1,4 +1,5 @@
 """``_target_`` configs: a backbone and an encoding of one's own, and what a checkpoint may build."""
+
 from __future__ import annotations
 
 import os
@@ -22,10 +23,16 @@ from .jobs import ROOT, SMALL, compose_config
 BACKBONE = "tests.custom_parts.make_tiny_backbone"
 ENCODING = "tests.custom_parts.RampEncoding"
 OWN_PARTS = [
-    "backbone=custom", f"backbone._target_={BACKBONE}", "+backbone.width=8", "backbone.levels=[2,3]",
-    "backbone.trainable_layers=2", "position=custom", f"position._target_={ENCODING}", "+position.period=5.0",
+    "backbone=custom",
+    f"backbone._target_={BACKBONE}",
+    "+backbone.width=8",
+    "backbone.levels=[2,3]",
+    "backbone.trainable_layers=2",
+    "position=custom",
+    f"position._target_={ENCODING}",
+    "+position.period=5.0",
     "hidden_dim=32",
-]  # fmt: skip
+]
 
 
 def joiner_of(backbone: dict, position: dict | None = None, lr_backbone: float = 1e-4):
@@ -59,30 +66,61 @@ def test_any_timm_builder_declares_through_feature_info():
     joiner = joiner_of({**spec, "return_interm_layers": True, "trainable_layers": 1})
     assert joiner.strides == [8, 16, 32] and joiner[0].feature_channels == [128, 256, 512]
     assert trainable_prefixes(joiner[0]) == {"layer4"}
-    assert [f.tensors.shape[1] for f in joiner(nested_tensor_from_tensor_list([torch.randn(3, 64, 64)]))[0]] == [128, 256, 512]
+    assert [f.tensors.shape[1] for f in joiner(nested_tensor_from_tensor_list([torch.randn(3, 64, 64)]))[0]] == [
+        128,
+        256,
+        512,
+    ]
 
 
 def test_own_encoding_is_called_with_num_pos_feats_and_its_arguments():
     joiner = joiner_of({"_target_": BACKBONE}, {"_target_": ENCODING, "period": 4.0})
     assert isinstance(joiner[1], RampEncoding) and joiner[1].channels == 16 and joiner[1].period == 4.0
-    (feature,), (position,) = joiner(nested_tensor_from_tensor_list([torch.randn(3, 64, 64)]))
+    (_feature,), (position,) = joiner(nested_tensor_from_tensor_list([torch.randn(3, 64, 64)]))
     assert position.shape == (1, 16, 4, 4) and position[0, 3, 2, 1] == pytest.approx((2 + 1) / 4.0 + 3)
 
 
 @pytest.mark.parametrize(
     ("backbone", "message"),
     [
-        ({"_target_": "no_such_package.make"}, "backbone._target_='no_such_package.make' cannot be imported: no module named 'no_such_package' (is it installed and on sys.path?)"),
-        ({"_target_": "tests.custom_parts.make_big_backbone"}, "backbone._target_='tests.custom_parts.make_big_backbone' cannot be imported: tests.custom_parts has no attribute 'make_big_backbone'"),
-        ({"_target_": "tests.custom_parts.NOT_CALLABLE"}, "backbone._target_='tests.custom_parts.NOT_CALLABLE' is a int, not a class or function that builds the part"),
-        ({"_target_": "make backbone"}, "backbone._target_='make backbone' is not a dotted path to a class or function, e.g. my_pkg.backbones.make_backbone"),
-        ({"_target_": "tests.custom_parts.Undeclared"}, "backbone._target_='tests.custom_parts.Undeclared' built a Undeclared that does not declare its feature maps: give it `num_channels` and `strides` lists, one entry per returned map (as Deformable-DETR's backbones), or timm's `feature_info`"),
-        ({"_target_": BACKBONE, "depth": 3}, f"backbone._target_='{BACKBONE}' failed with depth: TypeError: make_tiny_backbone() got an unexpected keyword argument 'depth'"),
-        ({"_target_": "tests.custom_parts.Unstaged", "trainable_layers": 2}, "backbone.trainable_layers=2 needs the stages of 'tests.custom_parts.Unstaged' declared: give it `stage_modules` (the submodules that end each stage), or use 0 or 5"),
-        ({"_target_": BACKBONE, "levels": [2, 4]}, "levels=[2, 4] must be increasing stage numbers in 1..3, e.g. [2, 3, 4]"),
-        ({"_target_": "detr_backbone.ResNet"}, "backbone._target_='detr_backbone.ResNet' is not one of detr_backbone.Backbone, detr_backbone.GroupNormBackbone, detr_backbone.TimmBackbone"),
+        (
+            {"_target_": "no_such_package.make"},
+            "backbone._target_='no_such_package.make' cannot be imported: no module named 'no_such_package' (is it installed and on sys.path?)",
+        ),
+        (
+            {"_target_": "tests.custom_parts.make_big_backbone"},
+            "backbone._target_='tests.custom_parts.make_big_backbone' cannot be imported: tests.custom_parts has no attribute 'make_big_backbone'",
+        ),
+        (
+            {"_target_": "tests.custom_parts.NOT_CALLABLE"},
+            "backbone._target_='tests.custom_parts.NOT_CALLABLE' is a int, not a class or function that builds the part",
+        ),
+        (
+            {"_target_": "make backbone"},
+            "backbone._target_='make backbone' is not a dotted path to a class or function, e.g. my_pkg.backbones.make_backbone",
+        ),
+        (
+            {"_target_": "tests.custom_parts.Undeclared"},
+            "backbone._target_='tests.custom_parts.Undeclared' built a Undeclared that does not declare its feature maps: give it `num_channels` and `strides` lists, one entry per returned map (as Deformable-DETR's backbones), or timm's `feature_info`",
+        ),
+        (
+            {"_target_": BACKBONE, "depth": 3},
+            f"backbone._target_='{BACKBONE}' failed with depth: TypeError: make_tiny_backbone() got an unexpected keyword argument 'depth'",
+        ),
+        (
+            {"_target_": "tests.custom_parts.Unstaged", "trainable_layers": 2},
+            "backbone.trainable_layers=2 needs the stages of 'tests.custom_parts.Unstaged' declared: give it `stage_modules` (the submodules that end each stage), or use 0 or 5",
+        ),
+        (
+            {"_target_": BACKBONE, "levels": [2, 4]},
+            "levels=[2, 4] must be increasing stage numbers in 1..3, e.g. [2, 3, 4]",
+        ),
+        (
+            {"_target_": "detr_backbone.ResNet"},
+            "backbone._target_='detr_backbone.ResNet' is not one of detr_backbone.Backbone, detr_backbone.GroupNormBackbone, detr_backbone.TimmBackbone",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_targets_fail_in_one_line(backbone, message):
     with pytest.raises(ValueError) as error:
         joiner_of(backbone)
@@ -91,14 +129,22 @@ def test_bad_targets_fail_in_one_line(backbone, message):
 
 def test_a_backbone_returning_a_tensor_is_named_at_its_first_call():
     joiner = joiner_of({"_target_": "tests.custom_parts.ReturnsTensor"})
-    with pytest.raises(ValueError, match=r"^backbone._target_='tests.custom_parts.ReturnsTensor' returned Tensor; it declares 3 feature maps"):
+    with pytest.raises(
+        ValueError,
+        match=r"^backbone._target_='tests.custom_parts.ReturnsTensor' returned Tensor; it declares 3 feature maps",
+    ):
         joiner(nested_tensor_from_tensor_list([torch.randn(3, 32, 32)]))
 
 
 def test_dilation_and_a_missing_target_are_config_errors():
-    with pytest.raises(ValueError, match=r"^dilation=true applies to our backbones; backbone._target_='tests.custom_parts"):
+    with pytest.raises(
+        ValueError, match=r"^dilation=true applies to our backbones; backbone._target_='tests.custom_parts"
+    ):
         validated(compose_config(*SMALL, *OWN_PARTS, "dilation=true"))
-    with pytest.raises(ValueError, match=r"^backbone._target_ is not set: give it on the command line \(backbone._target_=...\) or in your config$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^backbone._target_ is not set: give it on the command line \(backbone._target_=...\) or in your config$",
+    ):
         validated(compose_config(*SMALL, "backbone=custom"))
 
 
@@ -110,7 +156,9 @@ def own_parts_checkpoint(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("own_parts")
     steps = ["trainer.max_steps=3", "trainer.num_sanity_val_steps=0", "callbacks.lr_monitor=false", "logger.csv=false"]
     job = Job(validated(compose_config(*SMALL, *OWN_PARTS, *steps)), run_dir)
-    groups = {group["name"]: len(group["params"]) for group in job.module.configure_optimizers()["optimizer"].param_groups}
+    groups = {
+        group["name"]: len(group["params"]) for group in job.module.configure_optimizers()["optimizer"].param_groups
+    }
     assert groups["backbone"] == 4  # stage2 and stage3: a weight and a bias each; the encoding has no parameters
     job.run()
     return run_dir / "checkpoints" / "last.ckpt"
@@ -153,7 +201,9 @@ def os_system_checkpoint(own_parts_checkpoint, tmp_path_factory):
 def test_a_saved_config_naming_os_system_never_runs(os_system_checkpoint):
     path, marker = os_system_checkpoint
     for load in (load_detector, load_training_module, DetrModule.load_from_checkpoint):
-        with pytest.raises(TargetNotAllowedError, match=r"names backbone._target_='os.system', which is not part of detr_backbone"):
+        with pytest.raises(
+            TargetNotAllowedError, match=r"names backbone._target_='os.system', which is not part of detr_backbone"
+        ):
             load(path)
     assert not marker.exists()
 
@@ -162,11 +212,19 @@ def test_commands_refuse_it_in_one_line_and_take_the_allow_list(os_system_checkp
     path, marker = os_system_checkpoint
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
     command = [sys.executable, "-m", "detr_backbone", "export", f"output={tmp_path / 'model.onnx'}"]
-    refused = subprocess.run([*command, f"ckpt_path={path}"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    refused = subprocess.run(
+        [*command, f"ckpt_path={path}"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+    )
     assert refused.returncode == 1 and not marker.exists() and not (tmp_path / "model.onnx").exists()
-    assert refused.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {path} names backbone._target_='os.system'")
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: checkpoint {path} names backbone._target_='os.system'")
+    )
     allowed = f"allowed_targets=[{BACKBONE},{ENCODING}]"  # the same command, in this process
-    export_main([f"ckpt_path={own_parts_checkpoint}", allowed, "format=torch_export", f"output={tmp_path / 'model.pt2'}"])
+    export_main(
+        [f"ckpt_path={own_parts_checkpoint}", allowed, "format=torch_export", f"output={tmp_path / 'model.pt2'}"]
+    )
     assert (tmp_path / "model.pt2").is_file()
 
 

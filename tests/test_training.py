@@ -1,4 +1,5 @@
 """The training job: parameter groups, what moves and what stays, resume, reload, precisions, backbones."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,7 +41,11 @@ def test_groups_with_a_trained_backbone(tmp_path):
     assert {n.split(".")[1] for n in head} == {"transformer", "input_proj", "query_embed", "class_embed", "bbox_embed"}
     backbone = groups["backbone"]
     assert backbone[0] == 2e-5
-    assert backbone[1] == {n for n in names_under(module, "detector.backbone.0.body.", False) if n.split(".")[4] in ("layer2", "layer3", "layer4")}
+    assert backbone[1] == {
+        n
+        for n in names_under(module, "detector.backbone.0.body.", False)
+        if n.split(".")[4] in ("layer2", "layer3", "layer4")
+    }
 
 
 def test_groups_with_a_frozen_backbone_and_learned_table(tmp_path):
@@ -49,7 +54,10 @@ def test_groups_with_a_frozen_backbone_and_learned_table(tmp_path):
     assert not names_under(module, "detector.backbone.")
     module = job(tmp_path, "lr_backbone=0", "position=learned", "position.lr=1e-4").module
     groups = groups_of(module)
-    assert groups["position"] == (1e-4, {"detector.backbone.1.row_embed.weight", "detector.backbone.1.col_embed.weight"})
+    assert groups["position"] == (
+        1e-4,
+        {"detector.backbone.1.row_embed.weight", "detector.backbone.1.col_embed.weight"},
+    )
     assert "backbone" not in groups
 
 
@@ -68,7 +76,12 @@ def test_frozen_tensors_stay_bit_identical_and_trainable_ones_move(tmp_path):
     trainable = {n for n, p in run.module.named_parameters() if p.requires_grad}
     run.run()
     after = run.module.state_dict()
-    frozen_bn = {f"{name}.{buffer}" for name, m in run.module.named_modules() if isinstance(m, FrozenBatchNorm2d) for buffer in ("weight", "bias", "running_mean", "running_var")}
+    frozen_bn = {
+        f"{name}.{buffer}"
+        for name, m in run.module.named_modules()
+        if isinstance(m, FrozenBatchNorm2d)
+        for buffer in ("weight", "bias", "running_mean", "running_var")
+    }
     assert len(frozen_bn) == 20 * 4
     unchanged = {k for k in before if torch.equal(before[k], after[k])}
     assert frozen_bn <= unchanged

@@ -1,4 +1,5 @@
 """What a user sees: the per-part parameter summary, the validation prediction grids, the render command."""
+
 from __future__ import annotations
 
 import logging
@@ -72,9 +73,16 @@ def test_part_counts_match_an_independent_count(tmp_path, overrides, body_frozen
     rows = {row.part: row for row in count_parts(module)}
     expected = independent_counts(module)
     assert list(rows) == [
-        "backbone body", "positional table", "transformer", "input_proj", "query_embed", "class_embed", "bbox_embed",
-        "other", "total",
-    ]  # fmt: skip
+        "backbone body",
+        "positional table",
+        "transformer",
+        "input_proj",
+        "query_embed",
+        "class_embed",
+        "bbox_embed",
+        "other",
+        "total",
+    ]
     for part, (trainable, frozen) in expected.items():
         assert (rows[part].trainable, rows[part].frozen) == (trainable, frozen), part
     body_params = sum(p.numel() for p in module.detector.backbone[0].parameters())
@@ -114,9 +122,13 @@ def fitted(tmp_path_factory):
     lightning_log.addHandler(handler)
     try:
         run = job(
-            run_dir, "trainer.max_epochs=2", "test_after_fit=false", "logger=tensorboard", "callbacks.progress_bar=tqdm",
+            run_dir,
+            "trainer.max_epochs=2",
+            "test_after_fit=false",
+            "logger=tensorboard",
+            "callbacks.progress_bar=tqdm",
             "callbacks.predictions.score_threshold=0",
-        )  # fmt: skip
+        )
         run.run()
     finally:
         lightning_log.removeHandler(handler)
@@ -285,7 +297,9 @@ def test_render_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"^error: image file not found: .*missing\.png$"):
         render_main(["--image", str(tmp_path / "missing.png"), "--out", str(tmp_path), *RENDER_MODEL])
     (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match=r"^error: .*garbage\.ckpt is not a Lightning checkpoint of train.py's DetrModule"):
+    with pytest.raises(
+        SystemExit, match=r"^error: .*garbage\.ckpt is not a Lightning checkpoint of train.py's DetrModule"
+    ):
         render_main(["--ckpt", str(tmp_path / "garbage.ckpt"), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"^error: checkpoint file not found: .*none\.ckpt$"):
         render_main(["--ckpt", str(tmp_path / "none.ckpt"), "--out", str(tmp_path)])

@@ -3,6 +3,7 @@ unreadable or malicious files, and pretrained downloads that fail with a useful 
 
 Every weight file is written by the tests themselves into tmp_path; nothing touches the network.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -105,9 +106,16 @@ def test_frozen_batchnorm_statistics_are_buffers_not_parameters():
     assert not [m for m in joiner.modules() if isinstance(m, nn.BatchNorm2d)]
     for norm in norms:
         assert dict(norm.named_parameters(recurse=False)) == {}
-        assert {name for name, _ in norm.named_buffers(recurse=False)} == {"weight", "bias", "running_mean", "running_var"}
+        assert {name for name, _ in norm.named_buffers(recurse=False)} == {
+            "weight",
+            "bias",
+            "running_mean",
+            "running_var",
+        }
     # Only convolutions remain as parameters of the body.
-    assert all(name.endswith("weight") and ("conv" in name or "downsample.0" in name) for name, _ in joiner.named_parameters())
+    assert all(
+        name.endswith("weight") and ("conv" in name or "downsample.0" in name) for name, _ in joiner.named_parameters()
+    )
 
 
 # --- DETR / Lightning detector checkpoints -------------------------------------------------------
@@ -238,7 +246,13 @@ def test_ddp_prefix_is_stripped_only_at_the_start(tmp_path):
     # "module." inside a key is part of its name.
     path = tmp_path / "mixed.pth"
     torch.save(
-        {"model": {"module.conv1.weight": torch.ones(1), "bn1.weight": torch.ones(1), "layer1.module.weight": torch.ones(1)}},
+        {
+            "model": {
+                "module.conv1.weight": torch.ones(1),
+                "bn1.weight": torch.ones(1),
+                "layer1.module.weight": torch.ones(1),
+            }
+        },
         path,
     )
     assert set(read_state_dict(path)) == {"conv1.weight", "bn1.weight", "layer1.module.weight"}

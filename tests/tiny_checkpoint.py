@@ -1,4 +1,5 @@
 """A train.py checkpoint small enough to train in seconds, for the tests that run a trained detector."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,9 +15,16 @@ NUM_QUERIES = 5
 # 40 optimizer steps of the SMALL job (a ResNet-18-GN cut after layer2, 32-48 px images) and one
 # validation: about two seconds, and enough for some detections to overlap the shapes (AP above 0)
 TINY_RUN = [
-    *SMALL, "trainer.max_steps=40", "trainer.max_epochs=3", "trainer.num_sanity_val_steps=0", "data.train_size=32",
-    "data.val_size=2", "callbacks.progress_bar=none", "callbacks.lr_monitor=false", "logger.csv=false",
-]  # fmt: skip
+    *SMALL,
+    "trainer.max_steps=40",
+    "trainer.max_epochs=3",
+    "trainer.num_sanity_val_steps=0",
+    "data.train_size=32",
+    "data.val_size=2",
+    "callbacks.progress_bar=none",
+    "callbacks.lr_monitor=false",
+    "logger.csv=false",
+]
 
 
 def train_tiny_checkpoint(folder: Path) -> Path:

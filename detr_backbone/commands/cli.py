@@ -1,4 +1,5 @@
 """What the commands share: their Hydra config composed from conf/, and user errors ended in one line."""
+
 from __future__ import annotations
 
 import sys
@@ -19,8 +20,12 @@ from ..weights import CheckpointMismatchError
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # what a user can cause and fix: a bad path, value or file; anything else keeps its traceback
 USER_ERRORS: tuple[type[Exception], ...] = (
-    ValueError, FileNotFoundError, CheckpointMismatchError, HydraException, OmegaConfBaseException,
-)  # fmt: skip
+    ValueError,
+    FileNotFoundError,
+    CheckpointMismatchError,
+    HydraException,
+    OmegaConfBaseException,
+)
 
 Schema = TypeVar("Schema")
 

@@ -10,6 +10,7 @@ and ``metrics.json``. Every number is pycocotools' COCOeval of those two files, 
 recompute them. Images are resized and normalised by the data config's evaluation transform, as
 the training job's validation does. Keys: conf/evaluate.yaml and the data group, as Hydra overrides.
 """
+
 from __future__ import annotations
 
 import sys
@@ -47,7 +48,9 @@ class EvaluateConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        require(self.ckpt_path is not None, "ckpt_path is required: python -m detr_backbone evaluate ckpt_path=<checkpoint>")
+        require(
+            self.ckpt_path is not None, "ckpt_path is required: python -m detr_backbone evaluate ckpt_path=<checkpoint>"
+        )
         require(self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
 
 
@@ -68,7 +71,9 @@ def model_category_ids(loaded: LoadedDetector, names: Sequence[str], ids: Sequen
     return list(ids)
 
 
-def ground_truth_file(cfg: EvaluateConfig, dataset: Dataset, names: Sequence[str], ids: Sequence[int], output_dir: Path) -> Path:
+def ground_truth_file(
+    cfg: EvaluateConfig, dataset: Dataset, names: Sequence[str], ids: Sequence[int], output_dir: Path
+) -> Path:
     """A COCO folder's annotation file; for the shapes, their boxes written as a COCO instances file."""
     if isinstance(dataset, ShapesDataset):
         targets = (dataset.render(index)[1] for index in range(len(dataset)))
@@ -90,7 +95,9 @@ def evaluate(cfg: EvaluateConfig) -> CocoMetrics:
     names, ids = dataset_categories(dataset)
     category_ids = model_category_ids(loaded, names, ids, f"the data={cfg.data.kind} validation set")
     # COCO evaluation ranks every query of every image, as DETR's does: no threshold, no top-k
-    predictor = Predictor.from_loaded(loaded, threshold=0.0, top_k=None, device=cfg.device, dtype=cfg.dtype, fuse=cfg.fuse)
+    predictor = Predictor.from_loaded(
+        loaded, threshold=0.0, top_k=None, device=cfg.device, dtype=cfg.dtype, fuse=cfg.fuse
+    )
     rows: list[dict[str, Any]] = []
     for images, targets in tqdm(datamodule.val_dataloader(), unit="batch", disable=not cfg.progress, file=sys.stderr):
         original_sizes = torch.stack([target["orig_size"] for target in targets])
@@ -100,8 +107,16 @@ def evaluate(cfg: EvaluateConfig) -> CocoMetrics:
     detections_file = write_json(output_dir / DETECTIONS_FILE, rows)
     truth = ground_truth_file(cfg, dataset, names, ids, output_dir)
     metrics = coco_metrics(truth, detections_file)
-    metrics.files = {"detections": str(detections_file), "ground_truth": str(truth), "metrics": str(output_dir / METRICS_FILE)}
-    content = {"checkpoint": {"path": loaded.path, "kind": loaded.source}, "data": asdict(cfg.data), **metrics.as_json()}
+    metrics.files = {
+        "detections": str(detections_file),
+        "ground_truth": str(truth),
+        "metrics": str(output_dir / METRICS_FILE),
+    }
+    content = {
+        "checkpoint": {"path": loaded.path, "kind": loaded.source},
+        "data": asdict(cfg.data),
+        **metrics.as_json(),
+    }
     write_json(output_dir / METRICS_FILE, content, indent=2)
     return metrics
 

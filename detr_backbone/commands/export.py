@@ -9,6 +9,7 @@ labels and pixel boxes). The written file is run on a batch of another size than
 compared with eager PyTorch; above the tolerance the file is removed and the command fails.
 Keys: conf/export.yaml, as Hydra overrides.
 """
+
 from __future__ import annotations
 
 import sys
@@ -43,7 +44,10 @@ class ExportConfig:
         for name in ("trace_size", "check_size"):
             size = getattr(self, name)
             require(len(size) == 2 and min(size) >= 64, f"{name}={list(size)} must be [height, width], both >= 64")
-        require(list(self.check_size) != list(self.trace_size), f"check_size={list(self.check_size)} must differ from trace_size")
+        require(
+            list(self.check_size) != list(self.trace_size),
+            f"check_size={list(self.check_size)} must differ from trace_size",
+        )
         require(self.atol >= 0 and self.rtol >= 0, f"atol={self.atol} and rtol={self.rtol} must be >= 0")
 
 
@@ -52,7 +56,10 @@ def output_path(cfg: ExportConfig) -> Path:
     suffix = FORMATS[cfg.format]
     if cfg.output is not None:
         path = Path(cfg.output)
-        require(not path.is_dir(), f"output={cfg.output!r} is a folder; give the file to write, e.g. {path / ('model' + suffix)}")
+        require(
+            not path.is_dir(),
+            f"output={cfg.output!r} is a folder; give the file to write, e.g. {path / ('model' + suffix)}",
+        )
         return path
     source = Path(cfg.ckpt_path)
     return source / f"model{suffix}" if source.is_dir() else source.with_suffix(suffix)

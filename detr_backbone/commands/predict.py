@@ -7,6 +7,7 @@
 image keeps its path below the inputs' common folder, under ``output_dir``. Keys and defaults:
 conf/predict.yaml; they are Hydra overrides, as for train.py.
 """
+
 from __future__ import annotations
 
 import sys
@@ -48,7 +49,9 @@ class PredictConfig:
     device: str = "cpu"
     dtype: str = "float32"  # float32 | bfloat16 | float16
     compile: bool = False  # torch.compile the detector (pays off on large folders of few image sizes)
-    fuse: Optional[bool] = None  # oneDNN-fused frozen-BN ResNet convolutions; null: on a CPU in float32/bfloat16, uncompiled
+    fuse: Optional[bool] = (
+        None  # oneDNN-fused frozen-BN ResNet convolutions; null: on a CPU in float32/bfloat16, uncompiled
+    )
     on_error: str = "skip"  # an unreadable image: skip (named, counted) | stop (the run fails, naming it)
     annotations: Optional[str] = None  # a COCO instances file: image_id by file name, category_id by class name
     draw: bool = True  # write the drawn images (detections.json is always written)
@@ -63,7 +66,9 @@ class PredictConfig:
         require(self.size is None or self.size >= 0, f"size={self.size} must be >= 0 (0: no resize) or null")
         require(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
         require(self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
-        require(not (self.fuse and self.compile), "fuse=true and compile=true exclude each other: inductor fuses on its own")
+        require(
+            not (self.fuse and self.compile), "fuse=true and compile=true exclude each other: inductor fuses on its own"
+        )
         require(self.on_error in ON_ERROR, f"on_error={self.on_error!r} is not one of {', '.join(ON_ERROR)}")
 
 
@@ -168,7 +173,11 @@ def predict(cfg: PredictConfig) -> PredictSummary:
         sizes = {file: size for file in files if (size := reader.size(file)) is not None}
         readable = list(sizes)
         for group in size_groups([sizes[file] for file in readable], cfg.batch_size):
-            loaded = [(file, image) for file in (readable[index] for index in group) if (image := reader.image(file)) is not None]
+            loaded = [
+                (file, image)
+                for file in (readable[index] for index in group)
+                if (image := reader.image(file)) is not None
+            ]
             if not loaded:
                 continue
             for (file, image), detections in zip(loaded, predictor([image for _, image in loaded])):

@@ -10,6 +10,7 @@ and ``features.png`` (per level: the input, the channel mean and the channel L2 
 map, then its top-k channels by energy), all cropped to the unpadded region. Trailing ``key=value``
 arguments are Hydra overrides of conf/config.yaml, as for train.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,16 @@ from ..training.job import validated
 from .cli import CONF_DIR, USER_ERRORS
 
 # overrides that shape the model; with --ckpt the checkpoint's own saved config decides those
-MODEL_KEYS = ("backbone", "position", "hidden_dim", "lr_backbone", "dilation", "return_interm_layers", "freeze_backbone", "model")
+MODEL_KEYS = (
+    "backbone",
+    "position",
+    "hidden_dim",
+    "lr_backbone",
+    "dilation",
+    "return_interm_layers",
+    "freeze_backbone",
+    "model",
+)
 
 
 def compose_config(overrides: Sequence[str]) -> Config:
@@ -86,7 +96,9 @@ def fitted_size(height: int, width: int, side: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def position_grid(encoding: torch.nn.Module, positions: list[Tensor], features: list[NestedTensor], count: int, side: int) -> Tensor:
+def position_grid(
+    encoding: torch.nn.Module, positions: list[Tensor], features: list[NestedTensor], count: int, side: int
+) -> Tensor:
     """Rows of positional channels: for each level, one row per axis (white 0, red +1, blue -1)."""
     tiles = []
     for level, (position, feature) in enumerate(zip(positions, features)):

@@ -4,6 +4,7 @@
 
 Exits with status 1 when there are problems, 0 when there are none.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m detr_backbone verify", description=__doc__.split("\n\n")[0])
     parser.add_argument("images", help="the folder of the images")
     parser.add_argument("annotations", help="the COCO instances JSON file")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads decoding images (default: one per core)")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="threads decoding images (default: one per core)"
+    )
     args = parser.parse_args(argv)
     report = check_coco_folder(args.images, args.annotations, args.workers)
     for problem in report.problems:

@@ -1,4 +1,5 @@
 """Detection data in DETR's format: datasets, augmentation, batching and the Lightning DataModule."""
+
 from .coco import CocoDetection
 from .collate import DetectionCollate, collate_detection
 from .datamodule import DATA_KINDS, DetectionDataModule, build_datamodule

@@ -7,6 +7,7 @@ marks travel with the batch out of the loader's worker processes to the training
 once per file, counts them in the log and stops the run when too many are bad
 (``training/callbacks/bad_samples.py``). ``python -m detr_backbone verify`` finds them all beforehand.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

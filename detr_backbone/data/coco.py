@@ -1,4 +1,5 @@
 """Any COCO-format detection folder: an image directory and an instances JSON file."""
+
 from __future__ import annotations
 
 import contextlib

@@ -6,6 +6,7 @@ are not four numbers, have no area, or lie outside their image), and every image
 whole: missing, unreadable or truncated, or of another size than the JSON says (a rotated or
 re-encoded file, whose boxes would be wrong). ``python -m detr_backbone verify`` prints them.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -83,9 +84,13 @@ def annotation_problems(source: str, entries: Mapping[str, list[Mapping[str, Any
         image = images.get(annotation.get("image_id"))
         named = f"annotation {annotation.get('id')}" + (f" ({image.get('file_name')})" if image else "")
         if image is None:
-            problems.append(Problem(source, f"{named} is of image id {annotation.get('image_id')!r}, which is not declared"))
+            problems.append(
+                Problem(source, f"{named} is of image id {annotation.get('image_id')!r}, which is not declared")
+            )
         if annotation.get("category_id") not in categories:
-            problems.append(Problem(source, f"{named} has category id {annotation.get('category_id')!r}, which is not declared"))
+            problems.append(
+                Problem(source, f"{named} has category id {annotation.get('category_id')!r}, which is not declared")
+            )
         issue = box_problem(annotation.get("bbox"), None if image is None else size_of(image))
         if issue:
             problems.append(Problem(source, f"{named}: {issue}"))
@@ -100,14 +105,23 @@ def image_problems(image_dir: Path, source: str, image: Mapping[str, Any]) -> li
     try:
         picture = load_rgb_image(path)
     except BadImageError as error:
-        reason = "missing" if isinstance(error, FileNotFoundError) else "cannot be read: " + str(error).split(f"{path}: ", 1)[-1]
+        reason = (
+            "missing"
+            if isinstance(error, FileNotFoundError)
+            else "cannot be read: " + str(error).split(f"{path}: ", 1)[-1]
+        )
         return [Problem(str(path), reason)]
     declared = size_of(image)
     if declared is None:
         return [Problem(source, f"image {image.get('id')} ({image['file_name']}) has no numeric width and height")]
     if declared != (picture.width, picture.height):
         turned = " (rotated?)" if declared == (picture.height, picture.width) else ""
-        return [Problem(str(path), f"is {picture.width}x{picture.height} pixels, the JSON says {declared[0]}x{declared[1]}{turned}; its boxes would be wrong")]  # fmt: skip
+        return [
+            Problem(
+                str(path),
+                f"is {picture.width}x{picture.height} pixels, the JSON says {declared[0]}x{declared[1]}{turned}; its boxes would be wrong",
+            )
+        ]
     return []
 
 

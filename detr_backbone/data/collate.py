@@ -1,4 +1,5 @@
 """Batching detection samples: images padded into a NestedTensor, targets kept as a list."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

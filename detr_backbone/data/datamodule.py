@@ -1,4 +1,5 @@
 """The Lightning DataModule that feeds (NestedTensor, targets) batches, and its builder from config."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -129,7 +130,9 @@ def _require(values: Mapping[str, Any], fields: Sequence[str], kind: str) -> Non
 
 def _shapes_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSource]:
     _require(values, ("train_size", "val_size"), "shapes")
-    options = _present(values, {name: name for name in ("seed", "min_size", "max_size", "max_objects", "cache", "classes")})
+    options = _present(
+        values, {name: name for name in ("seed", "min_size", "max_size", "max_objects", "cache", "classes")}
+    )
     return (
         partial(ShapesDataset, values["train_size"], split="train", **options),
         partial(ShapesDataset, values["val_size"], split="val", **options),
@@ -139,9 +142,13 @@ def _shapes_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSo
 def _coco_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSource]:
     _require(values, ("train_images", "train_annotations", "val_images", "val_annotations"), "coco")
     if values.get("cache"):
-        raise ValueError("data.cache=true applies to data=shapes only: COCO images are read and augmented afresh each time")
+        raise ValueError(
+            "data.cache=true applies to data=shapes only: COCO images are read and augmented afresh each time"
+        )
     if values.get("classes") is not None:
-        raise ValueError("data.classes applies to data=shapes only: a COCO folder's classes are the categories of its annotations")
+        raise ValueError(
+            "data.classes applies to data=shapes only: a COCO folder's classes are the categories of its annotations"
+        )
     train_transforms = detr_train_transforms(**_present(values, {"scales": "scales", "max_resize": "max_size"}))
     val_transforms = detr_val_transforms(**_present(values, {"val_resize": "size", "max_resize": "max_size"}))
     bad_samples = _present(values, {"bad_samples": "bad_samples"})

@@ -5,6 +5,7 @@ clipped at 255, so an image of values up to 65535 turns almost white; and palett
 transparency make PIL warn on every read. Those are converted here by meaning: 16 bits scaled to 8,
 palette through RGBA. Alpha is dropped (the colour under transparent pixels stays, as in DETR).
 """
+
 from __future__ import annotations
 
 import numpy as np

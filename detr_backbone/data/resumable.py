@@ -5,6 +5,7 @@ the state back when it resumes an unfinished epoch (it calls ``load_state_dict``
 epoch's first ``iter``). Without it a resumed epoch starts its sampler from the top, so the run
 would train again on the epoch's first batches and never see its last ones.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sized

@@ -1,4 +1,5 @@
 """A shuffling sampler whose order is a function of (seed, epoch), so a resumed run sees the same data."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sized

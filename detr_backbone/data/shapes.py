@@ -2,6 +2,7 @@
 
 Every image is a pure function of (seed, split, index), so workers, reruns and machines agree.
 """
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ A sample enters as ``(image, target)``: a PIL image (or ``tv_tensors.Image``) an
 every v2 geometric transform moves them with the image. It leaves in DETR's format (see
 :class:`ToDetrFormat`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence

@@ -1,5 +1,6 @@
 """Drawing helpers shared by the prediction grid and the render command: model inputs back to
 pixels, boxes on them, scalar maps as colour tiles, and tiles saved as one PNG grid."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -41,12 +42,20 @@ def resize_longer_side(image: Tensor, side: int) -> tuple[Tensor, float]:
     return TF.resize(image, size, antialias=True), scale
 
 
-def draw_boxes(image: Tensor, boxes: Tensor, captions: Sequence[str], color: tuple[int, int, int], width: int = 2) -> Tensor:
+def draw_boxes(
+    image: Tensor, boxes: Tensor, captions: Sequence[str], color: tuple[int, int, int], width: int = 2
+) -> Tensor:
     """XYXY pixel ``boxes`` with their captions drawn on a uint8 (3, H, W) image."""
     if len(boxes) == 0:
         return image
     return draw_bounding_boxes(
-        image, boxes.float().cpu(), labels=list(captions), colors=color, width=width, label_colors=(255, 255, 255), fill_labels=True
+        image,
+        boxes.float().cpu(),
+        labels=list(captions),
+        colors=color,
+        width=width,
+        label_colors=(255, 255, 255),
+        fill_labels=True,
     )
 
 
@@ -54,7 +63,7 @@ def caption(tile: Tensor, text: str) -> Tensor:
     """``text`` written in the top-left corner of a uint8 (3, H, W) tile, on a white strip so it stays legible."""
     picture = TF.to_pil_image(tile)
     draw = ImageDraw.Draw(picture)
-    left, top, right, bottom = draw.textbbox((2, 1), text)
+    _left, _top, right, bottom = draw.textbbox((2, 1), text)
     draw.rectangle((0, 0, right + 2, bottom + 1), fill=(255, 255, 255))
     draw.text((2, 1), text, fill=(0, 0, 0))
     return TF.pil_to_tensor(picture)
@@ -69,7 +78,9 @@ def heatmap(values: Tensor, size: tuple[int, int], signed: bool = False) -> Tens
     values = values.detach().float().cpu()
     if signed:
         level = values / values.abs().max().clamp_min(1e-12)  # -1..1
-        tint = torch.where(level[None] < 0, torch.tensor(NEGATIVE)[:, None, None], torch.tensor(POSITIVE)[:, None, None])
+        tint = torch.where(
+            level[None] < 0, torch.tensor(NEGATIVE)[:, None, None], torch.tensor(POSITIVE)[:, None, None]
+        )
         rgb = 1 - level.abs()[None] * (1 - tint)
     else:
         low, high = values.min(), values.max()
@@ -84,9 +95,7 @@ def tile_grid(tiles: Sequence[Tensor], nrow: int) -> Tensor:
         raise ValueError("tile_grid needs at least one tile")
     height = max(tile.shape[-2] for tile in tiles)
     width = max(tile.shape[-1] for tile in tiles)
-    padded = [
-        F.pad(tile, (0, width - tile.shape[-1], 0, height - tile.shape[-2]), value=BACKGROUND) for tile in tiles
-    ]
+    padded = [F.pad(tile, (0, width - tile.shape[-1], 0, height - tile.shape[-2]), value=BACKGROUND) for tile in tiles]
     return make_grid(padded, nrow=nrow, padding=GRID_PADDING, pad_value=BACKGROUND)
 
 

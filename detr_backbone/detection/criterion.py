@@ -1,4 +1,5 @@
 """DETR's set loss: match predictions to targets, then classify every query and regress matched boxes."""
+
 from __future__ import annotations
 
 import re
@@ -41,7 +42,9 @@ class SetCriterion(nn.Module):
         super().__init__()
         weights = dict(DEFAULT_LOSS_WEIGHTS if loss_weights is None else loss_weights)
         if not weights or not set(weights) <= set(DEFAULT_LOSS_WEIGHTS):
-            raise ValueError(f"loss_weights must have some of the keys {sorted(DEFAULT_LOSS_WEIGHTS)}, got {sorted(weights)}")
+            raise ValueError(
+                f"loss_weights must have some of the keys {sorted(DEFAULT_LOSS_WEIGHTS)}, got {sorted(weights)}"
+            )
         self.num_classes = num_classes
         self.matcher = matcher
         self.eos_coef = eos_coef
@@ -102,13 +105,19 @@ class SetCriterion(nn.Module):
         return torch.stack(weighted).sum()
 
 
-def auxiliary_predictions(outputs: Mapping, targets: Sequence[Mapping[str, Tensor]]) -> Iterator[tuple[str, Mapping, Sequence]]:
+def auxiliary_predictions(
+    outputs: Mapping, targets: Sequence[Mapping[str, Tensor]]
+) -> Iterator[tuple[str, Mapping, Sequence]]:
     """(loss name suffix, outputs, targets) of each prediction besides the final one."""
     for index, aux in enumerate(outputs.get("aux_outputs", [])):
         yield str(index), aux, targets
     if "enc_outputs" in outputs:
         # the proposals only say "object here": every target counts as class 0
-        yield "enc", outputs["enc_outputs"], [{**target, "labels": torch.zeros_like(target["labels"])} for target in targets]
+        yield (
+            "enc",
+            outputs["enc_outputs"],
+            [{**target, "labels": torch.zeros_like(target["labels"])} for target in targets],
+        )
 
 
 def matched_queries(indices: Indices) -> tuple[Tensor, Tensor]:

@@ -1,6 +1,8 @@
 """The DETR detector: Joiner features -> transformer -> a class and a box for each object query."""
+
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 
 import torch.nn.functional as F
@@ -18,7 +20,7 @@ class MLP(nn.Module):
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(n_in, n_out) for n_in, n_out in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(nn.Linear(n_in, n_out) for n_in, n_out in itertools.pairwise(dims))
 
     def forward(self, x: Tensor) -> Tensor:
         *hidden, last = self.layers
@@ -35,10 +37,14 @@ class DETR(nn.Module):
     ``aux_loss`` the same pair for every earlier decoder layer in ``aux_outputs``.
     """
 
-    def __init__(self, backbone: Joiner, transformer: Transformer, num_classes: int, num_queries: int, aux_loss: bool = True):
+    def __init__(
+        self, backbone: Joiner, transformer: Transformer, num_classes: int, num_queries: int, aux_loss: bool = True
+    ):
         super().__init__()
         if aux_loss and not transformer.decoder.return_intermediate:
-            raise ValueError("aux_loss=True needs every decoder layer: build the transformer with return_intermediate_dec=True")
+            raise ValueError(
+                "aux_loss=True needs every decoder layer: build the transformer with return_intermediate_dec=True"
+            )
         hidden_dim = transformer.d_model
         self.num_queries = num_queries
         self.num_classes = num_classes

@@ -1,4 +1,5 @@
 """DETR's one-to-one assignment of predictions to ground-truth objects (Hungarian matching)."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence

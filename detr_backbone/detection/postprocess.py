@@ -1,4 +1,5 @@
 """DETR's outputs as detections: a score, a label and an absolute (x0, y0, x1, y1) box per query."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -24,7 +25,7 @@ def absolute_boxes(boxes: Tensor, target_sizes: Tensor) -> Tensor:
 
 def per_image(scores: Tensor, labels: Tensor, boxes: Tensor) -> list[dict[str, Tensor]]:
     """A detector's ``detections`` (scores, labels, boxes of the whole batch) as one dict per image."""
-    return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+    return [{"scores": s, "labels": c, "boxes": b} for s, c, b in zip(scores, labels, boxes)]
 
 
 class PostProcess(nn.Module):
@@ -38,7 +39,9 @@ class PostProcess(nn.Module):
     def forward(self, outputs: Mapping[str, Tensor], target_sizes: Tensor) -> list[dict[str, Tensor]]:
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         if target_sizes.shape != (len(logits), 2):
-            raise ValueError(f"target_sizes must be (batch, 2) = ({len(logits)}, 2) as (h, w), got {tuple(target_sizes.shape)}")
+            raise ValueError(
+                f"target_sizes must be (batch, 2) = ({len(logits)}, 2) as (h, w), got {tuple(target_sizes.shape)}"
+            )
         return per_image(*self.detections(logits, boxes, target_sizes))
 
     def detections(self, logits: Tensor, boxes: Tensor, target_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:

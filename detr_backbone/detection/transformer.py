@@ -5,6 +5,7 @@ keys of every attention, never to the values: the features carry content, the ma
 where to look. Post-norm by default (DETR's weights); ``normalize_before`` gives the pre-norm
 variant, whose encoder then ends with its own LayerNorm.
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,7 +46,9 @@ class ResidualLayer(nn.Module):
     def feedforward(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
-    def residual(self, x: Tensor, norm: nn.LayerNorm, dropout: nn.Dropout, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
+    def residual(
+        self, x: Tensor, norm: nn.LayerNorm, dropout: nn.Dropout, sublayer: Callable[[Tensor], Tensor]
+    ) -> Tensor:
         if self.normalize_before:
             return x + dropout(sublayer(norm(x)))
         return norm(x + dropout(sublayer(x)))

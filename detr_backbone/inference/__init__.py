@@ -1,4 +1,5 @@
 """Putting a trained detector to work: the inference API, COCO files and metrics, export to ONNX / torch.export."""
+
 from .checkpoint import LoadedDetector, UnnamedClassesWarning, load_detector, load_training_module
 from .coco_metrics import STAT_NAMES, CocoMetrics, coco_metrics
 from .export import ExportableDetector, ExportCheckError, Tolerance, export_detector

@@ -5,6 +5,7 @@ checkpoints and Hugging Face DETR folders are read by ``detection.weights`` (the
 ``init_from``), and the detector is built from what they record about their architecture.
 Files are read with ``weights_only=True``: loading cannot run code.
 """
+
 from __future__ import annotations
 
 import os
@@ -100,7 +101,9 @@ def load_training_module(path: str | os.PathLike, allowed_targets: Sequence[str]
     """The DetrModule of a train.py checkpoint, in eval mode (``allowed_targets``: see ``training_module``)."""
     module = training_module(read_checkpoint(path, TRAINING_CHECKPOINT), path, allowed_targets)
     if module is None:
-        raise ValueError(f"{os.fspath(path)} is not {TRAINING_CHECKPOINT} (no DetrModule hyperparameters and state_dict in it)")
+        raise ValueError(
+            f"{os.fspath(path)} is not {TRAINING_CHECKPOINT} (no DetrModule hyperparameters and state_dict in it)"
+        )
     return module
 
 
@@ -129,7 +132,9 @@ def published_detector(weights: DetectorWeights, dilation: bool | None) -> DETR:
         dilation=bool(arch.dilation if dilation is None else dilation),
         main_layer=-1 if arch.main_layer is None else arch.main_layer,
     )
-    joiner = JoinerConfig(backbone, PositionConfig(_target_=POSITION_TARGETS[arch.position or "sine"]), hidden_dim=arch.hidden_dim)
+    joiner = JoinerConfig(
+        backbone, PositionConfig(_target_=POSITION_TARGETS[arch.position or "sine"]), hidden_dim=arch.hidden_dim
+    )
     head = HeadConfig(
         num_queries=arch.num_queries,
         enc_layers=arch.enc_layers,
@@ -142,7 +147,9 @@ def published_detector(weights: DetectorWeights, dilation: bool | None) -> DETR:
     detector = build_detector(joiner, head, weights.num_class_rows)
     mismatch = key_mismatch(*detector.load_state_dict(weights.state, strict=False))
     if mismatch:
-        raise ValueError(f"{weights.path} ({weights.source}: {arch}) does not load into the detector it describes: {mismatch}")
+        raise ValueError(
+            f"{weights.path} ({weights.source}: {arch}) does not load into the detector it describes: {mismatch}"
+        )
     return detector
 
 
@@ -165,7 +172,9 @@ def load_detector(
             saved = module.hparams.get("class_names")
             names = named_classes(saved, detector.num_classes, path)
             ids = list(range(1, detector.num_classes + 1))
-            return LoadedDetector(detector, names, ids, TRAINING_SOURCE, os.fspath(path), None, names_known=saved is not None)
+            return LoadedDetector(
+                detector, names, ids, TRAINING_SOURCE, os.fspath(path), None, names_known=saved is not None
+            )
         weights = published_detector_weights(content, path)
         if weights is None:
             raise ValueError(f"{os.fspath(path)} is not {ANY_CHECKPOINT}: none of their layouts matches its keys")

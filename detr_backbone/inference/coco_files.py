@@ -4,6 +4,7 @@ Results rows hold ``image_id`` (None where the image has none), ``file_name``, `
 dataset's own id), ``label`` (the class name), ``bbox`` as [x, y, width, height] in pixels of the
 original image and ``score``: what pycocotools' ``COCO.loadRes`` reads, plus the two names.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,9 @@ def detection_rows(
             "bbox": [round(value, BOX_DECIMALS) for value in box],
             "score": round(score, SCORE_DECIMALS),
         }
-        for box, score, label, name in zip(boxes, detections.scores.tolist(), detections.labels.tolist(), detections.names)
+        for box, score, label, name in zip(
+            boxes, detections.scores.tolist(), detections.labels.tolist(), detections.names
+        )
     ]
 
 

@@ -5,6 +5,7 @@ after ``evaluate()``, ``accumulate()`` and ``summarize()``; per-class AP is the 
 precision array over IoU thresholds and recall points (area all, 100 detections), the way
 Detectron2 and MMDetection report it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,9 +22,19 @@ from ..data.coco import load_coco
 
 # COCOeval.stats, in its order
 STAT_NAMES = (
-    "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
-    "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large",
-)  # fmt: skip
+    "AP",
+    "AP50",
+    "AP75",
+    "AP_small",
+    "AP_medium",
+    "AP_large",
+    "AR1",
+    "AR10",
+    "AR100",
+    "AR_small",
+    "AR_medium",
+    "AR_large",
+)
 
 
 @dataclass
@@ -67,7 +78,10 @@ def coco_metrics(ground_truth: str | os.PathLike, detections: str | os.PathLike)
     with contextlib.redirect_stdout(text):
         evaluation.summarize()
     per_class = {
-        truth.cats[cat_id]["name"]: {"AP": class_precision(evaluation, index), "AP50": class_precision(evaluation, index, 0.5)}
+        truth.cats[cat_id]["name"]: {
+            "AP": class_precision(evaluation, index),
+            "AP50": class_precision(evaluation, index, 0.5),
+        }
         for index, cat_id in enumerate(evaluation.params.catIds)
     }
     summary = {name: float(value) for name, value in zip(STAT_NAMES, evaluation.stats)}
@@ -79,6 +93,8 @@ def per_class_table(metrics: CocoMetrics) -> str:
     width = max([len("class"), *(len(name) for name in metrics.per_class)])
     lines = [f"{'class':<{width}}  {'AP':>6}  {'AP50':>6}"]
     for name, values in metrics.per_class.items():
-        cells = ["-" if value is None or math.isnan(value) else f"{value:.3f}" for value in (values["AP"], values["AP50"])]
+        cells = [
+            "-" if value is None or math.isnan(value) else f"{value:.3f}" for value in (values["AP"], values["AP50"])
+        ]
         lines.append(f"{name:<{width}}  {cells[0]:>6}  {cells[1]:>6}")
     return "\n".join(lines)

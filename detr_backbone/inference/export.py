@@ -9,6 +9,7 @@ on a batch of another size than the traced one and compared with eager PyTorch: 
 element must be within ``atol + rtol * |eager|`` (``Tolerance``), or the file is removed and
 ``ExportCheckError`` says by how much it missed.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -124,7 +125,9 @@ def dynamic_ranges(program: ExportedProgram) -> dict[str, list[int | None]]:
     return ranges
 
 
-def export_metadata(loaded: LoadedDetector, model: ExportableDetector, ranges: dict[str, list[int | None]]) -> dict[str, Any]:
+def export_metadata(
+    loaded: LoadedDetector, model: ExportableDetector, ranges: dict[str, list[int | None]]
+) -> dict[str, Any]:
     """What a user of the file needs beside the graph: classes, input preparation, output meanings."""
     outputs = {
         "pred_logits": "(batch, queries, classes + 1) class logits; the last class is 'no object'",
@@ -224,7 +227,9 @@ class ExportReport:
     seconds: float
 
     def __str__(self) -> str:
-        ranges = ", ".join(f"{axis} {low}..{'' if high is None else high}" for axis, (low, high) in self.dynamic_shapes.items())
+        ranges = ", ".join(
+            f"{axis} {low}..{'' if high is None else high}" for axis, (low, high) in self.dynamic_shapes.items()
+        )
         checker = "ONNX Runtime" if self.format == "onnx" else "torch.export.load"
         diffs = ", ".join(f"{name} {value:.1e}" for name, value in self.max_abs_diff.items())
         return "\n".join(
@@ -249,7 +254,9 @@ class Traced:
     seconds: float
 
 
-def traced_detector(loaded: LoadedDetector, postprocess: bool = False, trace_size: tuple[int, int] = (384, 512)) -> Traced:
+def traced_detector(
+    loaded: LoadedDetector, postprocess: bool = False, trace_size: tuple[int, int] = (384, 512)
+) -> Traced:
     """``loaded``'s detector traced by ``torch.export`` in float32 on the CPU, batch, height and width dynamic."""
     start = time.perf_counter()
     model = ExportableDetector(loaded.detector.float().cpu(), postprocess).eval()
@@ -269,7 +276,9 @@ def write_exported(
     traced eager module on a batch of ``check_size``; a file that fails its check is removed."""
     check_requirements(format)
     if tuple(check_size) == traced.size:
-        raise ValueError(f"check_size={list(check_size)} must differ from the traced size: the check is of another size")
+        raise ValueError(
+            f"check_size={list(check_size)} must differ from the traced size: the check is of another size"
+        )
     start = time.perf_counter()
     content = SERIALIZERS[format](traced.program, traced.model, traced.metadata)
     target = atomic_write(path, lambda stream: stream.write(content))

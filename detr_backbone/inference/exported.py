@@ -3,6 +3,7 @@
 Either way: ``model(images, mask)`` returns the file's outputs as CPU tensors, and ``model.metadata``
 is the dictionary the export wrote (class names, normalisation, resize, output meanings).
 """
+
 from __future__ import annotations
 
 import json

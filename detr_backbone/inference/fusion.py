@@ -21,6 +21,7 @@ path and 1.07x in bfloat16 on an idle machine, where the convolutions already ru
 matmul peak; 1.15x-1.5x in float32 while other processes share the cores (one parallel region per
 convolution instead of four or five, and no per-call weight folding and reordering).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -172,9 +173,9 @@ def _fuse_stem(parent: nn.Module) -> bool:
     if not (_is_plain_conv(conv) and _is_frozen_norm(norm) and isinstance(relu, nn.ReLU) and "maxpool" in children):
         return False
     folded = norm if isinstance(norm, FoldedFrozenBatchNorm2d) else as_folded(norm)  # identity, same buffers
-    setattr(parent, "conv1", FusedStemConv.fusing(conv, folded))
-    setattr(parent, "bn1", folded)
-    setattr(parent, "relu", nn.Identity())
+    parent.conv1 = FusedStemConv.fusing(conv, folded)
+    parent.bn1 = folded
+    parent.relu = nn.Identity()
     return True
 
 

@@ -1,4 +1,5 @@
 """The image files an ``input=`` names: one file, the images of a folder, or the matches of a glob."""
+
 from __future__ import annotations
 
 import glob

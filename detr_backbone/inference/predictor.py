@@ -1,9 +1,10 @@
 """The inference API: a detector from a checkpoint, called on images, returning boxes in their pixels.
 
-    predictor = Predictor.from_checkpoint("outputs/run/checkpoints/last.ckpt", threshold=0.5)
-    detections = predictor(["a.jpg", "b.png"])          # one Detections per image
-    detections[0].boxes, detections[0].scores, detections[0].names
+predictor = Predictor.from_checkpoint("outputs/run/checkpoints/last.ckpt", threshold=0.5)
+detections = predictor(["a.jpg", "b.png"])          # one Detections per image
+detections[0].boxes, detections[0].scores, detections[0].names
 """
+
 from __future__ import annotations
 
 import os
@@ -98,7 +99,9 @@ class Predictor:
         if fuse and (compile or not supported):
             reason = "compile=True (inductor fuses on its own)" if compile else f"{self.device} / {self.dtype}"
             raise ValueError(f"fuse=True needs oneDNN on a CPU in float32 or bfloat16, uncompiled; got {reason}")
-        self.fused_blocks = fuse_resnet_blocks(self.detector) if (supported and not compile and fuse is not False) else 0
+        self.fused_blocks = (
+            fuse_resnet_blocks(self.detector) if (supported and not compile and fuse is not False) else 0
+        )
         if compile:
             compile_in_place(self.detector)
             # padded sizes in few buckets, so that few graphs compile (as the training job does)
@@ -136,7 +139,9 @@ class Predictor:
         for group in size_groups([tensor.shape[-2:] for tensor, _ in inputs], self.batch_size):
             batch = nested_tensor_from_tensor_list([inputs[index][0] for index in group], self.size_divisibility)
             original_sizes = torch.tensor([inputs[index][1] for index in group])
-            for index, detections in zip(group, self.predict_batch(batch, original_sizes, threshold=threshold, top_k=top_k)):
+            for index, detections in zip(
+                group, self.predict_batch(batch, original_sizes, threshold=threshold, top_k=top_k)
+            ):
                 results[index] = detections
         return results[0] if single else results
 

@@ -1,4 +1,5 @@
 """Images as the detector takes them: read from any accepted form, resized and normalised as in evaluation."""
+
 from __future__ import annotations
 
 import os

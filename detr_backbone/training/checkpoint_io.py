@@ -5,6 +5,7 @@ temporary folder and moves it across file systems; a process killed meanwhile ca
 truncated ``last.ckpt``, the very file a resume needs. Here the checkpoint is written by
 ``file_writes.atomic_write``: readers see the old checkpoint or the new one, never a part.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,7 +45,9 @@ def check_resume_checkpoint(path: str | os.PathLike) -> None:
     (a write killed before atomic writes, a partial copy) is recognised without reading it whole.
     """
     if not os.path.isfile(path):
-        raise ValueError(f"ckpt_path={os.fspath(path)!r} does not exist; give a checkpoint file such as <run>/checkpoints/last.ckpt")
+        raise ValueError(
+            f"ckpt_path={os.fspath(path)!r} does not exist; give a checkpoint file such as <run>/checkpoints/last.ckpt"
+        )
     if not zipfile.is_zipfile(path):
         raise ValueError(
             f"ckpt_path={os.fspath(path)!r} is not a complete checkpoint (truncated or not written by torch.save); "

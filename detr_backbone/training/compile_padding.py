@@ -1,4 +1,5 @@
 """A compiled model compiles once per batch shape: when compiling, batches are padded to few shapes."""
+
 from __future__ import annotations
 
 import dataclasses

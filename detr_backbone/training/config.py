@@ -4,6 +4,7 @@ Registered in Hydra's ConfigStore with the Joiner's schemas as ``config_schema``
 entry of conf/config.yaml: every composed config is checked against them, so a misspelled key
 or a value of the wrong type fails at composition with the key named.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -286,7 +287,9 @@ class Config:
     freeze_backbone: bool = False
     seed: int = 42
     ckpt_path: Optional[str] = None  # resume from this Lightning checkpoint
-    init_from: Optional[str] = None  # start a new run from a detector's weights: DETR .pth, Hugging Face folder, our .ckpt
+    init_from: Optional[str] = (
+        None  # start a new run from a detector's weights: DETR .pth, Hugging Face folder, our .ckpt
+    )
     test_after_fit: bool = True  # test the best checkpoint once fitting ends
     optimized_metric: str = "val/map_50"  # the value train.py returns to a sweeper (conf/hparams_search/)
 

@@ -1,5 +1,6 @@
 """What a long run does about the faults it meets: the callbacks that handle them, and the one-line
 exceptions a fit ends with when it cannot go on (preemption, a full disk)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

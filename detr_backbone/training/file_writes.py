@@ -5,6 +5,7 @@ target in one atomic ``os.replace``: readers see the old content or the new one,
 write that fails removes its temporary file; one that is killed leaves it behind, and
 ``remove_stale_temporaries`` clears those at the run's next start.
 """
+
 from __future__ import annotations
 
 import errno
@@ -41,7 +42,9 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f"{TEMPORARY}{target.suffix}", dir=target.parent)
+    descriptor, temporary = tempfile.mkstemp(
+        prefix=f".{target.stem}.", suffix=f"{TEMPORARY}{target.suffix}", dir=target.parent
+    )
     os.close(descriptor)
     os.chmod(temporary, new_file_mode())  # mkstemp's 0600 would hide the file from the user's group
     try:
@@ -143,7 +146,9 @@ def disk_full_error(error: BaseException, folder: Path, next_checkpoint: int | N
     if known or not full:
         return known[0] if known else None
     filename = full[0].filename
-    where, what = (Path(os.fsdecode(filename)).parent, Path(os.fsdecode(filename)).name) if filename else (folder, "the logs")
+    where, what = (
+        (Path(os.fsdecode(filename)).parent, Path(os.fsdecode(filename)).name) if filename else (folder, "the logs")
+    )
     needs = "" if next_checkpoint is None else f"; the run's next checkpoint needs {human_size(next_checkpoint)} there"
     return DiskFullError(f"no space left on device in {where}: writing {what} failed, {free_space(where)}{needs}")
 

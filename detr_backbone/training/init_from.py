@@ -12,6 +12,7 @@ the checkpoint and the run by design is adapted by meaning:
 Anything else must fit exactly; otherwise the run fails before training with the first
 mismatching keys and the overrides of a config that fits.
 """
+
 from __future__ import annotations
 
 import os
@@ -87,7 +88,9 @@ def own_checkpoint_weights(content: Any, path: str | os.PathLike) -> DetectorWei
     if not isinstance(content, Mapping) or not isinstance(content.get("state_dict"), Mapping):
         return None
     saved = content["state_dict"]
-    state = {key.removeprefix(DETECTOR_PREFIX): value for key, value in saved.items() if key.startswith(DETECTOR_PREFIX)}
+    state = {
+        key.removeprefix(DETECTOR_PREFIX): value for key, value in saved.items() if key.startswith(DETECTOR_PREFIX)
+    }
     if not is_detr_state(state):
         return None
     hparams = content.get("hyper_parameters") or {}

@@ -1,4 +1,5 @@
 """What ``init_from`` did to a run's detector, as printed at start and kept in ``<run>/init_from.txt``."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

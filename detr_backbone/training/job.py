@@ -1,4 +1,5 @@
 """One training job from a composed config: data, model, callbacks, loggers, Trainer; fit, then test."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -38,7 +39,9 @@ def validated(cfg: DictConfig | Config, run_dir: Path | None = None) -> Config:
     try:
         config = cfg if isinstance(cfg, Config) else OmegaConf.to_object(cfg)
     except MissingMandatoryValue as error:  # a ??? left unset, e.g. backbone=custom without backbone._target_
-        raise ValueError(f"{error.full_key} is not set: give it on the command line ({error.full_key}=...) or in your config") from None
+        raise ValueError(
+            f"{error.full_key} is not set: give it on the command line ({error.full_key}=...) or in your config"
+        ) from None
     require(
         config.callbacks.progress_bar in (*PROGRESS_BARS, "none"),
         f"callbacks.progress_bar={config.callbacks.progress_bar!r} is not one of {', '.join(PROGRESS_BARS)}, none",
@@ -96,7 +99,9 @@ def build_callbacks(cfg: CallbacksConfig, run_dir: Path) -> list[Callback]:
     predictions = cfg.predictions
     if predictions.enabled:
         callbacks.append(
-            PredictionGrid(run_dir / "predictions", predictions.num_images, predictions.score_threshold, predictions.image_side)
+            PredictionGrid(
+                run_dir / "predictions", predictions.num_images, predictions.score_threshold, predictions.image_side
+            )
         )
     return callbacks
 
@@ -112,9 +117,16 @@ def own_config_targets(cfg: Config) -> list[str]:
 
 
 def build_module(cfg: Config, num_classes: int, class_names: Sequence[str] | None = None) -> DetrModule:
-    joiner = {"backbone": cfg.backbone, "position": cfg.position, "hidden_dim": cfg.hidden_dim, "lr_backbone": cfg.lr_backbone}
+    joiner = {
+        "backbone": cfg.backbone,
+        "position": cfg.position,
+        "hidden_dim": cfg.hidden_dim,
+        "lr_backbone": cfg.lr_backbone,
+    }
     optim = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "lr_drop": cfg.lr_drop}
-    return DetrModule(joiner, asdict(cfg.model), optim, num_classes, class_names, allowed_targets=own_config_targets(cfg))
+    return DetrModule(
+        joiner, asdict(cfg.model), optim, num_classes, class_names, allowed_targets=own_config_targets(cfg)
+    )
 
 
 class Job:
@@ -129,8 +141,12 @@ class Job:
         if cfg.ckpt_path is not None:
             check_resume_classes(cfg.ckpt_path, class_names)  # before the model is built
         # init_from sets every weight, so the backbone's own sources (ImageNet, backbone.checkpoint) are not read
-        self.module = build_module(without_backbone_weights(cfg) if cfg.init_from else cfg, len(class_names), class_names)
-        self.init_report = None if cfg.init_from is None else initialize_from(self.module.detector, cfg, class_names, run_dir)
+        self.module = build_module(
+            without_backbone_weights(cfg) if cfg.init_from else cfg, len(class_names), class_names
+        )
+        self.init_report = (
+            None if cfg.init_from is None else initialize_from(self.module.detector, cfg, class_names, run_dir)
+        )
         callbacks = build_callbacks(cfg.callbacks, run_dir)
         self.checkpoint = callbacks[0]
         trainer_args = asdict(cfg.trainer)
@@ -152,7 +168,9 @@ class Job:
             self.trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=self.cfg.ckpt_path)
             logged = dict(self.trainer.callback_metrics)  # the test replaces the fit's metrics with its own
             if self.cfg.test_after_fit:
-                self.trainer.test(self.module, datamodule=self.datamodule, ckpt_path=self.checkpoint.best_model_path or None)
+                self.trainer.test(
+                    self.module, datamodule=self.datamodule, ckpt_path=self.checkpoint.best_model_path or None
+                )
                 logged.update(self.trainer.callback_metrics)
         checkpoint = self.checkpoint
         return optimized_value(self.cfg.optimized_metric, logged, checkpoint.monitor, checkpoint.best_model_score)

@@ -3,6 +3,7 @@
 The trackers are optional extras that work without a network: W&B runs offline unless it has been set
 up on this machine, MLflow writes a file store inside the run folder unless a tracking URI is given.
 """
+
 from __future__ import annotations
 
 import csv

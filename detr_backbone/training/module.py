@@ -6,6 +6,7 @@ It owns what DETR's training script spread around: optimizer parameter groups ch
 mAP on validation and test. Hyperparameters are saved as plain dicts, so checkpoints load with
 ``weights_only=True``.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -80,7 +81,11 @@ def with_head_levels(joiner_cfg: JoinerConfig, head: HeadConfig | DeformableHead
     """The Joiner config a head reads: a multi-scale head given one of our backbones without ``levels``
     takes the levels Deformable-DETR's build_backbone takes (DETR's spellings choose DETR's levels)."""
     backbone = joiner_cfg.backbone
-    if not isinstance(head, DeformableHeadConfig) or not isinstance(backbone, BackboneConfig) or backbone.levels is not None:
+    if (
+        not isinstance(head, DeformableHeadConfig)
+        or not isinstance(backbone, BackboneConfig)
+        or backbone.levels is not None
+    ):
         return joiner_cfg
     levels = replace(backbone, levels=head.backbone_levels(), return_interm_layers=False, main_layer=-1)
     return replace(joiner_cfg, backbone=levels)
@@ -163,16 +168,22 @@ class DetrModule(pl.LightningModule):
         images, targets = batch
         outputs = self(images)
         self.loss(stage, outputs, targets)
-        predictions = per_image(*self.detector.detections(outputs, torch.stack([target["orig_size"] for target in targets])))
+        predictions = per_image(
+            *self.detector.detections(outputs, torch.stack([target["orig_size"] for target in targets]))
+        )
         # the metric accumulates in float32 whatever the precision the model ran at
-        predictions = [{"scores": p["scores"].float(), "labels": p["labels"], "boxes": p["boxes"].float()} for p in predictions]
+        predictions = [
+            {"scores": p["scores"].float(), "labels": p["labels"], "boxes": p["boxes"].float()} for p in predictions
+        ]
         metric.update(predictions, [{"boxes": absolute_xyxy(target), "labels": target["labels"]} for target in targets])
 
     def loss(self, stage: str, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]) -> Tensor:
         """The weighted training loss, logged with its parts (auxiliary-layer and proposal losses are not logged)."""
         losses = self.criterion(outputs, targets)
         total = self.criterion.weighted_total(losses)
-        shown = {f"{stage}/{name}": value for name, value in losses.items() if AUX_SUFFIX.fullmatch(name)["name"] == name}
+        shown = {
+            f"{stage}/{name}": value for name, value in losses.items() if AUX_SUFFIX.fullmatch(name)["name"] == name
+        }
         sync = stage != "train"
         self.log(f"{stage}/loss", total, prog_bar=True, batch_size=len(targets), sync_dist=sync)
         self.log_dict(shown, batch_size=len(targets), sync_dist=sync)

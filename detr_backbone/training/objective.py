@@ -1,4 +1,5 @@
 """The number a run hands back to Hydra, and through it to a sweeper: the metric ``optimized_metric`` names."""
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ Without the config check, another backbone or head fails deep inside Lightning's
 PyTorch's ``load_state_dict`` error and hundreds of key names, and a changed lr or seed would be
 silently overridden by the checkpoint's optimizer state or break the data order.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,19 +30,48 @@ SHOWN_KEYS = 8  # differing keys named in the message; the rest are counted
 # lies and how it is loaded, what is logged and saved, and the knobs whose outputs match within float
 # rounding. Everything else shapes the model, its optimizer or the data order, and must match.
 MAY_CHANGE = (
-    "ckpt_path", "init_from", "test_after_fit", "optimized_metric",
-    "trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "trainer.limit_*_batches",
-    "trainer.val_check_interval", "trainer.check_val_every_n_epoch", "trainer.num_sanity_val_steps",
-    "trainer.log_every_n_steps", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-    "trainer.profiler", "trainer.detect_anomaly", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
+    "ckpt_path",
+    "init_from",
+    "test_after_fit",
+    "optimized_metric",
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    "trainer.max_time",
+    "trainer.limit_*_batches",
+    "trainer.val_check_interval",
+    "trainer.check_val_every_n_epoch",
+    "trainer.num_sanity_val_steps",
+    "trainer.log_every_n_steps",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.profiler",
+    "trainer.detect_anomaly",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.num_nodes",
     "trainer.strategy",
-    "data.train_images", "data.train_annotations", "data.val_images", "data.val_annotations",
-    "data.batch_size", "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.cache",
-    "data.size_divisibility", "data.bad_samples", "data.max_bad_fraction",
-    "callbacks.*", "logger.*",
-    "backbone.pretrained", "backbone.checkpoint", "backbone.strict",  # the weights come from the checkpoint
-    "backbone.channels_last", "backbone.fold_frozen_bn", "backbone.compile", "model.compile",
-)  # fmt: skip
+    "data.train_images",
+    "data.train_annotations",
+    "data.val_images",
+    "data.val_annotations",
+    "data.batch_size",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.persistent_workers",
+    "data.cache",
+    "data.size_divisibility",
+    "data.bad_samples",
+    "data.max_bad_fraction",
+    "callbacks.*",
+    "logger.*",
+    "backbone.pretrained",
+    "backbone.checkpoint",
+    "backbone.strict",  # the weights come from the checkpoint
+    "backbone.channels_last",
+    "backbone.fold_frozen_bn",
+    "backbone.compile",
+    "model.compile",
+)
 
 
 def may_change(key: str) -> bool:
@@ -102,7 +132,9 @@ def trained_config(checkpoint: Mapping[str, Any]) -> Optional[dict[str, Any]]:
     if isinstance(checkpoint.get(CONFIG_KEY), Mapping):
         return flat(checkpoint[CONFIG_KEY])
     hparams = checkpoint.get("hyper_parameters")
-    if not isinstance(hparams, Mapping) or not all(isinstance(hparams.get(k), Mapping) for k in ("joiner", "head", "optim")):
+    if not isinstance(hparams, Mapping) or not all(
+        isinstance(hparams.get(k), Mapping) for k in ("joiner", "head", "optim")
+    ):
         return None
     joiner = hparams["joiner"]
     return flat({**joiner, "model": hparams["head"], **hparams["optim"]})
@@ -127,11 +159,17 @@ def check_resume_config(path: str | os.PathLike, config: Config) -> None:
     differ = [key for key in trained if key in current and trained[key] != current[key] and not may_change(key)]
     if not differ:
         return
-    listed = "; ".join(f"{key}: {shown(trained[key])} in the checkpoint, {shown(current[key])} now" for key in differ[:SHOWN_KEYS])
+    listed = "; ".join(
+        f"{key}: {shown(trained[key])} in the checkpoint, {shown(current[key])} now" for key in differ[:SHOWN_KEYS]
+    )
     if len(differ) > SHOWN_KEYS:
         listed += f"; and {len(differ) - SHOWN_KEYS} more"
     run_config = Path(path).resolve().parent.parent / ".hydra" / "config.yaml"
-    source = f"its run's config is {run_config}" if run_config.is_file() else "resume with the config of the run that wrote it"
+    source = (
+        f"its run's config is {run_config}"
+        if run_config.is_file()
+        else "resume with the config of the run that wrote it"
+    )
     raise ValueError(
         f"ckpt_path={os.fspath(path)!r} was trained with another config ({listed}); {source}. "
         f"To start a new run from these weights with another model, use init_from={os.fspath(path)} instead of ckpt_path"

@@ -4,6 +4,7 @@ Multi-scale deformable attention in plain PyTorch, the deformable transformer (i
 refinement and two-stage as options), the detector, its focal-loss matcher and criterion, and the
 top-k post-processing of a sigmoid head.
 """
+
 from .attention import MSDeformAttn, multi_scale_deformable_attention
 from .criterion import FocalSetCriterion, build_deformable_criterion
 from .deformable_detr import DeformableDETR, build_deformable_detr

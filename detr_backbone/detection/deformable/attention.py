@@ -5,6 +5,7 @@ around its reference point and read by bilinear interpolation; the attention wei
 softmax over all levels and points of a head. No custom CUDA kernel: ``F.grid_sample`` does the
 reading, so it runs on any device and under autocast, and traces.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Deformable DETR's set loss: DETR's criterion with a sigmoid focal loss for the classes."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping

@@ -1,4 +1,5 @@
 """The Deformable DETR detector: multi-scale Joiner features -> deformable transformer -> sigmoid classes and boxes."""
+
 from __future__ import annotations
 
 import copy
@@ -135,9 +136,13 @@ class DeformableDETR(nn.Module):
                 "aux_loss=True needs every decoder layer: build the transformer with return_intermediate_dec=True"
             )
         if two_stage != transformer.two_stage:
-            raise ValueError(f"two_stage={two_stage} but the transformer was built with two_stage={transformer.two_stage}")
+            raise ValueError(
+                f"two_stage={two_stage} but the transformer was built with two_stage={transformer.two_stage}"
+            )
         if two_stage and not with_box_refine:
-            raise ValueError("two_stage=True needs with_box_refine=True (as Deformable-DETR's published two-stage models)")
+            raise ValueError(
+                "two_stage=True needs with_box_refine=True (as Deformable-DETR's published two-stage models)"
+            )
         if two_stage and num_queries != transformer.two_stage_num_proposals:
             raise ValueError(
                 f"two-stage queries are the transformer's {transformer.two_stage_num_proposals} proposals, "
@@ -150,12 +155,17 @@ class DeformableDETR(nn.Module):
         features, positions = self.backbone(samples)
         srcs, masks, positions = self.project_levels(samples, features, positions)
         query_embed = None if self.two_stage else self.query_embed.weight
-        hs, init_reference, inter_references, enc_class, enc_coord = self.transformer(srcs, masks, positions, query_embed)
+        hs, init_reference, inter_references, enc_class, enc_coord = self.transformer(
+            srcs, masks, positions, query_embed
+        )
         # layer i predicts relative to the reference it was given: the initial one, then each layer's refinement
         references = [init_reference, *inter_references[:-1]]
         logits = torch.stack([self.class_embed[layer](hs[layer]) for layer in range(len(hs))])
         boxes = torch.stack(
-            [offset_reference(self.bbox_embed[layer](hs[layer]), references[layer]).sigmoid() for layer in range(len(hs))]
+            [
+                offset_reference(self.bbox_embed[layer](hs[layer]), references[layer]).sigmoid()
+                for layer in range(len(hs))
+            ]
         )
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:

@@ -4,6 +4,7 @@ Deformable DETR's reference points are relative to the valid (unpadded) part of 
 a point means the same place in every image of a batch; the attention samples relative to the
 padded map, so points are scaled by each level's valid ratio before sampling.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Hungarian matching for a sigmoid head: DETR's matcher with the focal loss's class cost."""
+
 from __future__ import annotations
 
 from torch import Tensor

@@ -3,6 +3,7 @@
 With one independent score per class, a query may report several classes; ranking all
 query x class scores together and keeping the top K is what Deformable-DETR evaluates on COCO.
 """
+
 from __future__ import annotations
 
 import torch

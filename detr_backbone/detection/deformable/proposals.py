@@ -4,6 +4,7 @@ Every position of every level proposes a box centred on its pixel, 0.05 * 2**lev
 (relative to the valid image); the encoder's heads then score and move them, and the best become
 the decoder's queries.
 """
+
 from __future__ import annotations
 
 import math

@@ -4,6 +4,7 @@ A head's raw output is added to the inverse sigmoid of its reference (a point, o
 previous layer or an encoder proposal); the sigmoid of the sum is the box. Small outputs then mean
 small moves wherever the reference lies, and the result always stays inside the image.
 """
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ queries attend to each other with ordinary multi-head attention. Post-norm throu
 Iterative box refinement and two-stage are switched on by the detector, which hands the decoder
 its box heads (``decoder.bbox_embed``) and, for two-stage, its class heads (``decoder.class_embed``).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -277,10 +278,14 @@ class DeformableTransformer(nn.Module):
             query_pos = query_pos[None].expand(memory.shape[0], -1, -1)
             tgt = tgt[None].expand(memory.shape[0], -1, -1)
             reference_points = self.reference_points(query_pos).sigmoid()
-        hs, inter_references = self.decoder(tgt, reference_points, memory, spatial_shapes, ratios, query_pos, mask_flatten)
+        hs, inter_references = self.decoder(
+            tgt, reference_points, memory, spatial_shapes, ratios, query_pos, mask_flatten
+        )
         return TransformerOutput(hs, reference_points, inter_references, enc_outputs_class, enc_outputs_coord_unact)
 
-    def score_proposals(self, memory: Tensor, padding_mask: Tensor, spatial_shapes: SpatialShapes) -> tuple[Tensor, Tensor]:
+    def score_proposals(
+        self, memory: Tensor, padding_mask: Tensor, spatial_shapes: SpatialShapes
+    ) -> tuple[Tensor, Tensor]:
         """Two-stage: class logits (B, S, num_classes) and box logits (B, S, 4) of every encoder position's proposal,
         from the decoder's extra last heads; dropped proposals get an ``inf`` box logit (a box at the corner)."""
         if self.decoder.class_embed is None or self.decoder.bbox_embed is None:

@@ -1,4 +1,5 @@
 """Published DETR weights under our DETR's names: DETR's own checkpoints and Hugging Face DETR folders."""
+
 from __future__ import annotations
 
 import os

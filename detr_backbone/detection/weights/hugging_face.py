@@ -7,6 +7,7 @@ q / k / v projections are stacked into ``nn.MultiheadAttention``'s ``in_proj`` (
 order). Only timm backbones are read (``use_timm_backbone``, as in ``facebook/detr-*``): their
 ResNets name their tensors as torchvision does, so they load into our ``Backbone``.
 """
+
 from __future__ import annotations
 
 import json

@@ -4,6 +4,7 @@ The published R50 / R101 files, with or without DC5, share one layout; only ``di
 and the file does not record it. A class head of 92 rows is COCO's (``coco_names``); other row
 counts come from DETR trained elsewhere, whose class names the file does not hold.
 """
+
 from __future__ import annotations
 
 import os

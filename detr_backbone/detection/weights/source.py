@@ -4,6 +4,7 @@ Every reader (DETR's checkpoints, Hugging Face folders, this package's own check
 ``DetectorWeights``. What the tensors' shapes show is inferred here; what they cannot show
 (dilation, the number of heads) is only known where the source records it.
 """
+
 from __future__ import annotations
 
 import re
@@ -96,7 +97,7 @@ def architecture_of_state(state: Mapping[str, Tensor]) -> Architecture:
 
 
 def _count_layers(state: Mapping[str, Tensor], prefix: str) -> int:
-    return len({key[len(prefix):].partition(".")[0] for key in state if key.startswith(prefix)})
+    return len({key[len(prefix) :].partition(".")[0] for key in state if key.startswith(prefix)})
 
 
 def _backbone_of_state(state: Mapping[str, Tensor]) -> tuple[str | None, str | None, int | None]:
@@ -112,5 +113,7 @@ def _backbone_of_state(state: Mapping[str, Tensor]) -> tuple[str | None, str | N
     kind = "torchvision" if BODY_KEY + "bn1.running_mean" in state else "groupnorm"
     counts = tuple(blocks[stage] for stage in sorted(blocks))
     bottleneck = BODY_KEY + "layer1.0.conv3.weight" in state
-    names = [name for (full, deep), name in RESNET_BLOCKS.items() if deep == bottleneck and full[: len(counts)] == counts]
+    names = [
+        name for (full, deep), name in RESNET_BLOCKS.items() if deep == bottleneck and full[: len(counts)] == counts
+    ]
     return kind, names[0] if len(names) == 1 else None, max(blocks) - 5

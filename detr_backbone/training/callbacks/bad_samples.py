@@ -6,6 +6,7 @@ The dataset marks each stand-in's target with the file it replaces (``data/bad_s
 marks reach this callback with the batch, from loader workers too, so the count is the training
 process's own. Under DDP each process counts its shard against its share of the limit.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -38,14 +39,22 @@ class BadSampleCount(Callback):
         self.max_fraction = max_fraction
         self.bad: dict[str, set[str]] = {"train": set(), "val": set()}
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.count(trainer, "train", batch, dataset_size(trainer.train_dataloader))
         total = len(self.bad["train"] | self.bad["val"])
         if total:
             pl_module.log("data/bad_images", float(total), on_step=True, on_epoch=False)
 
     def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         if not trainer.sanity_checking:
             self.count(trainer, "val", batch, dataset_size(trainer.val_dataloaders))
@@ -54,7 +63,9 @@ class BadSampleCount(Callback):
         _, targets = batch
         replaced = {str(target[REPLACES]) for target in targets if REPLACES in target}
         for path in sorted(replaced - self.bad["train"] - self.bad["val"]):
-            warnings.warn(f"{path} cannot be read; a stand-in sample was used in its place", BadSampleWarning, stacklevel=2)
+            warnings.warn(
+                f"{path} cannot be read; a stand-in sample was used in its place", BadSampleWarning, stacklevel=2
+            )
         self.bad[split] |= replaced
         share = self.max_fraction * size / trainer.world_size
         # every process decides together, so that none waits for the others in the next collective

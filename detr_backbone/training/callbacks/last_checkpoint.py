@@ -1,4 +1,5 @@
 """``last.ckpt``: the latest state of the run, after every epoch and, optionally, every n steps."""
+
 from __future__ import annotations
 
 from pathlib import Path

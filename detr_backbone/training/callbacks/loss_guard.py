@@ -1,4 +1,5 @@
 """Never train on silently after a NaN or infinite loss: stop with the step named, or skip the step."""
+
 from __future__ import annotations
 
 import pytorch_lightning as pl

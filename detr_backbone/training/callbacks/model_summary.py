@@ -5,6 +5,7 @@ freezing rules ran: the backbone body (stem and early stages frozen by DETR's ru
 positional table (frozen when its lr is 0), the transformer and the heads. Frozen BatchNorm
 statistics and affine terms are buffers, not parameters, so they are counted apart.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -56,7 +57,9 @@ def count_parts(module: nn.Module, parts: Sequence[tuple[str, str]] = DETR_PARTS
     if not (rows[OTHER].trainable or rows[OTHER].frozen or rows[OTHER].buffers):
         del rows[OTHER]
     counts = list(rows.values())
-    total = PartCount("total", *(sum(getattr(row, key) for row in counts) for key in ("trainable", "frozen", "buffers")))
+    total = PartCount(
+        "total", *(sum(getattr(row, key) for row in counts) for key in ("trainable", "frozen", "buffers"))
+    )
     return [*counts, total]
 
 

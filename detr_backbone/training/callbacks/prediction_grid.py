@@ -1,5 +1,6 @@
 """After each validation, a PNG grid of a few fixed validation images with ground-truth boxes
 (green) and the detector's boxes above a score threshold (red, captioned "class score")."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence

@@ -8,6 +8,7 @@ weights, optimizer, step count and data position need not agree, and by requeuei
 the warning takes Lightning's SIGTERM path too, and the checkpoint is ``last.ckpt``, written once the
 step is whole, the file a resume reads; then the job requeues itself (``callbacks.slurm_requeue``).
 """
+
 from __future__ import annotations
 
 import os
@@ -86,7 +87,11 @@ class Preemption(Callback):
         """The run's end, described: where it stopped, what it wrote, how it goes on."""
         stopper = self.signal or signal.SIGTERM
         if self.saved is None:  # before the first step, or once training was over (while testing)
-            state = "before training began" if trainer.global_step == 0 else "after training, whose checkpoints are complete"
+            state = (
+                "before training began"
+                if trainer.global_step == 0
+                else "after training, whose checkpoints are complete"
+            )
             return Preempted(f"stopped by {stopper.name} {state}", stopper)
         done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
         where = f"global step {trainer.global_step} (epoch {trainer.current_epoch}, after {done} of its {trainer.num_training_batches} batches)"

@@ -1,5 +1,6 @@
 """Every checkpoint carries the composed config of the run that wrote it, so that a resume can be
 checked against it before anything is built (``training/resume.py``)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -17,5 +18,7 @@ class SavedConfig(Callback):
     def __init__(self, config: dict[str, Any]):
         self.config = config
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         checkpoint[CONFIG_KEY] = self.config
