@@ -22,11 +22,11 @@ from omegaconf import DictConfig
 
 from detr_backbone.commands.cli import one_line
 from detr_backbone.data.images import BadImageError
+from detr_backbone.file_writes import DiskFullError
 from detr_backbone.training import Job, register_configs, validated
 from detr_backbone.training.callbacks import NonFiniteLossError
 from detr_backbone.training.callbacks.bad_samples import BadSampleLimitError
 from detr_backbone.training.callbacks.preemption import Preempted
-from detr_backbone.training.file_writes import DiskFullError
 from detr_backbone.training.objective import MetricNotLoggedError
 from detr_backbone.weights import CheckpointMismatchError
 

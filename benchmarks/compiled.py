@@ -18,7 +18,8 @@ import pytorch_lightning as pl
 import torch
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
-from detr_backbone.training.config import Config, HeadConfig, OptimConfig
+from detr_backbone.detection import DetrConfig
+from detr_backbone.training.config import Config, OptimConfig
 from detr_backbone.training.job import build_module
 from detr_backbone.training.module import DetrModule
 
@@ -139,7 +140,7 @@ def random_targets(batch_size: int, boxes: int, device: torch.device) -> list[di
 def detr_module(backbone: str, compile: bool, device: torch.device) -> DetrModule:
     """DETR as published around our Joiner with its defaults (6 + 6 layers, 100 queries, 91 classes)."""
     joiner = {"backbone": {"name": backbone}, "hidden_dim": HIDDEN_DIM, "lr_backbone": 1e-5}
-    head = dataclasses.asdict(HeadConfig(compile=compile))
+    head = dataclasses.asdict(DetrConfig(compile=compile))
     return DetrModule(joiner, head, dataclasses.asdict(OptimConfig()), COCO_CLASSES).to(device)
 
 

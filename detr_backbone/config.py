@@ -51,9 +51,8 @@ class BackboneOptions:
     _target_: str = ""  # the class or function that builds the backbone (first, so configs show it first)
     return_interm_layers: bool = False  # return every level, not only the last
     main_layer: int = -1  # which level is returned without return_interm_layers (-1: last)
-    levels: Optional[list[int]] = (
-        None  # the levels returned, 1-based ([2, 3, 4]: Deformable-DETR's); null: the two knobs above
-    )
+    # the levels returned, 1-based ([2, 3, 4]: Deformable-DETR's); null: the two knobs above
+    levels: Optional[list[int]] = None
     trainable_layers: Optional[int] = None  # trailing stages that train, 0..5; None: DETR's rule
     freeze: bool = False  # freeze the whole Joiner, learned positional table included
     checkpoint: Optional[str] = None  # weights file: state dict, GN ImageNet checkpoint or detector checkpoint

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from detr_backbone import build_backbone, nested_tensor_from_tensor_list
+from detr_backbone.detection import DETR, MLP, HungarianMatcher, PostProcess
+from detr_backbone.detection.boxes import per_image
 from detr_backbone.detection.deformable import (
     DeformableDETR,
     DeformableTransformer,
@@ -25,10 +27,8 @@ from detr_backbone.detection.deformable import (
 from detr_backbone.detection.deformable.levels import encoder_reference_points, valid_ratios
 from detr_backbone.detection.deformable.proposals import encoder_proposals, proposal_position_embedding
 from detr_backbone.detection.deformable.refinement import offset_reference
-from detr_backbone.detection.detr import DETR, MLP
-from detr_backbone.detection.matcher import HungarianMatcher
-from detr_backbone.detection.postprocess import batched_detections
-from detr_backbone.detection.transformer import Transformer
+from detr_backbone.detection.detr import softmax_detections
+from detr_backbone.detection.detr.transformer import Transformer
 
 D = 32
 OPTIONS = {
@@ -571,7 +571,7 @@ def test_topk_detections_against_a_sorted_list():
     torch.manual_seed(0)
     logits, boxes = torch.randn(2, 30, 5), torch.rand(2, 30, 4) * 0.5 + 0.25
     sizes = torch.tensor([[100, 200], [60, 80]])
-    scores, labels, absolute = topk_detections(logits, boxes, sizes)
+    scores, labels, absolute = topk_detections({"pred_logits": logits, "pred_boxes": boxes}, sizes)
     assert scores.shape == labels.shape == (2, 100) and absolute.shape == (2, 100, 4)
     for image in range(2):
         pairs = [(torch.sigmoid(logits[image, q, c]).item(), q, c) for q in range(30) for c in range(5)]
@@ -585,7 +585,7 @@ def test_topk_detections_against_a_sorted_list():
         torch.testing.assert_close(scores[image], torch.tensor([s for s, _, _ in ranked]))
         assert labels[image].tolist() == [c for _, _, c in ranked]
         torch.testing.assert_close(absolute[image], torch.tensor(expected_boxes))
-    few = topk_detections(logits[:, :4], boxes[:, :4], sizes)  # 4 x 5 pairs: all of them
+    few = topk_detections({"pred_logits": logits[:, :4], "pred_boxes": boxes[:, :4]}, sizes)  # 4 x 5 pairs: all
     assert few[0].shape == (2, 20)
     results = TopKPostProcess(num_detections=7)({"pred_logits": logits, "pred_boxes": boxes}, sizes)
     assert len(results) == 2 and results[1]["boxes"].shape == (7, 4)
@@ -599,12 +599,16 @@ def test_each_detector_names_its_post_processing(joiner):
     detr = DETR(
         small_joiner(return_interm_layers=False), Transformer(D, 4, 1, 1, 64, return_intermediate_dec=True), 3, 10
     )
-    logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-    for got, want in zip(detr.detections(outputs, sizes), batched_detections(logits, boxes, sizes)):
-        torch.testing.assert_close(got, want)
     deformable = build_deformable_detr(joiner, 4, **SMALL, num_feature_levels=5)
-    for got, want in zip(deformable.detections(outputs, sizes), topk_detections(logits, boxes, sizes)):
-        torch.testing.assert_close(got, want)
+    for detector, rule, module in (
+        (detr, softmax_detections, PostProcess()),
+        (deformable, topk_detections, TopKPostProcess()),
+    ):
+        for got, want in zip(detector.detections(outputs, sizes), rule(outputs, sizes)):
+            torch.testing.assert_close(got, want)
+        # the head's post-processing module, DETR's API: the same detections, one dict per image
+        for got, want in zip(module(outputs, sizes), per_image(*rule(outputs, sizes))):
+            assert got.keys() == want.keys() and all(torch.equal(got[key], want[key]) for key in got)
 
 
 # --- training steps -------------------------------------------------------------------------------

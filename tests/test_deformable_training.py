@@ -132,10 +132,10 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     )
 
 
-def test_init_from_asks_for_detrs_head():
+def test_init_from_asks_for_a_head_that_reads_published_weights():
     with pytest.raises(
         ValueError,
-        match=r"^init_from='detr.pth' reads DETR's weight layouts, and model._target_='detr_backbone.detection.deformable.build_deformable_detr' is another head; use model=detr",
+        match=r"^init_from='detr.pth': model._target_='detr_backbone.detection.deformable.build_deformable_detr' is a head that reads no published weights yet; heads that do: detr \(model=<name>\)$",
     ):
         validated(compose_config(*TINY, *DEFORMABLE, "init_from=detr.pth"))
 

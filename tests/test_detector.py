@@ -11,11 +11,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from detr_backbone import build_backbone, nested_tensor_from_tensor_list
-from detr_backbone.detection.criterion import SetCriterion
-from detr_backbone.detection.detr import DETR, MLP
-from detr_backbone.detection.matcher import HungarianMatcher
-from detr_backbone.detection.postprocess import PostProcess
-from detr_backbone.detection.transformer import (
+from detr_backbone.detection import DETR, MLP, HungarianMatcher, PostProcess, SetCriterion
+from detr_backbone.detection.detr.transformer import (
     Transformer,
     TransformerDecoderLayer,
     TransformerEncoderLayer,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from detr_backbone.training.file_writes import DiskFullError
+from detr_backbone.file_writes import DiskFullError
 from detr_backbone.training.job import Job, validated
 
 from .jobs import SMALL, compose_config

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from detr_backbone.config import BackboneConfig, CustomBackboneConfig, CustomPositionConfig, PositionConfig
-from detr_backbone.training.config import HEAD_SCHEMAS, Config
+from detr_backbone.detection.registry import HEADS
+from detr_backbone.training.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -23,7 +24,7 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 GROUP_SCHEMAS = {
     "backbone": [BackboneConfig, CustomBackboneConfig],
     "position": [PositionConfig, CustomPositionConfig],
-    "model": list(HEAD_SCHEMAS.values()),
+    "model": list(HEADS.values()),
 }
 
 

@@ -16,10 +16,9 @@ from detr_backbone import NestedTensor, build_backbone, nested_tensor_from_tenso
 from detr_backbone.bn_folding import FoldedConv2d, fold_frozen_batch_norm
 from detr_backbone.config import BackboneConfig, JoinerConfig, PositionConfig
 from detr_backbone.data import build_datamodule
+from detr_backbone.detection import DetrConfig, build_detector
 from detr_backbone.frozen_batch_norm import FrozenBatchNorm2d
 from detr_backbone.position_encoding import PositionEmbeddingSine
-from detr_backbone.training.config import HeadConfig
-from detr_backbone.training.module import build_detector
 from detr_backbone.weights import load_checkpoint
 
 from .jobs import compose_config
@@ -286,7 +285,7 @@ def test_model_compile_option_compiles_the_detector_in_place():
         "model.dim_feedforward=64",
         "model.compile=true",
     )
-    head = HeadConfig(**OmegaConf.to_container(cfg.model, resolve=True))
+    head = DetrConfig(**OmegaConf.to_container(cfg.model, resolve=True))
     joiner_cfg = JoinerConfig.from_args({"backbone": {"name": "resnet18"}, "hidden_dim": 32})
     compiled = build_detector(joiner_cfg, head, num_classes=3)
     eager = build_detector(joiner_cfg, dataclasses.replace(head, compile=False), num_classes=3)

@@ -11,7 +11,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from detr_backbone.data import ShapesDataset, collate_detection, detr_val_transforms
-from detr_backbone.detection.postprocess import per_image
+from detr_backbone.detection.boxes import per_image
 from detr_backbone.inference import Detections, Predictor, UnnamedClassesWarning, load_detector
 from detr_backbone.inference.fusion import FusedResidualBlock, FusedStemConv, fusion_supported
 from detr_backbone.inference.predictor import size_groups

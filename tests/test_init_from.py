@@ -12,11 +12,11 @@ from PIL import Image
 
 from detr_backbone import NestedTensor
 from detr_backbone.config import BackboneConfig, JoinerConfig
-from detr_backbone.detection.weights import COCO_NAMES, UNUSED
-from detr_backbone.training.config import HeadConfig
+from detr_backbone.detection import DetrConfig, build_detector
+from detr_backbone.detection.coco_names import COCO_NAMES, UNUSED
 from detr_backbone.training.init_from import REPORT_FILE
 from detr_backbone.training.job import Job, validated
-from detr_backbone.training.module import DetrModule, build_detector
+from detr_backbone.training.module import DetrModule
 from detr_backbone.weights import CheckpointMismatchError
 
 from .jobs import SMALL, TINY, compose_config
@@ -109,7 +109,7 @@ def coco_folder(tmp_path: Path) -> list[str]:
 
 def official_r50_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """A file in the layout of DETR's detr-r50-e632da11.pth: every key of DETR R50, a 92-row class head."""
-    detector = build_detector(JoinerConfig(backbone=BackboneConfig(name="resnet50"), hidden_dim=256), HeadConfig(), 91)
+    detector = build_detector(JoinerConfig(backbone=BackboneConfig(name="resnet50"), hidden_dim=256), DetrConfig(), 91)
     state = randomized(detector.state_dict(), seed=1)
     assert len(state) == 458 and sum(key.startswith("backbone.0.body.") for key in state) == 265
     assert state["class_embed.weight"].shape == (92, 256)
@@ -306,7 +306,7 @@ HUB_KEYS = {
 
 def tiny_detr_checkpoint(path: Path, backbone: str = "resnet18", num_queries: int = 5) -> None:
     joiner = JoinerConfig(backbone=BackboneConfig(name=backbone), hidden_dim=32)
-    head = HeadConfig(num_queries=num_queries, enc_layers=1, dec_layers=1, dim_feedforward=64)
+    head = DetrConfig(num_queries=num_queries, enc_layers=1, dec_layers=1, dim_feedforward=64)
     torch.save({"model": build_detector(joiner, head, 91).state_dict()}, path)
 
 

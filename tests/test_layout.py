@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "detr_backbone"
 # lowest first; the root's own modules are the backbone library
-LAYERS = ("", "detection", "data", "training", "inference", "commands")
+LAYERS = ("", "detection", "data", "inference", "training", "commands")
 
 
 def layer_of(module: str) -> int:
@@ -51,34 +51,64 @@ def test_no_module_imports_a_higher_layer(path):
 def test_the_layer_check_sees_relative_imports():
     """The walker resolves ``from ..x import`` the way Python does, so the test above can fail."""
     imports = package_imports(PACKAGE / "training" / "callbacks" / "prediction_grid.py")
-    assert "detr_backbone.detection.postprocess" in imports
+    assert "detr_backbone.detection.boxes" in imports
     assert "detr_backbone.data.visualize" in imports
     assert (
         layer_of("detr_backbone.commands.render")
         > layer_of("detr_backbone.training.job")
         > layer_of("detr_backbone.joiner")
     )
+    assert layer_of("detr_backbone.training.module") > layer_of("detr_backbone.inference.checkpoint")
 
 
 def test_the_root_stays_the_backbone_library():
     """Importing the backbone library loads neither the detector, the training job nor Lightning's Trainer."""
+    loaded = loaded_modules("detr_backbone")
+    assert "pytorch_lightning" not in loaded and "detr_backbone.training" not in loaded
+    assert "detr_backbone.detection" not in loaded and "detr_backbone.joiner" in loaded
+
+
+def loaded_modules(module: str) -> str:
+    """The package's and Lightning's modules that importing ``module`` loads, in a fresh interpreter."""
     import subprocess
     import sys
 
     code = (
-        "import sys, detr_backbone; "
-        "print(sorted(m for m in sys.modules if m.startswith(('detr_backbone.', 'pytorch_lightning'))))"
+        f"import sys, {module}; "
+        "print(sorted(m for m in sys.modules if m.startswith(('detr_backbone.', 'pytorch_lightning', 'lightning'))))"
     )
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "pytorch_lightning" not in loaded and "detr_backbone.training" not in loaded
-    assert "detr_backbone.detection" not in loaded and "detr_backbone.joiner" in loaded
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+
+
+def test_inference_runs_without_lightning():
+    """Serving code imports the inference layer: it loads neither Lightning nor the training job."""
+    loaded = loaded_modules("detr_backbone.inference")
+    assert "detr_backbone.inference.checkpoint" in loaded and "detr_backbone.detection.registry" in loaded
+    assert "pytorch_lightning" not in loaded and "lightning" not in loaded
+    assert "detr_backbone.training" not in loaded and "detr_backbone.commands" not in loaded
+
+
+def test_shared_helpers_sit_below_their_users():
+    """File writing and box colours are imported by several layers, so they live below all of them."""
+    users = {
+        "detr_backbone.file_writes": ["inference/export.py", "training/checkpoint_io.py", "commands/predict.py"],
+        "detr_backbone.data.visualize": ["training/callbacks/prediction_grid.py", "commands/predict.py"],
+    }
+    for helper, paths in users.items():
+        for path in paths:
+            assert helper in package_imports(PACKAGE / path), f"{path} does not import {helper}"
+            assert layer_of(helper) < layer_of(f"detr_backbone.{path.partition('/')[0]}")
 
 
 @pytest.mark.parametrize(
     "module, names",
     [
         ("detr_backbone", ["Joiner", "build_backbone", "NestedTensor", "FrozenBatchNorm2d", "load_checkpoint"]),
-        ("detr_backbone.detection", ["DETR", "Transformer", "HungarianMatcher", "SetCriterion", "PostProcess"]),
+        (
+            "detr_backbone.detection",
+            ["DETR", "Transformer", "HungarianMatcher", "SetCriterion", "PostProcess", "DetectorConfig", "HEADS"],
+        ),
+        ("detr_backbone.detection.deformable", ["DeformableDETR", "DeformableDetrConfig", "TopKPostProcess"]),
         ("detr_backbone.data", ["build_datamodule", "ShapesDataset", "CocoDetection"]),
         ("detr_backbone.training", ["DetrModule", "Job", "Config", "register_configs", "validated"]),
         (

@@ -12,10 +12,10 @@ import torch
 from detr_backbone import build_backbone, downsample_mask, nested_tensor_from_tensor_list
 from detr_backbone.commands.export import main as export_main
 from detr_backbone.declared_backbone import DeclaredBackbone
-from detr_backbone.inference.checkpoint import load_detector, load_training_module
+from detr_backbone.inference.checkpoint import load_detector
 from detr_backbone.targets import TargetNotAllowedError
 from detr_backbone.training.job import Job, validated
-from detr_backbone.training.module import DetrModule
+from detr_backbone.training.module import DetrModule, load_training_module
 
 from .custom_parts import RampEncoding
 from .jobs import ROOT, SMALL, compose_config

@@ -18,14 +18,9 @@ from detr_backbone.commands.render import compose_config as render_config
 from detr_backbone.commands.render import load_joiner
 from detr_backbone.commands.render import main as render_main
 from detr_backbone.data import IMAGENET_MEAN, IMAGENET_STD, ShapesDataset
-from detr_backbone.data.visualize import NEGATIVE, POSITIVE, heatmap
+from detr_backbone.data.visualize import NEGATIVE, POSITIVE, PREDICTION_COLOR, TRUTH_COLOR, heatmap
 from detr_backbone.training.callbacks.model_summary import ParameterSummary, count_parts, format_counts
-from detr_backbone.training.callbacks.prediction_grid import (
-    PREDICTION_COLOR,
-    TRUTH_COLOR,
-    PredictionGrid,
-    prediction_panel,
-)
+from detr_backbone.training.callbacks.prediction_grid import PredictionGrid, prediction_panel
 from detr_backbone.training.job import Job, validated
 
 from .jobs import TINY, compose_config

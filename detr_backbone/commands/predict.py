@@ -22,12 +22,11 @@ from tqdm import tqdm
 
 from ..config import require
 from ..data.coco import load_coco, load_rgb_image, open_image
-from ..data.visualize import draw_boxes
+from ..data.visualize import PREDICTION_COLOR, draw_boxes
+from ..file_writes import atomic_write
 from ..inference.coco_files import category_ids_by_name, detection_rows, write_json
 from ..inference.image_files import common_root, find_images
 from ..inference.predictor import DTYPES, Detections, Predictor, size_groups
-from ..training.callbacks.prediction_grid import PREDICTION_COLOR
-from ..training.file_writes import atomic_write
 from .cli import compose_command, reported
 
 ON_ERROR = ("skip", "stop")
@@ -49,9 +48,8 @@ class PredictConfig:
     device: str = "cpu"
     dtype: str = "float32"  # float32 | bfloat16 | float16
     compile: bool = False  # torch.compile the detector (pays off on large folders of few image sizes)
-    fuse: Optional[bool] = (
-        None  # oneDNN-fused frozen-BN ResNet convolutions; null: on a CPU in float32/bfloat16, uncompiled
-    )
+    # oneDNN-fused frozen-BN ResNet convolutions; null: on a CPU in float32/bfloat16, uncompiled
+    fuse: Optional[bool] = None
     on_error: str = "skip"  # an unreadable image: skip (named, counted) | stop (the run fails, naming it)
     annotations: Optional[str] = None  # a COCO instances file: image_id by file name, category_id by class name
     draw: bool = True  # write the drawn images (detections.json is always written)

@@ -26,13 +26,13 @@ from ..config import JoinerConfig
 from ..data import build_datamodule
 from ..data.coco import load_rgb_image
 from ..data.visualize import caption, denormalize, heatmap, resize_longer_side, save_png, tile_grid, valid_size
-from ..inference.checkpoint import load_training_module
 from ..inference.preprocess import EvalTransform
 from ..joiner import Joiner, build_backbone
 from ..nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 from ..position_encoding import PositionEmbeddingSine
 from ..training.config import Config, register_configs
 from ..training.job import validated
+from ..training.module import load_training_module
 from .cli import CONF_DIR, USER_ERRORS
 
 # overrides that shape the model; with --ckpt the checkpoint's own saved config decides those

@@ -1,8 +1,13 @@
-"""Detection data in DETR's format: datasets, augmentation, batching and the Lightning DataModule."""
+"""Detection data in DETR's format: datasets, augmentation, batching and the Lightning DataModule.
+
+The DataModule's names are imported when first used, so that code reading data for inference
+(datasets, transforms) does not load Lightning.
+"""
+
+from typing import Any
 
 from .coco import CocoDetection
 from .collate import DetectionCollate, collate_detection
-from .datamodule import DATA_KINDS, DetectionDataModule, build_datamodule
 from .sampler import EpochShuffleSampler
 from .shapes import CLASSES, SHAPE_KINDS, ShapesDataset
 from .transforms import (
@@ -38,3 +43,13 @@ __all__ = [
     "detr_train_transforms",
     "detr_val_transforms",
 ]
+
+LIGHTNING_NAMES = ("DATA_KINDS", "DetectionDataModule", "build_datamodule")
+
+
+def __getattr__(name: str) -> Any:
+    if name in LIGHTNING_NAMES:
+        from . import datamodule
+
+        return getattr(datamodule, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,6 +19,7 @@ from .transforms import IMAGENET_MEAN, IMAGENET_STD
 GRID_PADDING = 2
 BACKGROUND = 255  # white between and around tiles
 NEGATIVE, POSITIVE = (0.13, 0.40, 0.80), (0.84, 0.15, 0.16)  # blue below zero, red above, white at zero
+TRUTH_COLOR, PREDICTION_COLOR = (0, 190, 0), (230, 30, 30)  # boxes: ground truth green, predictions red
 
 
 def valid_size(mask: Tensor) -> tuple[int, int]:

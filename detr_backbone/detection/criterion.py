@@ -1,4 +1,4 @@
-"""DETR's set loss: match predictions to targets, then classify every query and regress matched boxes."""
+"""The set loss every head shares: match predictions to targets, classify every query, regress matched boxes."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou
 
-from .matcher import HungarianMatcher, Indices
+from .matcher import BaseHungarianMatcher, Indices
 
-DEFAULT_LOSS_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
 AUX_SUFFIX = re.compile(r"(?P<name>.+?)(?:_\d+|_enc)?")  # decoder layer index, or two-stage proposals
 
 
@@ -20,40 +20,33 @@ def identity(num_boxes: Tensor) -> Tensor:
     return num_boxes
 
 
-class SetCriterion(nn.Module):
-    """Losses of DETR's outputs against targets (a list of dicts with "labels" and cxcywh "boxes").
+class BaseSetCriterion(nn.Module):
+    """Losses of a head's outputs against targets (a list of dicts with "labels" and cxcywh "boxes").
 
-    Returns ``loss_ce``, ``loss_bbox``, ``loss_giou``, the same with suffix ``_{i}`` for each
-    ``aux_outputs`` entry and ``_enc`` for ``enc_outputs`` (two-stage Deformable DETR's proposals,
-    matched as object-or-not: every target labelled 0), and ``class_error`` (a detached metric).
-    Everything is computed in float32 with autocast off: the matching and the normalisation by
-    ``num_boxes`` are too sensitive for half precision. ``num_boxes_reduce`` receives the local box
-    count (a float32 tensor) and returns the count to normalise by, e.g. its mean over processes.
+    Returns ``loss_ce`` (each head's subclass gives its ``label_losses``), ``loss_bbox``, ``loss_giou``,
+    the same with suffix ``_{i}`` for each ``aux_outputs`` entry and ``_enc`` for ``enc_outputs``
+    (two-stage proposals, matched as object-or-not: every target labelled 0), and ``class_error`` (a
+    detached metric). Everything is computed in float32 with autocast off: the matching and the
+    normalisation by ``num_boxes`` are too sensitive for half precision. ``num_boxes_reduce`` receives
+    the local box count (a float32 tensor) and returns the count to normalise by, e.g. its mean over
+    processes.
     """
 
     def __init__(
         self,
         num_classes: int,
-        matcher: HungarianMatcher,
-        eos_coef: float = 0.1,
-        loss_weights: Mapping[str, float] | None = None,
+        matcher: BaseHungarianMatcher,
+        loss_weights: Mapping[str, float],
         num_boxes_reduce: Callable[[Tensor], Tensor] = identity,
     ):
         super().__init__()
-        weights = dict(DEFAULT_LOSS_WEIGHTS if loss_weights is None else loss_weights)
-        if not weights or not set(weights) <= set(DEFAULT_LOSS_WEIGHTS):
-            raise ValueError(
-                f"loss_weights must have some of the keys {sorted(DEFAULT_LOSS_WEIGHTS)}, got {sorted(weights)}"
-            )
+        weights = dict(loss_weights)
+        if not weights or not set(weights) <= set(LOSS_NAMES):
+            raise ValueError(f"loss_weights must have some of the keys {sorted(LOSS_NAMES)}, got {sorted(weights)}")
         self.num_classes = num_classes
         self.matcher = matcher
-        self.eos_coef = eos_coef
         self.loss_weights = weights
         self.num_boxes_reduce = num_boxes_reduce
-        # "no object" answers most queries; down-weighting it keeps the real classes from being drowned
-        empty_weight = torch.ones(num_classes + 1)
-        empty_weight[-1] = eos_coef
-        self.register_buffer("empty_weight", empty_weight)
 
     def forward(self, outputs: Mapping, targets: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
         device = outputs["pred_logits"].device
@@ -84,10 +77,9 @@ class SetCriterion(nn.Module):
     def label_losses(
         self, logits: Tensor, matched: tuple[Tensor, Tensor], target_labels: Tensor, num_boxes: Tensor
     ) -> dict[str, Tensor]:
-        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
-        target_classes[matched] = target_labels
-        loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, weight=self.empty_weight.float())
-        return {"loss_ce": loss_ce, "class_error": class_error(logits[matched].detach(), target_labels)}
+        """``loss_ce`` of every query (``matched``: the matched queries' indices, their targets' labels) and
+        ``class_error``."""
+        raise NotImplementedError
 
     def box_losses(self, boxes: Tensor, target_boxes: Tensor, num_boxes: Tensor) -> dict[str, Tensor]:
         loss_bbox = F.l1_loss(boxes, target_boxes, reduction="none").sum() / num_boxes

@@ -1,4 +1,4 @@
-"""DETR's one-to-one assignment of predictions to ground-truth objects (Hungarian matching)."""
+"""The one-to-one assignment of predictions to ground-truth objects (Hungarian matching) every head shares."""
 
 from __future__ import annotations
 
@@ -12,14 +12,13 @@ from torchvision.ops import box_convert, generalized_box_iou
 Indices = list[tuple[Tensor, Tensor]]
 
 
-class HungarianMatcher(nn.Module):
+class BaseHungarianMatcher(nn.Module):
     """Per image, the assignment of queries to targets that minimises
 
-    ``cost_bbox * L1(boxes) - cost_class * p(target class) - cost_giou * GIoU(boxes)``.
+    ``cost_bbox * L1(boxes) + cost_class * class_cost + cost_giou * -GIoU(boxes)``.
 
-    The class term is the probability itself, not its log: it is on the scale of the box terms
-    and stays finite for hopeless queries. Every target gets exactly one query; the others are
-    left for "no object".
+    Each head's subclass gives its ``class_cost``. Every target gets exactly one query; the others
+    are left unmatched.
     """
 
     def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0):
@@ -31,7 +30,7 @@ class HungarianMatcher(nn.Module):
         self.cost_giou = cost_giou
 
     def cost_matrix(self, logits: Tensor, boxes: Tensor, target_labels: Tensor, target_boxes: Tensor) -> Tensor:
-        """(queries, targets) costs from logits (Q, K+1) and cxcywh boxes (Q, 4), queries of any images."""
+        """(queries, targets) costs from logits (Q, K) and cxcywh boxes (Q, 4), queries of any images."""
         class_cost = self.class_cost(logits.float(), target_labels)
         boxes, target_boxes = boxes.float(), target_boxes.float()
         bbox_cost = torch.cdist(boxes, target_boxes, p=1)
@@ -41,8 +40,8 @@ class HungarianMatcher(nn.Module):
         return self.cost_bbox * bbox_cost + self.cost_class * class_cost + self.cost_giou * giou_cost
 
     def class_cost(self, logits: Tensor, target_labels: Tensor) -> Tensor:
-        """(queries, targets) class costs: minus the softmax probability of each target's class."""
-        return -logits.softmax(-1)[:, target_labels]
+        """(queries, targets) class costs from logits (Q, K) of queries and the targets' labels."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def forward(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> Indices:

@@ -1,6 +1,6 @@
 """Putting a trained detector to work: the inference API, COCO files and metrics, export to ONNX / torch.export."""
 
-from .checkpoint import LoadedDetector, UnnamedClassesWarning, load_detector, load_training_module
+from .checkpoint import LoadedDetector, UnnamedClassesWarning, load_detector
 from .coco_metrics import STAT_NAMES, CocoMetrics, coco_metrics
 from .export import ExportableDetector, ExportCheckError, Tolerance, export_detector
 from .exported import load_exported
@@ -20,5 +20,4 @@ __all__ = [
     "export_detector",
     "load_detector",
     "load_exported",
-    "load_training_module",
 ]

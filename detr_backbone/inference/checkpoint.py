@@ -1,8 +1,9 @@
-"""A detector to run, read from a file: a train.py checkpoint, or published DETR weights.
+"""A detector to run, read from a file: a train.py checkpoint, or published weights of any head.
 
-train.py's Lightning checkpoints rebuild DetrModule from their saved hyperparameters. DETR's own
-checkpoints and Hugging Face DETR folders are read by ``detection.weights`` (the readers behind
-``init_from``), and the detector is built from what they record about their architecture.
+train.py's Lightning checkpoints are read without Lightning: their saved hyperparameters give the
+detector's config (typed once), and the detector's tensors are those under ``detector.``. Published
+files (DETR's checkpoints, Hugging Face folders) are read by the heads' own layouts (the readers
+behind ``init_from``), and the detector is built from what they record about their architecture.
 Files are read with ``weights_only=True``: loading cannot run code.
 """
 
@@ -14,15 +15,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import BACKBONE_TARGETS, POSITION_TARGETS, BackboneConfig, JoinerConfig, PositionConfig
-from ..detection.detr import DETR
-from ..detection.weights import DetectorWeights, published_detector_weights, read_hugging_face_folder
-from ..training.config import HeadConfig, head_config
-from ..training.module import DetrModule, build_detector, check_targets
+from ..detection import Detector, DetectorConfig, PublishedWeights, published_folder, published_weights
 from ..weights import first_keys, load_weights_file
 
 TRAINING_SOURCE = "train.py checkpoint"
 TRAINING_CHECKPOINT = "a Lightning checkpoint of train.py's DetrModule"
+TRAINING_PREFIX = "detector."  # the training module's attribute: its detector's keys in a train.py checkpoint
 ANY_CHECKPOINT = "a train.py checkpoint, a DETR checkpoint or Hugging Face DETR weights"
 DETR_EVAL_SIZE, DETR_EVAL_MAX_SIZE = 800, 1333  # DETR's evaluation resize: shorter side, longer side at most
 
@@ -40,7 +38,7 @@ class LoadedDetector:
     names, not ids). ``size`` is the shorter side images were evaluated at (None: as they are).
     """
 
-    detector: DETR
+    detector: Detector
     class_names: list[str]
     category_ids: list[int]
     source: str
@@ -69,42 +67,47 @@ def read_checkpoint(path: str | os.PathLike, expected: str) -> Any:
         raise ValueError(f"{os.fspath(path)} is not {expected} ({type(cause).__name__}: {reason})") from None
 
 
-def training_module(content: Any, path: str | os.PathLike, allowed_targets: Sequence[str] = ()) -> DetrModule | None:
-    """The DetrModule of a train.py checkpoint's content, None if the content is something else.
+def saved_detector_config(content: Any) -> DetectorConfig | None:
+    """The config of the detector a train.py checkpoint's content holds, None if the content is something else.
 
-    Its config is built only where every ``_target_`` is ours or in ``allowed_targets``. Compilation
-    saved with the run is left off: whoever runs the detector decides that.
+    Compilation saved with the run is left off: whoever runs the detector decides that.
     """
     if not isinstance(content, Mapping):
         return None
     hparams, state = content.get("hyper_parameters"), content.get("state_dict")
     if not isinstance(hparams, Mapping) or not isinstance(state, Mapping) or "joiner" not in hparams:
         return None
-    hparams = {**hparams, "head": {**hparams["head"], "compile": False}}
-    hparams["joiner"] = {**hparams["joiner"], "backbone": {**hparams["joiner"]["backbone"], "compile": False}}
-    joiner, head = JoinerConfig.from_args(hparams["joiner"]), head_config(hparams["head"])
-    check_targets(joiner, head, allowed_targets, f"checkpoint {os.fspath(path)}")
-    module = DetrModule(**hparams, allowed_targets=allowed_targets)
-    mismatch = key_mismatch(*module.load_state_dict(state, strict=False))
+    config = DetectorConfig.from_values(
+        hparams["joiner"], hparams["head"], hparams["num_classes"], hparams.get("class_names")
+    )
+    return config.uncompiled()
+
+
+def training_detector(
+    content: Any, path: str | os.PathLike, allowed_targets: Sequence[str] = ()
+) -> tuple[Detector, DetectorConfig] | None:
+    """The detector of a train.py checkpoint's content and its config, None if the content is something else.
+
+    It is built only where every ``_target_`` of the saved config is ours or in ``allowed_targets``.
+    """
+    config = saved_detector_config(content)
+    if config is None:
+        return None
+    config.check_targets(allowed_targets, f"checkpoint {os.fspath(path)}")
+    detector = config.build()
+    state = {
+        k.removeprefix(TRAINING_PREFIX): v for k, v in content["state_dict"].items() if k.startswith(TRAINING_PREFIX)
+    }
+    mismatch = key_mismatch(*detector.load_state_dict(state, strict=False))
     if mismatch:
-        raise ValueError(f"{os.fspath(path)} does not fit the DetrModule its hyperparameters describe: {mismatch}")
-    return module.eval()
+        raise ValueError(f"{os.fspath(path)} does not fit the detector its hyperparameters describe: {mismatch}")
+    return detector, config
 
 
 def key_mismatch(missing: list[str], unexpected: list[str]) -> str:
     """The keys a load left missing or unused, in one line; empty when every key matched."""
     parts = [f"missing {first_keys(missing)}"] if missing else []
     return "; ".join(parts + ([f"unexpected {first_keys(unexpected)}"] if unexpected else []))
-
-
-def load_training_module(path: str | os.PathLike, allowed_targets: Sequence[str] = ()) -> DetrModule:
-    """The DetrModule of a train.py checkpoint, in eval mode (``allowed_targets``: see ``training_module``)."""
-    module = training_module(read_checkpoint(path, TRAINING_CHECKPOINT), path, allowed_targets)
-    if module is None:
-        raise ValueError(
-            f"{os.fspath(path)} is not {TRAINING_CHECKPOINT} (no DetrModule hyperparameters and state_dict in it)"
-        )
-    return module
 
 
 def named_classes(names: Sequence[str] | None, count: int, path: str | os.PathLike) -> list[str]:
@@ -118,37 +121,15 @@ def named_classes(names: Sequence[str] | None, count: int, path: str | os.PathLi
     return [f"class {label}" for label in range(count)]
 
 
-def published_detector(weights: DetectorWeights, dilation: bool | None) -> DETR:
+def published_detector(weights: PublishedWeights, dilation: bool | None) -> Detector:
     """A detector built from what published weights record about their architecture, with the weights loaded."""
-    arch = weights.architecture
-    if dilation is None and arch.dilation is None:
-        warnings.warn(
-            f"{weights.path}: {weights.source}s do not record dilation; built without it (set dilation=true for DC5 weights)",
-            stacklevel=3,
-        )
-    backbone = BackboneConfig(
-        _target_=BACKBONE_TARGETS[arch.backbone_kind or "torchvision"],
-        name=arch.backbone_name or "resnet50",
-        dilation=bool(arch.dilation if dilation is None else dilation),
-        main_layer=-1 if arch.main_layer is None else arch.main_layer,
-    )
-    joiner = JoinerConfig(
-        backbone, PositionConfig(_target_=POSITION_TARGETS[arch.position or "sine"]), hidden_dim=arch.hidden_dim
-    )
-    head = HeadConfig(
-        num_queries=arch.num_queries,
-        enc_layers=arch.enc_layers,
-        dec_layers=arch.dec_layers,
-        nheads=arch.nheads or HeadConfig.nheads,
-        dim_feedforward=arch.dim_feedforward or HeadConfig.dim_feedforward,
-        pre_norm=bool(arch.pre_norm),
-        dropout=0.0,
-    )
-    detector = build_detector(joiner, head, weights.num_class_rows)
+    config = weights.detector_config(dilation)
+    detector = config.build()
     mismatch = key_mismatch(*detector.load_state_dict(weights.state, strict=False))
     if mismatch:
         raise ValueError(
-            f"{weights.path} ({weights.source}: {arch}) does not load into the detector it describes: {mismatch}"
+            f"{weights.path} ({weights.source}: {weights.architecture}) does not load into the detector it "
+            f"describes: {mismatch}"
         )
     return detector
 
@@ -163,19 +144,17 @@ def load_detector(
     train.py checkpoint's saved config may build; anything else there is refused, never imported.
     """
     if os.path.isdir(path):
-        weights = read_hugging_face_folder(path)
+        weights = published_folder(path)
     else:
         content = read_checkpoint(path, ANY_CHECKPOINT)
-        module = training_module(content, path, allowed_targets)
-        if module is not None:
-            detector = module.detector
-            saved = module.hparams.get("class_names")
-            names = named_classes(saved, detector.num_classes, path)
-            ids = list(range(1, detector.num_classes + 1))
-            return LoadedDetector(
-                detector, names, ids, TRAINING_SOURCE, os.fspath(path), None, names_known=saved is not None
-            )
-        weights = published_detector_weights(content, path)
+        trained = training_detector(content, path, allowed_targets)
+        if trained is not None:
+            detector, config = trained
+            names = named_classes(config.class_names, config.num_classes, path)
+            ids = list(range(1, config.num_classes + 1))
+            known = config.class_names is not None
+            return LoadedDetector(detector, names, ids, TRAINING_SOURCE, os.fspath(path), None, names_known=known)
+        weights = published_weights(content, path)
         if weights is None:
             raise ValueError(f"{os.fspath(path)} is not {ANY_CHECKPOINT}: none of their layouts matches its keys")
     detector = published_detector(weights, dilation)
@@ -185,7 +164,7 @@ def load_detector(
     return LoadedDetector(detector, names, ids, weights.source, os.fspath(path), DETR_EVAL_SIZE, names_known=known)
 
 
-def inference_ready(detector: DETR) -> DETR:
+def inference_ready(detector: Detector) -> Detector:
     """Eval mode, no gradients, and the last decoder layer's outputs only (the auxiliary ones train)."""
     detector.aux_loss = False
     return detector.eval().requires_grad_(False)

@@ -16,7 +16,7 @@ from typing import Any
 from torch import Tensor
 from torchvision.ops import box_convert
 
-from ..training.file_writes import atomic_write
+from ..file_writes import atomic_write
 from .predictor import Detections
 
 BOX_DECIMALS, SCORE_DECIMALS = 2, 5  # a hundredth of a pixel; scores keep their ranking to 1e-5

@@ -28,9 +28,9 @@ from torch import Tensor, nn
 from torch.export import Dim, ExportedProgram
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..detection.detr import DETR
+from ..detection import Detector
+from ..file_writes import atomic_write
 from ..nested_tensor import NestedTensor
-from ..training.file_writes import atomic_write
 from .checkpoint import LoadedDetector
 from .exported import METADATA_FILE, load_exported
 
@@ -65,12 +65,13 @@ class Tolerance:
 
 
 class ExportableDetector(nn.Module):
-    """``(images (B, 3, H, W) normalised, mask (B, H, W) True on padding)`` -> ``pred_logits`` (B, Q, K + 1)
-    and ``pred_boxes`` (B, Q, 4) as (cx, cy, w, h) relative to each unpadded image; with ``postprocess``
-    also ``scores`` (B, Q), ``labels`` (B, Q) and ``boxes`` (B, Q, 4) as (x0, y0, x1, y1) in pixels of the
-    unpadded image (multiply by original / model-input size for the original image's pixels)."""
+    """``(images (B, 3, H, W) normalised, mask (B, H, W) True on padding)`` -> ``pred_logits`` and
+    ``pred_boxes`` (B, Q, 4) as (cx, cy, w, h) relative to each unpadded image; with ``postprocess`` also
+    the head's own detections: ``scores``, ``labels`` and ``boxes`` as (x0, y0, x1, y1) in pixels of the
+    unpadded image (multiply by original / model-input size for the original image's pixels). The
+    detector's ``OUTPUTS`` says what each is for its head; the exported metadata repeats it."""
 
-    def __init__(self, detector: DETR, postprocess: bool = False):
+    def __init__(self, detector: Detector, postprocess: bool = False):
         super().__init__()
         self.detector = detector
         self.postprocess = postprocess
@@ -129,16 +130,7 @@ def export_metadata(
     loaded: LoadedDetector, model: ExportableDetector, ranges: dict[str, list[int | None]]
 ) -> dict[str, Any]:
     """What a user of the file needs beside the graph: classes, input preparation, output meanings."""
-    outputs = {
-        "pred_logits": "(batch, queries, classes + 1) class logits; the last class is 'no object'",
-        "pred_boxes": "(batch, queries, 4) boxes as (cx, cy, w, h) relative to each unpadded image",
-    }
-    if model.postprocess:
-        outputs.update(
-            scores="(batch, queries) best real class probability",
-            labels="(batch, queries) its class index into class_names",
-            boxes="(batch, queries, 4) (x0, y0, x1, y1) in pixels of the unpadded model input",
-        )
+    outputs = {name: loaded.detector.OUTPUTS[name] for name in model.output_names}  # in the head's own words
     return {
         "class_names": loaded.class_names,
         "category_ids": loaded.category_ids,

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..compilation import COMPILE_SIZE_DIVISIBILITY, compile_in_place
-from ..detection.detr import DETR
+from ..detection import Detector
 from ..nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 from .checkpoint import LoadedDetector, load_detector
 from .fusion import fuse_resnet_blocks, fusion_supported
@@ -73,7 +73,7 @@ class Predictor:
 
     def __init__(
         self,
-        detector: DETR,
+        detector: Detector,
         class_names: Sequence[str],
         *,
         category_ids: Sequence[int] | None = None,

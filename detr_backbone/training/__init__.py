@@ -2,6 +2,6 @@
 
 from .config import Config, register_configs
 from .job import Job, build_module, validated
-from .module import DetrModule, build_detector
+from .module import DetrModule, load_training_module
 
-__all__ = ["Config", "DetrModule", "Job", "build_detector", "build_module", "register_configs", "validated"]
+__all__ = ["Config", "DetrModule", "Job", "build_module", "load_training_module", "register_configs", "validated"]

@@ -17,7 +17,7 @@ import torch
 from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from .file_writes import atomic_write
+from ..file_writes import atomic_write
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

@@ -1,4 +1,4 @@
-"""Schemas of the training job's config groups (model, data, trainer, callbacks, logger).
+"""Schemas of the training job's config groups (data, trainer, callbacks, logger; each head owns its model schema).
 
 Registered in Hydra's ConfigStore with the Joiner's schemas as ``config_schema``, the first
 entry of conf/config.yaml: every composed config is checked against them, so a misspelled key
@@ -7,100 +7,11 @@ or a value of the wrong type fails at composition with the key named.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
-
-from ..config import BackboneConfig, PositionConfig, backbone_config, position_config, require, structured
-
-
-@dataclass
-class TransformerHeadConfig:
-    """What DETR's and Deformable DETR's heads share (conf/model/): ``_target_`` builds the detector
-    from the fields its signature names; the costs and loss weights set the criterion."""
-
-    _target_: str = ""
-    num_queries: int = 100
-    enc_layers: int = 6
-    dec_layers: int = 6
-    nheads: int = 8
-    dim_feedforward: int = 2048
-    dropout: float = 0.1
-    aux_loss: bool = True
-    cost_class: float = 1.0  # Hungarian matching costs
-    cost_bbox: float = 5.0
-    cost_giou: float = 2.0
-    loss_ce: float = 1.0  # loss weights
-    loss_bbox: float = 5.0
-    loss_giou: float = 2.0
-    compile: bool = False  # torch.compile the whole detector in place (backbone.compile: the Joiner only); off: no CPU gain measured
-
-    POSITIVE = ("num_queries", "dec_layers", "nheads", "dim_feedforward")
-
-    def __post_init__(self) -> None:
-        for name in self.POSITIVE:
-            require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be > 0")
-        require(self.enc_layers >= 0, f"model.enc_layers={self.enc_layers} must be >= 0")
-        require(0 <= self.dropout < 1, f"model.dropout={self.dropout} must be in [0, 1)")
-
-
-@dataclass
-class HeadConfig(TransformerHeadConfig):
-    """DETR (conf/model/detr*.yaml): its transformer, a softmax class head with "no object", and its set loss."""
-
-    _target_: str = "detr_backbone.detection.build_detr"
-    pre_norm: bool = False
-    eos_coef: float = 0.1  # weight of the no-object class in the cross-entropy
-
-
-@dataclass
-class DeformableHeadConfig(TransformerHeadConfig):
-    """Deformable DETR (conf/model/deformable_detr*.yaml): multi-scale deformable attention on the Joiner's
-    levels, a sigmoid head and focal loss; defaults are Deformable-DETR's main.py."""
-
-    _target_: str = "detr_backbone.detection.deformable.build_deformable_detr"
-    num_queries: int = 300
-    dim_feedforward: int = 1024
-    cost_class: float = 2.0  # the focal class cost
-    loss_ce: float = 2.0  # the sigmoid focal loss
-    num_feature_levels: int = 4  # the Joiner's levels plus stride-2 convolutions up to this count
-    enc_n_points: int = 4  # sampling points per head and level
-    dec_n_points: int = 4
-    with_box_refine: bool = False  # each decoder layer refines the previous one's boxes
-    two_stage: bool = False  # queries from the encoder's best proposals (needs with_box_refine)
-    focal_alpha: float = 0.25
-    lr_linear_proj_mult: float = 0.1  # sampling offsets and reference points train at lr times this
-
-    POSITIVE = (*TransformerHeadConfig.POSITIVE, "num_feature_levels", "enc_n_points", "dec_n_points")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require(0 < self.focal_alpha < 1, f"model.focal_alpha={self.focal_alpha} must be in (0, 1)")
-        require(self.lr_linear_proj_mult > 0, f"model.lr_linear_proj_mult={self.lr_linear_proj_mult} must be > 0")
-        require(
-            not self.two_stage or self.with_box_refine,
-            "model.two_stage=true needs model.with_box_refine=true (as Deformable-DETR's two-stage checkpoints)",
-        )
-
-    def backbone_levels(self) -> list[int]:
-        """The levels Deformable-DETR's build_backbone takes: layers 2-4, or layer4 alone for one level."""
-        return [2, 3, 4] if self.num_feature_levels > 1 else [4]
-
-
-HEAD_SCHEMAS = {HeadConfig._target_: HeadConfig, DeformableHeadConfig._target_: DeformableHeadConfig}
-
-
-def head_config(values: Any) -> HeadConfig | DeformableHeadConfig:
-    """A model node as the schema of its ``_target_`` (DETR's when it names none: older checkpoints)."""
-    if dataclasses.is_dataclass(values):
-        values = dataclasses.asdict(values)
-    if isinstance(values, DictConfig):
-        values = OmegaConf.to_container(values, resolve=True)
-    target = (values or {}).get("_target_", HeadConfig._target_)
-    require(target in HEAD_SCHEMAS, f"model._target_={target!r} is not one of {', '.join(HEAD_SCHEMAS)}")
-    return structured(HEAD_SCHEMAS[target], values or {}, "model")
+from ..config import BackboneConfig, PositionConfig, backbone_config, position_config, require
+from ..detection import HEADS, head_config
 
 
 @dataclass
@@ -287,9 +198,8 @@ class Config:
     freeze_backbone: bool = False
     seed: int = 42
     ckpt_path: Optional[str] = None  # resume from this Lightning checkpoint
-    init_from: Optional[str] = (
-        None  # start a new run from a detector's weights: DETR .pth, Hugging Face folder, our .ckpt
-    )
+    # start a new run from a detector's weights: DETR .pth, Hugging Face folder, our .ckpt
+    init_from: Optional[str] = None
     test_after_fit: bool = True  # test the best checkpoint once fitting ends
     optimized_metric: str = "val/map_50"  # the value train.py returns to a sweeper (conf/hparams_search/)
 
@@ -303,12 +213,7 @@ class Config:
         )
 
 
-GROUP_SCHEMAS = {
-    "backbone": BackboneConfig,
-    "position": PositionConfig,
-    "detr": HeadConfig,
-    "deformable_detr": DeformableHeadConfig,
-}
+GROUP_SCHEMAS = {"backbone": BackboneConfig, "position": PositionConfig, **HEADS}
 
 
 def register_configs() -> None:

@@ -14,11 +14,11 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from ..file_writes import disk_full_error
 from .callbacks.bad_samples import BadSampleCount
 from .callbacks.preemption import Preemption
 from .callbacks.saved_config import SavedConfig
 from .config import Config
-from .file_writes import disk_full_error
 
 
 def fault_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:

@@ -2,7 +2,7 @@
 
 Unlike ``ckpt_path`` (resume: step, optimizer, schedule, data order) only weights are taken, and
 training starts at step 0. Sources are told apart by content: DETR's checkpoints and Hugging Face
-DETR folders (``detection.weights``), and checkpoints written by train.py. What differs between
+DETR folders (the DETR head's layouts, ``detection.detr.weights``), and checkpoints written by train.py. What differs between
 the checkpoint and the run by design is adapted by meaning:
 
 - class rows by class name (case-insensitive): a dataset class the checkpoint knows gets its row,
@@ -25,15 +25,10 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor, nn
 
 from ..config import BACKBONE_TARGETS, POSITION_TARGETS, own_kind
-from ..detection.weights import (
-    UNUSED,
-    Architecture,
-    DetectorWeights,
-    architecture_of_state,
-    is_detr_state,
-    published_detector_weights,
-    read_hugging_face_folder,
-)
+from ..detection import published_folder, published_weights
+from ..detection.coco_names import UNUSED
+from ..detection.detr.weights import Architecture, DetectorWeights, architecture_of_state, is_detr_state
+from ..inference.checkpoint import TRAINING_PREFIX
 from ..weights import (
     CheckpointMismatchError,
     LoadReport,
@@ -46,7 +41,6 @@ from .init_report import CarriedClass, InitReport
 
 REPORT_FILE = "init_from.txt"
 OWN_SOURCE = "train.py checkpoint"
-DETECTOR_PREFIX = "detector."  # DetrModule's attribute
 CLASS_WEIGHT, CLASS_BIAS, QUERIES = "class_embed.weight", "class_embed.bias", "query_embed.weight"
 ADAPTED = (CLASS_WEIGHT, CLASS_BIAS, QUERIES)  # reported apart from the tensors loaded as they are
 # Architecture field -> the override that sets it; num_queries is absent: a checkpoint may have more
@@ -69,11 +63,11 @@ UNSEEN_IN_SHAPES = ("dilation", "nheads")  # checked against what the source rec
 def read_init_weights(path: str | os.PathLike) -> DetectorWeights:
     """The weights at ``path``: a DETR checkpoint, a Hugging Face DETR folder or file, or a train.py checkpoint."""
     if os.path.isdir(path):
-        return read_hugging_face_folder(path)
+        return published_folder(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"init_from={os.fspath(path)!r} does not exist")
     content = load_weights_file(path)
-    weights = own_checkpoint_weights(content, path) or published_detector_weights(content, path)
+    weights = own_checkpoint_weights(content, path) or published_weights(content, path)
     if weights is None:
         raise ValueError(
             f"init_from={os.fspath(path)!r} is not a detector checkpoint: expected DETR's ({{'model': ...}} with "
@@ -89,7 +83,7 @@ def own_checkpoint_weights(content: Any, path: str | os.PathLike) -> DetectorWei
         return None
     saved = content["state_dict"]
     state = {
-        key.removeprefix(DETECTOR_PREFIX): value for key, value in saved.items() if key.startswith(DETECTOR_PREFIX)
+        key.removeprefix(TRAINING_PREFIX): value for key, value in saved.items() if key.startswith(TRAINING_PREFIX)
     }
     if not is_detr_state(state):
         return None
@@ -101,7 +95,7 @@ def own_checkpoint_weights(content: Any, path: str | os.PathLike) -> DetectorWei
         state,
         None if names is None else list(names),
         architecture_of_hyperparameters(hparams, state),
-        skipped=[key for key in saved if not key.startswith(DETECTOR_PREFIX)],
+        skipped=[key for key in saved if not key.startswith(TRAINING_PREFIX)],
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..detection.weights import Architecture
+from ..detection.detr.weights import Architecture
 from ..weights import first_keys
 
 

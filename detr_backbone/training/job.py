@@ -14,6 +14,7 @@ from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
 
 from ..config import JoinerConfig, require
 from ..data import build_datamodule
+from ..detection import HEADS
 from .callbacks.last_checkpoint import LastCheckpoint
 from .callbacks.loss_guard import NON_FINITE_ACTIONS, NonFiniteLossGuard
 from .callbacks.model_summary import ParameterSummary
@@ -21,7 +22,7 @@ from .callbacks.prediction_grid import PredictionGrid
 from .callbacks.preemption import cluster_plugins
 from .checkpoint_io import AtomicCheckpointIO
 from .compile_padding import padded_for_compile
-from .config import CallbacksConfig, Config, HeadConfig
+from .config import CallbacksConfig, Config
 from .faults import ended_cleanly, fault_callbacks
 from .init_from import initialize_from, without_backbone_weights
 from .loggers import build_loggers, check_trackers, tracker_callbacks
@@ -64,10 +65,11 @@ def validated(cfg: DictConfig | Config, run_dir: Path | None = None) -> Config:
         f"init_from={config.init_from!r} and ckpt_path={config.ckpt_path!r} exclude each other: ckpt_path resumes "
         "a run (step, optimizer, schedule), init_from starts a new one from a detector's weights; set one",
     )
+    readers = [name for name, head in HEADS.items() if head.INIT_FROM_SOURCES]
     require(
-        config.init_from is None or isinstance(config.model, HeadConfig),
-        f"init_from={config.init_from!r} reads DETR's weight layouts, and model._target_={config.model._target_!r} "
-        "is another head; use model=detr (or detr_small) with init_from",
+        config.init_from is None or bool(config.model.INIT_FROM_SOURCES),
+        f"init_from={config.init_from!r}: model._target_={config.model._target_!r} is a head that reads no "
+        f"published weights yet; heads that do: {', '.join(readers)} (model=<name>)",
     )
     JoinerConfig.from_args(config)  # cross-field checks of the Joiner's knobs
     return resumed(padded_for_compile(config), run_dir)

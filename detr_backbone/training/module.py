@@ -1,4 +1,4 @@
-"""The LightningModule that trains a DETR detector around the Joiner.
+"""The LightningModule that trains a detector of any head around the Joiner.
 
 It owns what DETR's training script spread around: optimizer parameter groups chosen by module
 (head at ``lr``, trainable backbone at ``lr_backbone``, learned positional table at
@@ -9,93 +9,28 @@ mAP on validation and test. Hyperparameters are saved as plain dicts, so checkpo
 
 from __future__ import annotations
 
-import inspect
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
-from torchvision.ops import box_convert
 
-from ..compilation import compile_in_place
-from ..config import BackboneConfig, JoinerConfig, structured
-from ..detection.criterion import AUX_SUFFIX, SetCriterion
-from ..detection.deformable import build_deformable_criterion
-from ..detection.matcher import HungarianMatcher
-from ..detection.postprocess import per_image
-from ..joiner import build_backbone
+from ..config import structured
+from ..detection import DetectorConfig
+from ..detection.boxes import per_image, target_boxes_in_pixels
+from ..detection.criterion import AUX_SUFFIX
+from ..inference.checkpoint import TRAINING_CHECKPOINT, key_mismatch, read_checkpoint, saved_detector_config
 from ..nested_tensor import NestedTensor
 from ..param_groups import joiner_parameter_groups, make_group
-from ..targets import check_allowed, instantiate_target, resolve
-from .config import DeformableHeadConfig, HeadConfig, OptimConfig, head_config
+from .config import OptimConfig
 
 Batch = tuple[NestedTensor, Sequence[Mapping[str, Tensor]]]
 MAP_KEYS = ("map", "map_50", "map_75")
-
-
-def build_detector(joiner_cfg: JoinerConfig, head: HeadConfig | DeformableHeadConfig, num_classes: int) -> nn.Module:
-    """The detector ``head._target_`` builds around the Joiner, from the head fields its signature names."""
-    accepted = inspect.signature(resolve(head._target_, "model._target_")).parameters
-    arguments = {name: value for name, value in asdict(head).items() if name in accepted and name != "_target_"}
-    backbone = build_backbone(joiner_cfg)
-    detector = instantiate_target(
-        head._target_, arguments, "model", backbone=backbone, num_classes=num_classes, hidden_dim=joiner_cfg.hidden_dim
-    )
-    if head.compile:
-        compile_in_place(detector)  # state dict keys unchanged
-    return detector
-
-
-def check_targets(joiner_cfg: JoinerConfig, head: HeadConfig, allowed: Sequence[str], source: str) -> None:
-    """Refuse to build what a config from ``source`` names unless it is ours or in ``allowed``."""
-    for where, target in (
-        ("backbone._target_", joiner_cfg.backbone._target_),
-        ("position._target_", joiner_cfg.position._target_),
-        ("model._target_", head._target_),
-    ):
-        check_allowed(target, allowed, where, source)
-
-
-def saved_config(config: Any) -> dict[str, Any]:
-    """A backbone or position config as the plain dict a checkpoint keeps (the user's own: its flat node)."""
-    return config.as_node() if hasattr(config, "as_node") else asdict(config)
-
-
-def build_criterion(head: HeadConfig | DeformableHeadConfig, num_classes: int, num_boxes_reduce) -> SetCriterion:
-    """The head's set loss: DETR's cross-entropy with a down-weighted "no object", or Deformable-DETR's focal loss."""
-    weights = {"loss_ce": head.loss_ce, "loss_bbox": head.loss_bbox, "loss_giou": head.loss_giou}
-    costs = {"cost_class": head.cost_class, "cost_bbox": head.cost_bbox, "cost_giou": head.cost_giou}
-    if isinstance(head, DeformableHeadConfig):
-        return build_deformable_criterion(
-            num_classes, **costs, **weights, focal_alpha=head.focal_alpha, num_boxes_reduce=num_boxes_reduce
-        )
-    matcher = HungarianMatcher(**costs)
-    return SetCriterion(num_classes, matcher, head.eos_coef, weights, num_boxes_reduce=num_boxes_reduce)
-
-
-def with_head_levels(joiner_cfg: JoinerConfig, head: HeadConfig | DeformableHeadConfig) -> JoinerConfig:
-    """The Joiner config a head reads: a multi-scale head given one of our backbones without ``levels``
-    takes the levels Deformable-DETR's build_backbone takes (DETR's spellings choose DETR's levels)."""
-    backbone = joiner_cfg.backbone
-    if (
-        not isinstance(head, DeformableHeadConfig)
-        or not isinstance(backbone, BackboneConfig)
-        or backbone.levels is not None
-    ):
-        return joiner_cfg
-    levels = replace(backbone, levels=head.backbone_levels(), return_interm_layers=False, main_layer=-1)
-    return replace(joiner_cfg, backbone=levels)
-
-
-def absolute_xyxy(target: Mapping[str, Tensor]) -> Tensor:
-    """A target's normalized cxcywh boxes in pixels of the original image."""
-    height, width = target["orig_size"].tolist()
-    scale = target["boxes"].new_tensor([width, height, width, height])
-    return box_convert(target["boxes"], "cxcywh", "xyxy") * scale
 
 
 class DetrModule(pl.LightningModule):
@@ -112,36 +47,15 @@ class DetrModule(pl.LightningModule):
         allowed_targets: Sequence[str] = (),
     ):
         super().__init__()
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names for {num_classes} classes: {list(class_names)}")
-        self.head_cfg = head_config(head)
-        self.joiner_cfg = with_head_levels(JoinerConfig.from_args(joiner), self.head_cfg)
+        # typed once; hyperparameters may come from a checkpoint (load_from_checkpoint): build only what is ours or allowed
+        self.config = DetectorConfig.from_values(joiner, head, num_classes, class_names)
+        self.config.check_targets(allowed_targets, "the config of this DetrModule")
         self.optim_cfg = structured(OptimConfig, optim, "optim")
-        # hyperparameters may come from a checkpoint (load_from_checkpoint): build only what is ours or allowed
-        check_targets(self.joiner_cfg, self.head_cfg, allowed_targets, "the config of this DetrModule")
-        self.detector = build_detector(self.joiner_cfg, self.head_cfg, num_classes)
-        self.criterion = build_criterion(self.head_cfg, num_classes, self.mean_over_processes)
+        self.detector = self.config.build()
+        self.criterion = self.config.criterion(self.mean_over_processes)
         self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
         self.test_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
-        # The initial weights (pretrained, checkpoint file) live in the state dict from now on:
-        # rebuilding from a Lightning checkpoint must not reach for those sources again.
-        saved_backbone = {**saved_config(self.joiner_cfg.backbone), "checkpoint": None}
-        if isinstance(self.joiner_cfg.backbone, BackboneConfig):
-            saved_backbone["pretrained"] = False
-        saved_joiner = {
-            **asdict(self.joiner_cfg),
-            "backbone": saved_backbone,
-            "position": saved_config(self.joiner_cfg.position),
-        }
-        self.save_hyperparameters(
-            {
-                "joiner": saved_joiner,
-                "head": asdict(self.head_cfg),
-                "optim": asdict(self.optim_cfg),
-                "num_classes": num_classes,
-                "class_names": None if class_names is None else [str(name) for name in class_names],
-            }
-        )
+        self.save_hyperparameters({**self.config.hyperparameters(), "optim": asdict(self.optim_cfg)})
 
     def mean_over_processes(self, num_boxes: Tensor) -> Tensor:
         """DETR normalises the box losses by the box count averaged over all processes."""
@@ -175,7 +89,9 @@ class DetrModule(pl.LightningModule):
         predictions = [
             {"scores": p["scores"].float(), "labels": p["labels"], "boxes": p["boxes"].float()} for p in predictions
         ]
-        metric.update(predictions, [{"boxes": absolute_xyxy(target), "labels": target["labels"]} for target in targets])
+        metric.update(
+            predictions, [{"boxes": target_boxes_in_pixels(target), "labels": target["labels"]} for target in targets]
+        )
 
     def loss(self, stage: str, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]) -> Tensor:
         """The weighted training loss, logged with its parts (auxiliary-layer and proposal losses are not logged)."""
@@ -209,22 +125,34 @@ class DetrModule(pl.LightningModule):
         trainer = self._trainer
         return trainer is None or not isinstance(trainer.precision_plugin, MixedPrecision)
 
-    def linear_projections(self) -> list[torch.nn.Parameter]:
-        """Deformable-DETR's sampling offsets and reference points, trained at ``lr * lr_linear_proj_mult``."""
-        if not isinstance(self.head_cfg, DeformableHeadConfig):
-            return []
-        return [parameter for _, parameter in self.detector.linear_projection_parameters()]
-
     def configure_optimizers(self):
-        projections = self.linear_projections()
-        apart = {id(p) for p in self.detector.backbone.parameters()} | {id(p) for p in projections}
+        """The head at ``lr``, the Joiner's groups (``lr_backbone``, the positional table's lr) and the head's own
+        groups (Deformable DETR: its sampling offsets at ``lr * lr_linear_proj_mult``); frozen tensors in none."""
+        lr, joiner = self.optim_cfg.lr, self.detector.backbone
+        own = self.config.head.parameter_groups(self.detector, lr)
+        apart = {id(p) for p in joiner.parameters()} | {id(p) for group in own for p in group["params"]}
         head = [p for p in self.detector.parameters() if id(p) not in apart]
-        lr = self.optim_cfg.lr
-        groups = make_group("head", head, lr) + joiner_parameter_groups(self.detector.backbone, self.joiner_cfg)
-        if projections:
-            groups += make_group("linear_projection", projections, lr * self.head_cfg.lr_linear_proj_mult)
+        groups = make_group("head", head, lr) + joiner_parameter_groups(joiner, self.config.joiner) + own
         optimizer = torch.optim.AdamW(
-            groups, lr=self.optim_cfg.lr, weight_decay=self.optim_cfg.weight_decay, fused=self.fused_optimizer_allowed()
+            groups, lr=lr, weight_decay=self.optim_cfg.weight_decay, fused=self.fused_optimizer_allowed()
         )
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.optim_cfg.lr_drop)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def load_training_module(path: str | os.PathLike, allowed_targets: Sequence[str] = ()) -> DetrModule:
+    """The DetrModule of a train.py checkpoint, in eval mode, its config typed once; every ``_target_`` of
+    the saved config must be ours or in ``allowed_targets``, and compilation saved with the run is left off."""
+    content = read_checkpoint(path, TRAINING_CHECKPOINT)
+    config = saved_detector_config(content)
+    if config is None:
+        raise ValueError(
+            f"{os.fspath(path)} is not {TRAINING_CHECKPOINT} (no DetrModule hyperparameters and state_dict in it)"
+        )
+    config.check_targets(allowed_targets, f"checkpoint {os.fspath(path)}")
+    optim = content["hyper_parameters"]["optim"]
+    module = DetrModule(config.joiner, config.head, optim, config.num_classes, config.class_names, allowed_targets)
+    mismatch = key_mismatch(*module.load_state_dict(content["state_dict"], strict=False))
+    if mismatch:
+        raise ValueError(f"{os.fspath(path)} does not fit the DetrModule its hyperparameters describe: {mismatch}")
+    return module.eval()

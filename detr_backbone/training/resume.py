@@ -144,14 +144,14 @@ def shown(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def read_checkpoint(path: str | os.PathLike) -> Any:
-    # mmap: only the pickled structure is read, not the tensors
+def checkpoint_structure(path: str | os.PathLike) -> Any:
+    """A checkpoint's content, its tensors mapped rather than read: the resume checks look at its config only."""
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def check_resume_config(path: str | os.PathLike, config: Config) -> None:
     """Fail in one line when ``config`` differs from the checkpoint's config in keys outside ``MAY_CHANGE``."""
-    checkpoint = read_checkpoint(path)
+    checkpoint = checkpoint_structure(path)
     trained = trained_config(checkpoint) if isinstance(checkpoint, Mapping) else None
     if trained is None:
         return
@@ -179,7 +179,7 @@ def check_resume_config(path: str | os.PathLike, config: Config) -> None:
 def check_resume_classes(path: str | os.PathLike, class_names: Sequence[str]) -> None:
     """Fail in one line when the data's classes (a COCO folder's categories) are not those the checkpoint's head
     was trained on: its class rows would not fit."""
-    checkpoint = read_checkpoint(path)
+    checkpoint = checkpoint_structure(path)
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
     trained = hparams.get("class_names") if isinstance(hparams, Mapping) else None
     if trained is not None and list(trained) != list(class_names):

@@ -2,10 +2,11 @@
 
 Multi-scale deformable attention in plain PyTorch, the deformable transformer (iterative box
 refinement and two-stage as options), the detector, its focal-loss matcher and criterion, and the
-top-k post-processing of a sigmoid head.
+top-k post-processing of a sigmoid head, and its schema.
 """
 
 from .attention import MSDeformAttn, multi_scale_deformable_attention
+from .config import DeformableDetrConfig
 from .criterion import FocalSetCriterion, build_deformable_criterion
 from .deformable_detr import DeformableDETR, build_deformable_detr
 from .matcher import FocalHungarianMatcher
@@ -14,6 +15,7 @@ from .transformer import DeformableTransformer
 
 __all__ = [
     "DeformableDETR",
+    "DeformableDetrConfig",
     "DeformableTransformer",
     "FocalHungarianMatcher",
     "FocalSetCriterion",

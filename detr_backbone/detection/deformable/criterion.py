@@ -1,4 +1,4 @@
-"""Deformable DETR's set loss: DETR's criterion with a sigmoid focal loss for the classes."""
+"""Deformable DETR's set loss: a sigmoid focal loss for the classes, without a "no object" class."""
 
 from __future__ import annotations
 
@@ -8,17 +8,16 @@ import torch
 from torch import Tensor
 from torchvision.ops import sigmoid_focal_loss
 
-from ..criterion import SetCriterion, class_error, identity
+from ..criterion import BaseSetCriterion, class_error, identity
 from .matcher import FOCAL_ALPHA, FOCAL_GAMMA, FocalHungarianMatcher
 
 FOCAL_LOSS_WEIGHTS = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
 
 
-class FocalSetCriterion(SetCriterion):
+class FocalSetCriterion(BaseSetCriterion):
     """``loss_ce`` is the sigmoid focal loss of every query and class against one-hot targets (an unmatched
     query's target is all zeros), summed and divided by ``num_boxes`` like the box losses, as
-    Deformable-DETR does. Everything else (matching, box losses, auxiliary and ``_enc`` suffixes,
-    ``class_error``, ``weighted_total``) is DETR's ``SetCriterion``.
+    Deformable-DETR does.
     """
 
     def __init__(
@@ -31,13 +30,11 @@ class FocalSetCriterion(SetCriterion):
         num_boxes_reduce: Callable[[Tensor], Tensor] = identity,
     ):
         weights = FOCAL_LOSS_WEIGHTS if loss_weights is None else loss_weights
-        super().__init__(num_classes, matcher, loss_weights=weights, num_boxes_reduce=num_boxes_reduce)
+        super().__init__(num_classes, matcher, weights, num_boxes_reduce)
         if not 0 <= focal_alpha <= 1:
             raise ValueError(f"focal_alpha must be in [0, 1], got {focal_alpha}")
         if focal_gamma < 0:
             raise ValueError(f"focal_gamma must be >= 0, got {focal_gamma}")
-        del self.empty_weight  # no "no object" class to down-weight: the focal loss discounts easy negatives itself
-        self.eos_coef = None
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
 

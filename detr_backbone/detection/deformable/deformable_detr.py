@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +13,8 @@ from torch import Tensor, nn
 from ...backbone import downsample_mask
 from ...joiner import Joiner
 from ...nested_tensor import NestedTensor, nested_tensor_from_tensor_list
-from ..detr import MLP
+from ..mlp import MLP
+from ..postprocess import Detections
 from .postprocess import topk_detections
 from .refinement import offset_reference
 from .transformer import DeformableTransformer
@@ -45,6 +47,13 @@ class DeformableDETR(nn.Module):
     """
 
     LINEAR_PROJECTION_NAMES = ("reference_points", "sampling_offsets")
+    OUTPUTS: ClassVar[Mapping[str, str]] = {
+        "pred_logits": "(batch, queries, classes) sigmoid class logits, one per class, no 'no object' class",
+        "pred_boxes": "(batch, queries, 4) boxes as (cx, cy, w, h) relative to each unpadded image",
+        "scores": "(batch, K) sigmoid scores of the K = min(100, queries * classes) best (query, class) pairs, best first",
+        "labels": "(batch, K) each pair's class index into class_names",
+        "boxes": "(batch, K, 4) each pair's query's box, (x0, y0, x1, y1) in pixels of the unpadded model input",
+    }
 
     def __init__(
         self,
@@ -192,10 +201,10 @@ class DeformableDETR(nn.Module):
             masks.append(mask)
         return srcs, masks, positions
 
-    def detections(self, outputs: Mapping[str, Tensor], target_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def detections(self, outputs: Mapping[str, Tensor], target_sizes: Tensor) -> Detections:
         """Scores (B, K), labels (B, K) and XYXY boxes (B, K, 4) in pixels of ``target_sizes`` (B, 2) as (h, w):
         the K = 100 best (query, class) pairs by sigmoid score (Deformable-DETR's PostProcess)."""
-        return topk_detections(outputs["pred_logits"], outputs["pred_boxes"], target_sizes)
+        return topk_detections(outputs, target_sizes)
 
     def linear_projection_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) of the linear layers that place sampling points and references, which

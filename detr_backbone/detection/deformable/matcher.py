@@ -1,17 +1,17 @@
-"""Hungarian matching for a sigmoid head: DETR's matcher with the focal loss's class cost."""
+"""Hungarian matching for a sigmoid head: the focal loss's class cost."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from ..matcher import HungarianMatcher
+from ..matcher import BaseHungarianMatcher
 
 FOCAL_ALPHA = 0.25
 FOCAL_GAMMA = 2.0
 EPS = 1e-8  # keeps the logs finite at p = 0 and p = 1
 
 
-class FocalHungarianMatcher(HungarianMatcher):
+class FocalHungarianMatcher(BaseHungarianMatcher):
     """Deformable-DETR's matcher: the class cost of a query for a target is what the focal loss would
     gain by calling it the target's class, ``alpha (1-p)^gamma (-log p) - (1-alpha) p^gamma (-log(1-p))``
     with p the sigmoid score of that class. Box costs as DETR's; Deformable-DETR's weights 2/5/2."""

@@ -6,22 +6,26 @@ query x class scores together and keeping the top K is what Deformable-DETR eval
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
-from ..postprocess import PostProcess, absolute_boxes
+from ..boxes import absolute_boxes
+from ..postprocess import DetectionPostProcess, Detections
 
 NUM_DETECTIONS = 100  # COCO's maxDets
 
 
 def topk_detections(
-    logits: Tensor, boxes: Tensor, target_sizes: Tensor, num_detections: int = NUM_DETECTIONS
-) -> tuple[Tensor, Tensor, Tensor]:
+    outputs: Mapping[str, Tensor], target_sizes: Tensor, num_detections: int = NUM_DETECTIONS
+) -> Detections:
     """Scores (B, K), labels (B, K) and XYXY boxes (B, K, 4) in pixels of ``target_sizes`` (B, 2) as (h, w)
-    of the K = min(``num_detections``, Q * C) highest sigmoid scores among logits (B, Q, C), best first.
-    Whole-tensor ops only, so it traces with a dynamic batch (export)."""
+    of the K = min(``num_detections``, Q * C) highest sigmoid scores among ``pred_logits`` (B, Q, C), best
+    first. Whole-tensor ops only, so it traces with a dynamic batch (export)."""
     if num_detections < 1:
         raise ValueError(f"num_detections must be >= 1, got {num_detections}")
+    logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
     _, queries, classes = logits.shape
     scores, index = logits.float().sigmoid().flatten(1).topk(min(num_detections, queries * classes), dim=1)
     query = torch.div(index, classes, rounding_mode="floor")
@@ -30,9 +34,8 @@ def topk_detections(
     return scores, labels, absolute_boxes(chosen, target_sizes)
 
 
-class TopKPostProcess(PostProcess):
-    """One dict {"scores", "labels", "boxes"} per image from a sigmoid head: its ``num_detections`` best
-    (query, class) pairs, boxes in pixels of ``target_sizes`` (B, 2) as (h, w)."""
+class TopKPostProcess(DetectionPostProcess):
+    """Deformable-DETR's ``PostProcess``: the ``num_detections`` best (query, class) pairs of each image."""
 
     def __init__(self, num_detections: int = NUM_DETECTIONS):
         super().__init__()
@@ -40,5 +43,5 @@ class TopKPostProcess(PostProcess):
             raise ValueError(f"num_detections must be >= 1, got {num_detections}")
         self.num_detections = num_detections
 
-    def detections(self, logits: Tensor, boxes: Tensor, target_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return topk_detections(logits, boxes, target_sizes, self.num_detections)
+    def detections(self, outputs: Mapping[str, Tensor], target_sizes: Tensor) -> Detections:
+        return topk_detections(outputs, target_sizes, self.num_detections)

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..transformer import ResidualLayer, clones, with_position
+from ..layers import ResidualLayer, clones, with_position
 from .attention import MSDeformAttn, SpatialShapes
 from .levels import encoder_reference_points, valid_ratios
 from .proposals import encoder_proposals, proposal_position_embedding

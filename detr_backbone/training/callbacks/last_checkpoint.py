@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
 
-from ..file_writes import remove_stale_temporaries
+from ...file_writes import remove_stale_temporaries
 
 
 class LastCheckpoint(ModelCheckpoint):

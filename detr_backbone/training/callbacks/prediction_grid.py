@@ -13,14 +13,20 @@ from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 from torchvision.ops import box_convert
 
-from ...data.visualize import denormalize, draw_boxes, resize_longer_side, tile_grid, write_png
-from ...detection.postprocess import per_image
+from ...data.visualize import (
+    PREDICTION_COLOR,
+    TRUTH_COLOR,
+    denormalize,
+    draw_boxes,
+    resize_longer_side,
+    tile_grid,
+    write_png,
+)
+from ...detection.boxes import per_image
+from ...file_writes import atomic_write, remove_stale_temporaries
 from ...nested_tensor import NestedTensor
-from ..file_writes import atomic_write, remove_stale_temporaries
 from ..loggers import log_image
 
-TRUTH_COLOR = (0, 190, 0)
-PREDICTION_COLOR = (230, 30, 30)
 PANELS_PER_ROW = 4
 
 

@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..joiner import Joiner
-from ..nested_tensor import NestedTensor, nested_tensor_from_tensor_list
-from .postprocess import batched_detections
+from ...joiner import Joiner
+from ...nested_tensor import NestedTensor, nested_tensor_from_tensor_list
+from ..mlp import MLP
+from ..postprocess import Detections
+from .postprocess import softmax_detections
 from .transformer import Transformer, build_transformer
-
-
-class MLP(nn.Module):
-    """``num_layers`` Linear layers with ReLU between them (none after the last)."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(n_in, n_out) for n_in, n_out in itertools.pairwise(dims))
-
-    def forward(self, x: Tensor) -> Tensor:
-        *hidden, last = self.layers
-        for layer in hidden:
-            x = F.relu(layer(x))
-        return last(x)
 
 
 class DETR(nn.Module):
@@ -36,6 +22,14 @@ class DETR(nn.Module):
     (B, Q, num_classes + 1), ``pred_boxes`` (B, Q, 4) as normalised (cx, cy, w, h), and with
     ``aux_loss`` the same pair for every earlier decoder layer in ``aux_outputs``.
     """
+
+    OUTPUTS: ClassVar[Mapping[str, str]] = {
+        "pred_logits": "(batch, queries, classes + 1) class logits; the last class is 'no object'",
+        "pred_boxes": "(batch, queries, 4) boxes as (cx, cy, w, h) relative to each unpadded image",
+        "scores": "(batch, queries) each query's best real class probability (softmax)",
+        "labels": "(batch, queries) that class's index into class_names",
+        "boxes": "(batch, queries, 4) (x0, y0, x1, y1) in pixels of the unpadded model input",
+    }
 
     def __init__(
         self, backbone: Joiner, transformer: Transformer, num_classes: int, num_queries: int, aux_loss: bool = True
@@ -72,10 +66,10 @@ class DETR(nn.Module):
             ]
         return out
 
-    def detections(self, outputs: Mapping[str, Tensor], target_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def detections(self, outputs: Mapping[str, Tensor], target_sizes: Tensor) -> Detections:
         """Scores (B, Q), labels (B, Q) and XYXY boxes (B, Q, 4) in pixels of ``target_sizes`` (B, 2) as (h, w):
-        every query with its best real class (``batched_detections``). Each detector names its own post-processing."""
-        return batched_detections(outputs["pred_logits"], outputs["pred_boxes"], target_sizes)
+        every query with its best real class (``softmax_detections``)."""
+        return softmax_detections(outputs, target_sizes)
 
 
 def build_detr(

@@ -8,12 +8,18 @@ Every reader (DETR's checkpoints, Hugging Face folders, this package's own check
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from ...weights import BODY_KEY, POSITION_KEY
+from ....config import BACKBONE_TARGETS, POSITION_TARGETS, BackboneConfig, JoinerConfig, PositionConfig
+from ....weights import BODY_KEY, POSITION_KEY
+
+if TYPE_CHECKING:
+    from ...building import DetectorConfig
 
 # blocks per stage (layer1..layer4) and whether they are bottlenecks -> torchvision's name
 RESNET_BLOCKS: dict[tuple[tuple[int, ...], bool], str] = {
@@ -57,7 +63,7 @@ class Architecture:
 
 @dataclass
 class DetectorWeights:
-    """A whole detector's tensors, named as ``detr_backbone.detection.DETR`` names them."""
+    """A whole DETR's tensors under our DETR's names, with what its source says (``PublishedWeights``)."""
 
     source: str  # what the file is, in words
     path: str
@@ -70,6 +76,36 @@ class DetectorWeights:
     def num_class_rows(self) -> int:
         """Class rows of the head, "no object" excluded."""
         return self.state["class_embed.weight"].shape[0] - 1
+
+    def detector_config(self, dilation: bool | None = None) -> DetectorConfig:
+        """The DETR these weights describe; ``dilation`` None: as recorded, else without (with a warning)."""
+        from ...building import DetectorConfig  # both import these layouts, so they are imported when used
+        from ..config import DetrConfig
+
+        arch = self.architecture
+        if dilation is None and arch.dilation is None:
+            warnings.warn(
+                f"{self.path}: {self.source}s do not record dilation; built without it (set dilation=true for DC5 weights)",
+                stacklevel=3,
+            )
+        backbone = BackboneConfig(
+            _target_=BACKBONE_TARGETS[arch.backbone_kind or "torchvision"],
+            name=arch.backbone_name or "resnet50",
+            dilation=bool(arch.dilation if dilation is None else dilation),
+            main_layer=-1 if arch.main_layer is None else arch.main_layer,
+        )
+        position = PositionConfig(_target_=POSITION_TARGETS[arch.position or "sine"])
+        head = DetrConfig(
+            num_queries=arch.num_queries,
+            enc_layers=arch.enc_layers,
+            dec_layers=arch.dec_layers,
+            nheads=arch.nheads or DetrConfig.nheads,
+            dim_feedforward=arch.dim_feedforward or DetrConfig.dim_feedforward,
+            pre_norm=bool(arch.pre_norm),
+            dropout=0.0,
+        )
+        joiner = JoinerConfig(backbone, position, hidden_dim=arch.hidden_dim)
+        return DetectorConfig(joiner, head, self.num_class_rows, self.class_names)
 
 
 def is_detr_state(state: Mapping[str, object]) -> bool:

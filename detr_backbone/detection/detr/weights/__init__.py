@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .coco_names import COCO_NAMES, UNUSED
+from ...coco_names import COCO_NAMES, UNUSED
 from .hugging_face import (
     CONFIG_FILE,
     hugging_face_weights,

@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import Tensor
 
-from ...weights import DDP_PREFIX
-from .coco_names import COCO_NAMES
+from ....weights import DDP_PREFIX
+from ...coco_names import COCO_NAMES
 from .source import DetectorWeights, architecture_of_state, is_detr_state
 
 SOURCE = "DETR checkpoint"

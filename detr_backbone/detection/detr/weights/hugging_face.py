@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...backbone import TORCHVISION_RESNETS
-from ...weights import BODY_KEY, POSITION_KEY, load_weights_file
+from ....backbone import TORCHVISION_RESNETS
+from ....weights import BODY_KEY, POSITION_KEY, load_weights_file
 from .source import Architecture, DetectorWeights
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
