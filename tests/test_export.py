@@ -13,12 +13,12 @@ import torch
 
 from detr_backbone.commands.export import main as export_main
 from detr_backbone.data import IMAGENET_MEAN, IMAGENET_STD, ShapesDataset
-from detr_backbone.inference import ExportableDetector, ExportCheckError, Tolerance, load_detector
+from detr_backbone.inference import ExportableDetector, ExportCheckError, Tolerance, load_detector, load_exported
 from detr_backbone.inference.export import traced_detector, write_exported
 from detr_backbone.nested_tensor import nested_tensor_from_tensor_list
 from detr_backbone.training import DetrModule
 
-from .tiny_checkpoint import CLASS_NAMES, NUM_QUERIES, train_tiny_checkpoint
+from .tiny_checkpoint import CLASS_NAMES, DEFAULT_HEAD, NUM_QUERIES, train_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -135,3 +135,54 @@ def test_export_command_writes_and_checks_the_file(checkpoint, tmp_path, capsys)
         "checked with torch.export.load on 3x3x72x64 (traced at 2x3x64x80): max |diff| pred_logits "
     )
     assert sorted(p.name for p in output.parent.iterdir()) == ["detector.pt2"]
+
+
+# --- the default job's head: Deformable DETR's sigmoid classes and top-k detections ----------------
+
+
+@pytest.fixture(scope="module")
+def default_head_checkpoint(tmp_path_factory):
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("default_head"), *DEFAULT_HEAD)
+
+
+@pytest.fixture(scope="module")
+def default_head_traced(default_head_checkpoint):
+    return traced_detector(load_detector(default_head_checkpoint), postprocess=True, trace_size=TRACE)
+
+
+@pytest.mark.parametrize("format, suffix", [("onnx", "onnx"), ("torch_export", "pt2")])
+def test_the_default_heads_export_matches_eager_on_sizes_never_traced(
+    default_head_checkpoint, default_head_traced, format, suffix, tmp_path
+):
+    report = write_exported(default_head_traced, format, tmp_path / f"detector.{suffix}", CHECK)
+    assert max(report.max_abs_diff.values()) <= Tolerance().atol
+    exported = load_exported(report.path)
+    module = DetrModule.load_from_checkpoint(default_head_checkpoint, map_location="cpu", weights_only=True)
+    eager = ExportableDetector(module.detector, postprocess=True).eval()
+    pairs = NUM_QUERIES * len(CLASS_NAMES)  # fewer (query, class) pairs than the 100 kept: all of them, ranked
+    tolerance = Tolerance()
+    for images, mask in unseen_batches():
+        got = exported(images, mask)
+        with torch.inference_mode():
+            expected = eager(images, mask)
+        batch, side = len(images), max(images.shape[-2:])
+        assert [tuple(g.shape) for g in got] == [
+            (batch, NUM_QUERIES, len(CLASS_NAMES)),  # one sigmoid logit per class, no "no object" column
+            (batch, NUM_QUERIES, 4),
+            (batch, pairs),
+            (batch, pairs),
+            (batch, pairs, 4),
+        ]
+        for name, have, want in zip(OUTPUTS, got, expected):
+            if name == "labels":
+                continue
+            scale = side if name == "boxes" else 1
+            have, want = have.double() / scale, want.double() / scale
+            assert ((have - want).abs() <= tolerance.atol + tolerance.rtol * want.abs()).all(), name
+        # the ranking: the same (query, class) pair wherever its score leads the next one by more than the tolerance
+        scores = expected[2]
+        clear = torch.cat([scores[:, :-1] - scores[:, 1:] > 1e-3, torch.ones(batch, 1, dtype=torch.bool)], 1)
+        assert torch.equal(got[3][clear], expected[3][clear]) and clear.float().mean() > 0.5
+    outputs = exported.metadata["outputs"]
+    assert outputs["pred_logits"].startswith("(batch, queries, classes) sigmoid class logits")
+    assert "best (query, class) pairs" in outputs["scores"] and exported.metadata["class_names"] == CLASS_NAMES

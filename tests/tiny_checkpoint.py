@@ -27,11 +27,22 @@ TINY_RUN = [
 ]
 
 
-def train_tiny_checkpoint(folder: Path) -> Path:
+# the default job's head (Deformable DETR on layers 2-4, three levels), as small as the DETR head above
+DEFAULT_HEAD = [
+    "model=deformable_detr_small",
+    f"model.num_queries={NUM_QUERIES}",
+    "model.enc_layers=1",
+    "model.dec_layers=2",
+    "model.dim_feedforward=64",
+]
+
+
+def train_tiny_checkpoint(folder: Path, *overrides: str) -> Path:
+    """``overrides`` after TINY_RUN's: DEFAULT_HEAD trains the default job's head instead of DETR's."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the one_thread fixture: other test processes may share the two cores
     try:
-        Job(validated(compose_config(*TINY_RUN)), folder).run()
+        Job(validated(compose_config(*TINY_RUN, *overrides)), folder).run()
     finally:
         torch.set_num_threads(threads)
     return folder / "checkpoints" / "last.ckpt"

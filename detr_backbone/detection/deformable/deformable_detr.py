@@ -168,7 +168,8 @@ class DeformableDETR(nn.Module):
             srcs, masks, positions, query_embed
         )
         # layer i predicts relative to the reference it was given: the initial one, then each layer's refinement
-        references = [init_reference, *inter_references[:-1]]
+        # (indexed one by one: unbinding an empty slice, with one decoder layer, breaks torch.export's files)
+        references = [init_reference] + [inter_references[layer] for layer in range(len(hs) - 1)]
         logits = torch.stack([self.class_embed[layer](hs[layer]) for layer in range(len(hs))])
         boxes = torch.stack(
             [

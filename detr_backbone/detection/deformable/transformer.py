@@ -275,8 +275,8 @@ class DeformableTransformer(nn.Module):
             query_pos, tgt, reference_points = self.proposal_queries(enc_outputs_class, enc_outputs_coord_unact)
         else:
             query_pos, tgt = query_embed.split(self.d_model, dim=1)
-            query_pos = query_pos[None].expand(memory.shape[0], -1, -1)
-            tgt = tgt[None].expand(memory.shape[0], -1, -1)
+            query_pos = query_pos[None].repeat(memory.shape[0], 1, 1)
+            tgt = tgt[None].repeat(memory.shape[0], 1, 1)
             reference_points = self.reference_points(query_pos).sigmoid()
         hs, inter_references = self.decoder(
             tgt, reference_points, memory, spatial_shapes, ratios, query_pos, mask_flatten
