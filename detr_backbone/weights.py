@@ -12,6 +12,7 @@ Files are read with ``weights_only=True`` (or as safetensors): a checkpoint cann
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import pickle
@@ -93,7 +94,9 @@ def load_weights_file(path: str | os.PathLike) -> Any:
     try:
         if is_safetensors_file(path):
             return load_safetensors(path, device="cpu")
-        with open(path, "rb") as stream:  # a stream, not the path: torch.load would go by a .safetensors suffix
+        # a stream, not the path: torch.load would go by a .safetensors suffix; Deformable-DETR's checkpoints keep
+        # their argparse arguments, a Namespace of plain values, allowed without allowing any code
+        with open(path, "rb") as stream, torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(stream, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, SafetensorError) as error:
         reason = str(error).strip().partition("\n")[0]

@@ -132,14 +132,6 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     )
 
 
-def test_init_from_asks_for_a_head_that_reads_published_weights():
-    with pytest.raises(
-        ValueError,
-        match=r"^init_from='detr.pth': model._target_='detr_backbone.detection.deformable.build_deformable_detr' is a head that reads no published weights yet; heads that do: detr \(model=<name>\)$",
-    ):
-        validated(compose_config(*TINY, *DEFORMABLE, "init_from=detr.pth"))
-
-
 @pytest.mark.parametrize("backbone", [("backbone=resnet50",), ("backbone=timm", "backbone.name=convnext_tiny")])
 def test_the_published_head_runs_on_a_resnet_50_and_a_timm_model(tmp_path, backbone):
     # python train.py model=deformable_detr backbone=..., on TINY's small data for one step

@@ -3,6 +3,7 @@ config is typed once, and a head of a user's own trains, reloads and predicts wi
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,14 @@ def test_a_head_of_ones_own_trains_reloads_and_predicts_with_one_registration_li
     predictor = Predictor.from_loaded(loaded, threshold=0.0)
     found = predictor(torch.rand(3, 40, 48))
     assert len(found) == 4 and set(found.names) <= set(names)  # every query, with its best real class
+
+
+def test_init_from_is_refused_for_a_head_that_describes_no_weights(monkeypatch):
+    monkeypatch.setitem(HEADS, "pooled", PooledHeadConfig)
+    cfg = replace(validated(compose_config(*V01_RUN, "model=detr_small")), model=PooledHeadConfig(), init_from="x.pth")
+    with pytest.raises(ValueError) as error:
+        validated(cfg)
+    assert str(error.value) == (
+        f"init_from='x.pth': model._target_='{TARGET}' is a head that reads no published weights yet; "
+        "heads that do: detr, deformable_detr (model=<name>)"
+    )

@@ -17,8 +17,9 @@ from .detr import (
     build_detr,
     build_transformer,
 )
-from .head import Detector, HeadConfig, PublishedWeights
+from .head import Detector, HeadConfig
 from .mlp import MLP
+from .published import DetectorWeights
 from .registry import HEADS, head_config, published_folder, published_weights
 
 __all__ = [
@@ -27,11 +28,11 @@ __all__ = [
     "MLP",
     "Detector",
     "DetectorConfig",
+    "DetectorWeights",
     "DetrConfig",
     "HeadConfig",
     "HungarianMatcher",
     "PostProcess",
-    "PublishedWeights",
     "SetCriterion",
     "Transformer",
     "build_detector",

@@ -3,7 +3,8 @@
 A head is a folder (``detection/detr/``, ``detection/deformable/``) with its detector module and a
 schema, a subclass of ``HeadConfig``, registered in ``detection/registry.py``. The schema holds the
 head's config (conf/model/) and answers everything that differs between heads: its criterion,
-the backbone levels it reads, its extra parameter groups, the published weights it reads. The
+the backbone levels it reads, its extra parameter groups, the published weights it reads and the
+``Architecture`` that describes them. The
 detector it builds follows ``Detector``. Nothing above this layer asks which head it holds.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from torch import Tensor, nn
 
@@ -21,9 +22,7 @@ from ..joiner import Joiner
 from ..nested_tensor import NestedTensor
 from .criterion import BaseSetCriterion
 from .postprocess import Detections
-
-if TYPE_CHECKING:
-    from .building import DetectorConfig
+from .published import Architecture, DetectorWeights
 
 
 class Detector(Protocol):
@@ -44,23 +43,6 @@ class Detector(Protocol):
     def __call__(self, samples: NestedTensor | Sequence[Tensor]) -> dict[str, Any]: ...
 
     def detections(self, outputs: Mapping[str, Tensor], target_sizes: Tensor) -> Detections: ...
-
-
-class PublishedWeights(Protocol):
-    """A published detector's tensors under our names, with what its file says of classes and architecture."""
-
-    source: str  # what the file is, in words
-    path: str
-    state: dict[str, Tensor]
-    class_names: list[str] | None  # one per class row, in row order; None: not recorded
-    architecture: Any  # what the file records of the network the weights fit, shown in messages
-
-    @property
-    def num_class_rows(self) -> int: ...
-
-    def detector_config(self, dilation: bool | None = None) -> DetectorConfig:
-        """The config of the detector these weights fit (``dilation``: where the file does not record it)."""
-        ...
 
 
 @dataclass
@@ -87,8 +69,8 @@ class HeadConfig:
     compile: bool = False
 
     POSITIVE: ClassVar[tuple[str, ...]] = ("num_queries", "dec_layers", "nheads", "dim_feedforward")
-    # the published layouts init_from reads for this head, in words; empty: none yet
-    INIT_FROM_SOURCES: ClassVar[str] = ""
+    # how the head describes the network weights fit (init_from's checks and overrides); None: no init_from
+    ARCHITECTURE: ClassVar[type[Architecture] | None] = None
 
     def __post_init__(self) -> None:
         for name in self.POSITIVE:
@@ -117,11 +99,11 @@ class HeadConfig:
         return []
 
     @classmethod
-    def published_weights(cls, content: Any, path: str | os.PathLike) -> PublishedWeights | None:
+    def published_weights(cls, content: Any, path: str | os.PathLike) -> DetectorWeights | None:
         """The weights of a file's content if it is in one of the head's published layouts, else None."""
         return None
 
     @classmethod
-    def published_folder(cls, folder: str | os.PathLike) -> PublishedWeights | None:
+    def published_folder(cls, folder: str | os.PathLike) -> DetectorWeights | None:
         """The weights of a folder (Hugging Face's layout) if it holds this head's model, else None."""
         return None

@@ -11,7 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import require, structured
 from .deformable.config import DeformableDetrConfig
 from .detr.config import DetrConfig
-from .head import HeadConfig, PublishedWeights
+from .head import HeadConfig
+from .published import DetectorWeights
 
 # conf/model/'s schema name (`/schema/<name>`) -> the head's schema
 HEADS: dict[str, type[HeadConfig]] = {
@@ -35,13 +36,17 @@ def head_config(values: Any) -> HeadConfig:
     return structured(schemas[target], values, "model")
 
 
-def published_weights(content: Any, path: str | os.PathLike) -> PublishedWeights | None:
+def published_weights(content: Any, path: str | os.PathLike) -> DetectorWeights | None:
     """The weights of a file's content in any head's published layout, None if it is in none."""
     return next((w for head in HEADS.values() if (w := head.published_weights(content, path)) is not None), None)
 
 
-def published_folder(folder: str | os.PathLike) -> PublishedWeights:
+def published_folder(folder: str | os.PathLike) -> DetectorWeights:
     """The weights of a published model's folder (Hugging Face's layout) for any head."""
     weights = next((w for head in HEADS.values() if (w := head.published_folder(folder)) is not None), None)
-    require(weights is not None, f"{os.fspath(folder)!r} is a folder of no published model this package reads")
+    require(
+        weights is not None,
+        f"{os.fspath(folder)!r} holds no model this package reads: its config.json names another model_type than "
+        "detr or deformable_detr",
+    )
     return weights

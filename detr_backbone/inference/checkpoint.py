@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..detection import Detector, DetectorConfig, PublishedWeights, published_folder, published_weights
+from ..detection import Detector, DetectorConfig, DetectorWeights, published_folder, published_weights
 from ..weights import first_keys, load_weights_file
 
 TRAINING_SOURCE = "train.py checkpoint"
@@ -121,7 +121,7 @@ def named_classes(names: Sequence[str] | None, count: int, path: str | os.PathLi
     return [f"class {label}" for label in range(count)]
 
 
-def published_detector(weights: PublishedWeights, dilation: bool | None) -> Detector:
+def published_detector(weights: DetectorWeights, dilation: bool | None) -> Detector:
     """A detector built from what published weights record about their architecture, with the weights loaded."""
     config = weights.detector_config(dilation)
     detector = config.build()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..detection.detr.weights import Architecture
+from ..detection.published import Architecture
 from ..weights import first_keys
 
 
@@ -32,23 +32,29 @@ class InitReport:
     architecture: Architecture
     class_rows: int  # the checkpoint's, "no object" excluded
     loaded: int  # tensors copied as they are
-    queries: tuple[int, int]  # (kept, in the checkpoint)
+    class_heads: list[str]  # the class heads whose rows were adapted (one per decoder layer in Deformable DETR)
+    queries: tuple[int, int] | None  # (kept, in the checkpoint); None: the head has no learned queries (two-stage)
     carried: list[CarriedClass] = field(default_factory=list)
     new_classes: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # keys of the file that are not the detector's
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        kept, available = self.queries
-        queries = f"all {kept}" if kept == available else f"the first {kept} of {available}"
+        no_object = self.architecture.NO_OBJECT_ROWS
+        classes = f"{self.class_rows} classes" + (" + no-object" if no_object else "")
+        carried = f"{len(self.carried)} class rows" + (" and the no-object row" if no_object else "")
+        heads = f"{self.class_heads[0]}." if len(self.class_heads) == 1 else f"{first_keys(self.class_heads)} ."
+        adapted = [f"{heads}weight and .bias ({carried} carried over)"]
+        if self.queries is not None:
+            kept, available = self.queries
+            adapted.append(
+                f"query_embed.weight ({f'all {kept}' if kept == available else f'the first {kept} of {available}'} queries)"
+            )
         lines = [
             f"init_from: {self.path}",
-            f"source: {self.source} ({self.architecture}, {self.class_rows} classes + no-object)",
+            f"source: {self.source} ({self.architecture}, {classes})",
             f"loaded: {self.loaded} tensors as they are",
-            (
-                f"adapted: class_embed.weight and .bias ({len(self.carried)} class rows and the no-object row "
-                f"carried over); query_embed.weight ({queries} queries)"
-            ),
+            f"adapted: {'; '.join(adapted)}",
             f"re-initialised: {plural(len(self.new_classes), 'class row')} of new classes, as in a fresh head",
             f"skipped: {first_keys(self.skipped) if self.skipped else 'nothing'}",
             f"classes carried over ({len(self.carried)}): {', '.join(map(str, self.carried)) or 'none'}",

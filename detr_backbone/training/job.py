@@ -65,9 +65,9 @@ def validated(cfg: DictConfig | Config, run_dir: Path | None = None) -> Config:
         f"init_from={config.init_from!r} and ckpt_path={config.ckpt_path!r} exclude each other: ckpt_path resumes "
         "a run (step, optimizer, schedule), init_from starts a new one from a detector's weights; set one",
     )
-    readers = [name for name, head in HEADS.items() if head.INIT_FROM_SOURCES]
+    readers = [name for name, head in HEADS.items() if head.ARCHITECTURE is not None]
     require(
-        config.init_from is None or bool(config.model.INIT_FROM_SOURCES),
+        config.init_from is None or config.model.ARCHITECTURE is not None,
         f"init_from={config.init_from!r}: model._target_={config.model._target_!r} is a head that reads no "
         f"published weights yet; heads that do: {', '.join(readers)} (model=<name>)",
     )
@@ -147,7 +147,7 @@ class Job:
             without_backbone_weights(cfg) if cfg.init_from else cfg, len(class_names), class_names
         )
         self.init_report = (
-            None if cfg.init_from is None else initialize_from(self.module.detector, cfg, class_names, run_dir)
+            None if cfg.init_from is None else initialize_from(self.module.detector, self.module.config, cfg, run_dir)
         )
         callbacks = build_callbacks(cfg.callbacks, run_dir)
         self.checkpoint = callbacks[0]

@@ -3,17 +3,21 @@ and the parameter group of its sampling offsets; defaults are Deformable-DETR's 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from ...config import require
 from ...param_groups import make_group
 from ..head import HeadConfig
+from ..published import DetectorWeights
 from .criterion import FocalSetCriterion, build_deformable_criterion
+from .hugging_face import hugging_face_file_weights, is_hugging_face_state, read_hugging_face_folder
 from .matcher import FOCAL_ALPHA
+from .weights import DeformableArchitecture, official_deformable_weights
 
 
 @dataclass
@@ -33,6 +37,7 @@ class DeformableDetrConfig(HeadConfig):
     focal_alpha: float = FOCAL_ALPHA
     lr_linear_proj_mult: float = 0.1  # sampling offsets and reference points train at lr times this
 
+    ARCHITECTURE: ClassVar[type[DeformableArchitecture]] = DeformableArchitecture
     POSITIVE: ClassVar[tuple[str, ...]] = (
         *HeadConfig.POSITIVE,
         "num_feature_levels",
@@ -66,3 +71,13 @@ class DeformableDetrConfig(HeadConfig):
         """Deformable-DETR's sampling offsets and reference points, trained at ``lr * lr_linear_proj_mult``."""
         projections = [parameter for _, parameter in detector.linear_projection_parameters()]
         return make_group("linear_projection", projections, lr * self.lr_linear_proj_mult)
+
+    @classmethod
+    def published_weights(cls, content: Any, path: str | os.PathLike) -> DetectorWeights | None:
+        if isinstance(content, dict) and is_hugging_face_state(content):
+            return hugging_face_file_weights(content, path)
+        return official_deformable_weights(content, path)
+
+    @classmethod
+    def published_folder(cls, folder: str | os.PathLike) -> DetectorWeights | None:
+        return read_hugging_face_folder(folder)

@@ -10,9 +10,10 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from ..head import HeadConfig
+from ..published import DetectorWeights
 from .criterion import SetCriterion
 from .matcher import HungarianMatcher
-from .weights import DetectorWeights, published_detector_weights, read_hugging_face_folder
+from .weights import Architecture, published_detector_weights, read_hugging_face_folder
 
 
 @dataclass
@@ -23,9 +24,7 @@ class DetrConfig(HeadConfig):
     pre_norm: bool = False
     eos_coef: float = 0.1  # weight of the no-object class in the cross-entropy
 
-    INIT_FROM_SOURCES: ClassVar[str] = (
-        "DETR checkpoints, Hugging Face DETR folders and weights files, and train.py checkpoints of this head"
-    )
+    ARCHITECTURE: ClassVar[type[Architecture]] = Architecture
 
     def criterion(self, num_classes: int, num_boxes_reduce: Callable[[Tensor], Tensor]) -> SetCriterion:
         matcher = HungarianMatcher(**self.costs)

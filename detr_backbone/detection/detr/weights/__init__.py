@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from ...coco_names import COCO_NAMES, UNUSED
-from .hugging_face import (
-    CONFIG_FILE,
-    hugging_face_weights,
-    is_hugging_face_state,
-    read_hugging_face_folder,
-)
+from ...published import DetectorWeights
+from .hugging_face import hugging_face_file_weights, is_hugging_face_state, read_hugging_face_folder
 from .official import official_detr_weights
-from .source import Architecture, DetectorWeights, architecture_of_state, is_detr_state
+from .source import Architecture, architecture_of_state, is_detr_state
 
 
 def published_detector_weights(content: Any, path: str | os.PathLike) -> DetectorWeights | None:
@@ -23,7 +18,7 @@ def published_detector_weights(content: Any, path: str | os.PathLike) -> Detecto
     A Hugging Face weights file is read with the ``config.json`` beside it.
     """
     if isinstance(content, dict) and is_hugging_face_state(content):
-        return hugging_face_weights(content, path, Path(path).parent / CONFIG_FILE)
+        return hugging_face_file_weights(content, path)
     return official_detr_weights(content, path)
 
 

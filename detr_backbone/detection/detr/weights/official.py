@@ -15,7 +15,8 @@ from torch import Tensor
 
 from ....weights import DDP_PREFIX
 from ...coco_names import COCO_NAMES
-from .source import DetectorWeights, architecture_of_state, is_detr_state
+from ...published import DetectorWeights
+from .source import architecture_of_state, is_detr_state
 
 SOURCE = "DETR checkpoint"
 

@@ -1,0 +1,123 @@
+"""A whole detector's weights under our names, from any source, with what the source says of the network.
+
+Every reader (a head's published layouts, this package's own checkpoints) returns ``DetectorWeights``.
+Its ``architecture`` is the head's own description (``detr.weights.Architecture``,
+``deformable.weights.DeformableArchitecture``): what the tensors' shapes show, and what only the
+source records (dilation, the number of attention heads) where it does.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+from torch import Tensor
+
+from ..config import BACKBONE_TARGETS
+from ..weights import BODY_KEY
+
+if TYPE_CHECKING:
+    from .building import DetectorConfig
+
+CLASS_HEAD = re.compile(r"(?:.+\.)?class_embed(?:\.\d+)?")  # a linear layer with one row per class
+# blocks per stage (layer1..layer4) and whether they are bottlenecks -> torchvision's name
+RESNET_BLOCKS: dict[tuple[tuple[int, ...], bool], str] = {
+    ((2, 2, 2, 2), False): "resnet18",
+    ((3, 4, 6, 3), False): "resnet34",
+    ((3, 4, 6, 3), True): "resnet50",
+    ((3, 4, 23, 3), True): "resnet101",
+    ((3, 8, 36, 3), True): "resnet152",
+}
+STAGE_BLOCK = re.compile(re.escape(BODY_KEY) + r"layer(\d)\.(\d+)\.")
+
+
+class Architecture(Protocol):
+    """A head's description of the network a set of weights fits; None where the source does not tell."""
+
+    HEAD: ClassVar[str]  # the head's name in ``registry.HEADS`` (and conf/model/)
+    NO_OBJECT_ROWS: ClassVar[int]  # class rows after the real classes ("no object")
+    OVERRIDES: ClassVar[Mapping[str, str]]  # field -> the override that sets it
+    UNSEEN_IN_SHAPES: ClassVar[tuple[str, ...]]  # fields the tensors cannot show, checked where the source records them
+    num_queries: int | None
+
+    @classmethod
+    def configured(cls, config: DetectorConfig) -> Architecture:
+        """The description of the detector ``config`` builds."""
+        ...
+
+    def detector_config(self, num_classes: int, class_names: list[str] | None, dilation: bool | None) -> DetectorConfig:
+        """The config of the detector these weights fit (``dilation``: where the source does not record it)."""
+        ...
+
+
+@dataclass
+class DetectorWeights:
+    """A whole detector's tensors under our module names, with what their source says."""
+
+    source: str  # what the file is, in words
+    path: str
+    state: dict[str, Tensor]
+    class_names: list[str] | None  # one per class row in row order, "no object" excluded; None: not recorded
+    architecture: Architecture
+    skipped: list[str] = field(default_factory=list)  # keys of the file that hold no detector weights
+
+    @property
+    def class_heads(self) -> list[str]:
+        """The modules with one row per class (every copy: one per decoder layer in Deformable DETR)."""
+        return [key.removesuffix(".weight") for key in self.state if CLASS_HEAD.fullmatch(key.removesuffix(".weight"))]
+
+    @property
+    def num_class_rows(self) -> int:
+        """Class rows of the head, "no object" excluded."""
+        return self.state[f"{self.class_heads[0]}.weight"].shape[0] - self.architecture.NO_OBJECT_ROWS
+
+    def detector_config(self, dilation: bool | None = None) -> DetectorConfig:
+        """The config of the detector these weights fit; ``dilation`` where the source does not record it
+        (None: without, with a warning)."""
+        if dilation is None and getattr(self.architecture, "dilation", False) is None:
+            warnings.warn(
+                f"{self.path}: {self.source}s do not record dilation; built without it (set dilation=true for DC5 weights)",
+                stacklevel=3,
+            )
+        return self.architecture.detector_config(self.num_class_rows, self.class_names, dilation)
+
+
+def fitting_overrides(found: Architecture, configured: Architecture, names: tuple[str, ...] | None = None) -> list[str]:
+    """``key=value`` overrides that make the configured detector the one ``found`` describes, where it says."""
+    overrides = []
+    for name in names or tuple(found.OVERRIDES):
+        wanted = getattr(found, name)
+        if wanted is not None and wanted != getattr(configured, name):
+            if name == "backbone_kind":
+                wanted = BACKBONE_TARGETS[wanted]
+            if isinstance(wanted, (list, tuple)):
+                wanted = "[" + ",".join(map(str, wanted)) + "]"
+            overrides.append(f"{found.OVERRIDES[name]}={str(wanted).lower() if isinstance(wanted, bool) else wanted}")
+    return overrides
+
+
+def count_layers(state: Mapping[str, Tensor], prefix: str) -> int:
+    return len({key[len(prefix) :].partition(".")[0] for key in state if key.startswith(prefix)})
+
+
+def backbone_of_state(state: Mapping[str, Tensor]) -> tuple[str | None, str | None, int | None]:
+    """(kind, torchvision ResNet name, deepest stage as a main layer) of a Joiner body's keys under
+    ``backbone.0.body.``; None where they are ambiguous."""
+    blocks: dict[int, int] = {}
+    for key in state:
+        if match := STAGE_BLOCK.match(key):
+            stage, block = int(match[1]), int(match[2])
+            blocks[stage] = max(blocks.get(stage, 0), block + 1)
+    if not blocks:
+        return None, None, None
+    # frozen BatchNorm keeps running statistics; GroupNorm has none
+    kind = "torchvision" if BODY_KEY + "bn1.running_mean" in state else "groupnorm"
+    counts = tuple(blocks[stage] for stage in sorted(blocks))
+    bottleneck = BODY_KEY + "layer1.0.conv3.weight" in state
+    names = [
+        name for (full, deep), name in RESNET_BLOCKS.items() if deep == bottleneck and full[: len(counts)] == counts
+    ]
+    return kind, names[0] if len(names) == 1 else None, max(blocks) - 5
