@@ -11,6 +11,7 @@ import onnxruntime
 import pytest
 import torch
 
+from detr_backbone.commands.evaluate import main as evaluate_main
 from detr_backbone.commands.export import main as export_main
 from detr_backbone.data import IMAGENET_MEAN, IMAGENET_STD, ShapesDataset
 from detr_backbone.inference import ExportableDetector, ExportCheckError, Tolerance, load_detector, load_exported
@@ -186,3 +187,47 @@ def test_the_default_heads_export_matches_eager_on_sizes_never_traced(
     outputs = exported.metadata["outputs"]
     assert outputs["pred_logits"].startswith("(batch, queries, classes) sigmoid class logits")
     assert "best (query, class) pairs" in outputs["scores"] and exported.metadata["class_names"] == CLASS_NAMES
+
+
+# --- evaluating what was exported ----------------------------------------------------------------
+
+TINY_DATA = ["data.val_size=16", "data.min_size=32", "data.max_size=48", "progress=false"]  # the tiny runs' sizes
+
+
+def test_an_exported_file_is_evaluated_as_its_checkpoint_and_compared_with_it(checkpoint, traced, tmp_path, capsys):
+    report = write_exported(traced, "onnx", tmp_path / "detector.onnx", CHECK)
+    metrics = evaluate_main([f"ckpt_path={report.path}", *TINY_DATA, f"output_dir={tmp_path / 'exported'}"])
+    printed = capsys.readouterr().out
+    saved = json.loads((tmp_path / "exported" / "metrics.json").read_text())
+    source = saved["source"]
+    assert source["path"] == str(checkpoint.resolve()) and source["found"]
+    reference = json.loads((tmp_path / "exported" / "source" / "metrics.json").read_text())
+    assert source["summary"] == reference["summary"] and saved["summary"] == metrics.summary
+    for name in ("AP", "AP50", "AP75"):
+        assert source["difference"][name] == pytest.approx(metrics.summary[name] - reference["summary"][name])
+        assert abs(source["difference"][name]) <= 1e-3  # the file's detections are the checkpoint's, within 1e-4
+    assert max(reference["summary"].values()) > 0  # not a comparison of zeros
+    assert f"against its checkpoint {checkpoint.resolve()}: AP " in printed
+
+
+def test_an_exported_file_without_detections_or_metadata_is_refused_in_one_line(tmp_path):
+    program = torch.export.export(torch.nn.Linear(2, 2), (torch.zeros(1, 2),))
+    # as an export with postprocess=false describes itself: raw outputs only
+    metadata = {"class_names": CLASS_NAMES, "category_ids": [1, 2, 3], "outputs": dict.fromkeys(OUTPUTS[:2], "")}
+    path = tmp_path / "raw.pt2"
+    torch.export.save(program, str(path), extra_files={"metadata.json": json.dumps(metadata)})
+    with pytest.raises(SystemExit) as stopped:
+        evaluate_main([f"ckpt_path={path}", *TINY_DATA, f"output_dir={tmp_path / 'out'}"])
+    assert stopped.value.code == (
+        f"error: {path} has the outputs pred_logits, pred_boxes, not a detector's detections (scores, labels, boxes): "
+        "export it with postprocess=true to evaluate it"
+    )
+    plain = tmp_path / "plain.pt2"
+    torch.export.save(program, str(plain))
+    with pytest.raises(SystemExit) as stopped:
+        evaluate_main([f"ckpt_path={plain}", *TINY_DATA, f"output_dir={tmp_path / 'out'}"])
+    assert stopped.value.code == (
+        f"error: {plain} holds no detector's metadata (class_names, category_ids, outputs): "
+        "give a file written by python -m detr_backbone export"
+    )
+    assert not (tmp_path / "out").exists()

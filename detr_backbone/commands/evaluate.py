@@ -1,8 +1,14 @@
-"""Score a checkpoint on a data config's validation set with COCO's box metrics.
+"""Score a checkpoint, or a file it was exported to, on a data config's validation set with COCO's box metrics.
 
     python -m detr_backbone evaluate ckpt_path=outputs/<run>/checkpoints/last.ckpt
     python -m detr_backbone evaluate ckpt_path=detr-r50-e632da11.pth data=coco \\
         data.val_images=coco/val2017 data.val_annotations=coco/annotations/instances_val2017.json
+    python -m detr_backbone evaluate ckpt_path=exports/detector.onnx   # also: the difference to its checkpoint
+
+An exported file (``.onnx``, ``.pt2``, written with ``postprocess=true``) runs through the same data,
+pre-processing and metrics as a checkpoint; when the checkpoint it was exported from (its
+metadata's ``source``) is there, that is evaluated too, into ``<output_dir>/source/``, and the
+differences in AP, AP50 and AP75 are printed and saved.
 
 Writes ``detections.json`` (every query of every image, COCO's results format), for the shapes data
 its ground truth as ``ground_truth.json`` (a COCO folder's own annotation file is the ground truth),
@@ -15,7 +21,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,19 +31,22 @@ from tqdm import tqdm
 
 from ..config import require
 from ..data import CocoDetection, ShapesDataset, build_datamodule
-from ..inference.checkpoint import LoadedDetector, load_detector
+from ..inference.checkpoint import load_detector
 from ..inference.coco_files import category_ids_by_name, detection_rows, instances, write_json
 from ..inference.coco_metrics import CocoMetrics, coco_metrics, per_class_table
+from ..inference.exported import SUFFIX_FORMATS, ExportedPredictor
 from ..inference.predictor import DTYPES, Predictor
 from ..training.config import DataConfig
 from .cli import compose_command, reported
 
 DETECTIONS_FILE, GROUND_TRUTH_FILE, METRICS_FILE = "detections.json", "ground_truth.json", "metrics.json"
+COMPARED = ("AP", "AP50", "AP75")  # what an exported file is compared with its checkpoint on
 
 
 @dataclass
 class EvaluateConfig:
-    ckpt_path: Optional[str] = None  # train.py checkpoint, DETR checkpoint or Hugging Face DETR folder
+    # train.py checkpoint, published weights (DETR, Deformable-DETR, a Hugging Face folder) or an exported .onnx / .pt2
+    ckpt_path: Optional[str] = None
     dilation: Optional[bool] = None  # DETR's own checkpoints do not record it: true for their DC5 files
     allowed_targets: list[str] = field(default_factory=list)  # your own _target_ paths a checkpoint may build
     data: DataConfig = field(default_factory=DataConfig)
@@ -60,7 +69,7 @@ def dataset_categories(dataset: Dataset) -> tuple[list[str], list[int]]:
     return names, list(dataset.category_ids) if isinstance(dataset, CocoDetection) else list(range(1, len(names) + 1))
 
 
-def model_category_ids(loaded: LoadedDetector, names: Sequence[str], ids: Sequence[int], where: str) -> list[int]:
+def model_category_ids(loaded: Any, names: Sequence[str], ids: Sequence[int], where: str) -> list[int]:
     """The dataset id each of the detector's class rows predicts: by name, or by position for a file without names."""
     if loaded.names_known:
         return category_ids_by_name(loaded.class_names, names, ids, where)
@@ -88,16 +97,20 @@ def file_name(dataset: Dataset, image_id: int) -> str | None:
 def evaluate(cfg: EvaluateConfig) -> CocoMetrics:
     output_dir = Path(cfg.output_dir)
     require(not output_dir.exists() or output_dir.is_dir(), f"output_dir={cfg.output_dir!r} is a file, not a folder")
-    loaded = load_detector(cfg.ckpt_path, cfg.dilation, cfg.allowed_targets)
+    exported = Path(cfg.ckpt_path).suffix in SUFFIX_FORMATS
+    if exported:
+        loaded = predictor = ExportedPredictor(cfg.ckpt_path)
+    else:
+        loaded = load_detector(cfg.ckpt_path, cfg.dilation, cfg.allowed_targets)
+        # COCO evaluation ranks every query of every image, as DETR's does: no threshold, no top-k
+        predictor = Predictor.from_loaded(
+            loaded, threshold=0.0, top_k=None, device=cfg.device, dtype=cfg.dtype, fuse=cfg.fuse
+        )
     datamodule = build_datamodule(cfg.data)
     dataset = datamodule.dataset("val")
     require(len(dataset) > 0, f"the data={cfg.data.kind} validation set has no images")
     names, ids = dataset_categories(dataset)
     category_ids = model_category_ids(loaded, names, ids, f"the data={cfg.data.kind} validation set")
-    # COCO evaluation ranks every query of every image, as DETR's does: no threshold, no top-k
-    predictor = Predictor.from_loaded(
-        loaded, threshold=0.0, top_k=None, device=cfg.device, dtype=cfg.dtype, fuse=cfg.fuse
-    )
     rows: list[dict[str, Any]] = []
     for images, targets in tqdm(datamodule.val_dataloader(), unit="batch", disable=not cfg.progress, file=sys.stderr):
         original_sizes = torch.stack([target["orig_size"] for target in targets])
@@ -113,16 +126,38 @@ def evaluate(cfg: EvaluateConfig) -> CocoMetrics:
         "metrics": str(output_dir / METRICS_FILE),
     }
     content = {
-        "checkpoint": {"path": loaded.path, "kind": loaded.source},
+        "checkpoint": {"path": loaded.path, "kind": "exported file" if exported else loaded.source},
         "data": asdict(cfg.data),
         **metrics.as_json(),
     }
+    if exported:
+        metrics.source = compared_with_source(cfg, loaded.source.get("path"), metrics, output_dir)
+        content["source"] = metrics.source
     write_json(output_dir / METRICS_FILE, content, indent=2)
     return metrics
 
 
+def compared_with_source(
+    cfg: EvaluateConfig, source: str | None, metrics: CocoMetrics, output_dir: Path
+) -> dict[str, Any]:
+    """The exported file's checkpoint evaluated alike, and the differences (exported - checkpoint)."""
+    if not source or not Path(source).exists():
+        return {"path": source, "found": False}
+    reference = evaluate(replace(cfg, ckpt_path=source, output_dir=str(output_dir / "source")))
+    difference = {name: metrics.summary[name] - reference.summary[name] for name in COMPARED}
+    return {"path": source, "found": True, "summary": reference.summary, "difference": difference}
+
+
+def source_line(source: dict[str, Any]) -> str:
+    if not source["found"]:
+        return f"its checkpoint {source['path']} is not there: no comparison"
+    differences = ", ".join(f"{name} {value:+.4f}" for name, value in source["difference"].items())
+    return f"against its checkpoint {source['path']}: {differences} (exported - checkpoint)"
+
+
 def report(cfg: EvaluateConfig, metrics: CocoMetrics) -> str:
     files = ", ".join(metrics.files.values())
+    source = [source_line(metrics.source)] if metrics.source is not None else []
     return "\n".join(
         [
             f"{cfg.ckpt_path} on the data={cfg.data.kind} validation set: "
@@ -131,6 +166,7 @@ def report(cfg: EvaluateConfig, metrics: CocoMetrics) -> str:
             "",
             per_class_table(metrics),
             "",
+            *source,
             f"files: {files}",
         ]
     )

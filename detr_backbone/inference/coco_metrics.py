@@ -45,6 +45,7 @@ class CocoMetrics:
     images: int
     detections: int = 0
     files: dict[str, str] = field(default_factory=dict)
+    source: dict | None = None  # an exported file's: its checkpoint's summary and the differences to it
 
     def as_json(self) -> dict:
         return {

@@ -142,7 +142,7 @@ def export_metadata(
         "normalization": {"pixel_scale": 1 / 255, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "resize": {"shorter_side": loaded.size, "max_size": loaded.max_size},
         "dynamic_shapes": ranges,
-        "source": {"path": loaded.path, "kind": loaded.source},
+        "source": {"path": os.path.abspath(loaded.path), "kind": loaded.source},
         "torch": torch.__version__,
     }
 

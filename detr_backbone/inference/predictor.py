@@ -156,18 +156,29 @@ class Predictor:
         )
         outputs = self.detector(images.to(self.device, self.dtype, non_blocking=True))
         scores, labels, boxes = self.detector.detections(outputs, original_sizes.to(self.device))
-        return [
-            self.selected(*image, size, threshold, top_k)
-            for *image, size in zip(scores.cpu(), labels.cpu(), boxes.cpu(), original_sizes.tolist())
-        ]
+        return ranked_detections(scores, labels, boxes, original_sizes, self.class_names, threshold, top_k)
 
-    def selected(
-        self, scores: Tensor, labels: Tensor, boxes: Tensor, size: Sequence[int], threshold: float, top_k: int | None
-    ) -> Detections:
-        order = scores.argsort(descending=True, stable=True)
-        order = order[scores[order] >= threshold][:top_k]
-        names = [self.class_names[label] for label in labels[order].tolist()]
-        return Detections(boxes[order], scores[order], labels[order], names, tuple(size))
+
+def ranked_detections(
+    scores: Tensor,
+    labels: Tensor,
+    boxes: Tensor,
+    original_sizes: Tensor,
+    class_names: Sequence[str],
+    threshold: float = 0.0,
+    top_k: int | None = None,
+) -> list[Detections]:
+    """A batch's detections (B, K) as one ``Detections`` per image: best first, at least ``threshold``, at most
+    ``top_k``; boxes already in pixels of each original image, ``original_sizes`` (B, 2) as (h, w)."""
+    found = []
+    for image_scores, image_labels, image_boxes, size in zip(
+        scores.cpu(), labels.cpu(), boxes.cpu(), original_sizes.tolist()
+    ):
+        order = image_scores.argsort(descending=True, stable=True)
+        order = order[image_scores[order] >= threshold][:top_k]
+        names = [class_names[label] for label in image_labels[order].tolist()]
+        found.append(Detections(image_boxes[order], image_scores[order], image_labels[order], names, tuple(size)))
+    return found
 
 
 def check_selection(threshold: float, top_k: int | None) -> tuple[float, int | None]:
