@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..weights import load_weights_file
+from .published import Architecture, DetectorWeights
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 CONFIG_FILE = "config.json"
@@ -140,3 +142,49 @@ def same_in_encoder_and_decoder(config: Mapping[str, Any], config_file: str | os
         raise ValueError(
             f"{os.fspath(config_file)!r} describes a {model} our transformer cannot hold: {'; '.join(unsupported)}"
         )
+
+
+def keep(state: dict[str, Tensor], architecture: Architecture) -> dict[str, Tensor]:
+    return state
+
+
+@dataclass(frozen=True)
+class HuggingFaceLayout:
+    """How one head's Hugging Face model is read: its ``model_type``, how its weights are recognised and
+    renamed, and how its ``config.json`` describes the architecture."""
+
+    model: str  # in words: "DETR", "Deformable DETR"
+    model_type: str  # config.json's
+    recognised: Callable[[Mapping[str, Any]], bool]  # whether a state dict is this model's (either naming)
+    markers: str  # the keys that recognise it, in words, for the error of a folder without them
+    renames: Renames
+    architecture: Callable[[Mapping[str, Any], str | os.PathLike], Architecture]  # of config.json
+    class_weight: str  # the key (under our names) whose rows are the classes
+    completed: Callable[[dict[str, Tensor], Architecture], dict[str, Tensor]] = keep  # tensors stored once, named again
+
+    def read_folder(self, folder: str | os.PathLike) -> DetectorWeights | None:
+        """The weights of a folder holding this model, None if it holds another."""
+        found = read_folder(folder, self.model_type)
+        if found is None:
+            return None
+        state, config = found
+        if not self.recognised(state):
+            raise ValueError(f"{os.fspath(folder)!r} holds no Hugging Face {self.model} weights (no {self.markers})")
+        return self.weights(state, folder, config)
+
+    def read_file(self, state: Mapping[str, Tensor], path: str | os.PathLike) -> DetectorWeights:
+        """A weights file given alone, read with the config.json beside it."""
+        return self.weights(state, path, config_beside(path, self.model))
+
+    def weights(self, state: Mapping[str, Tensor], path: str | os.PathLike, config: dict[str, Any]) -> DetectorWeights:
+        """A state dict in either naming and its config.json, under our names."""
+        if config.get("model_type", "detr") != self.model_type:
+            raise ValueError(
+                f"the config.json of {os.fspath(path)!r} is not the config of a {self.model} model "
+                f"(model_type {self.model_type!r})"
+            )
+        architecture = self.architecture(config, path)
+        ours = self.completed(renamed(state, self.renames), architecture)
+        rows = ours[self.class_weight].shape[0] - architecture.NO_OBJECT_ROWS
+        source = f"Hugging Face {self.model} ({naming(state)})"
+        return DetectorWeights(source, os.fspath(path), ours, class_names(config, rows), architecture)

@@ -15,7 +15,7 @@ from ...param_groups import make_group
 from ..head import HeadConfig
 from ..published import DetectorWeights
 from .criterion import FocalSetCriterion, build_deformable_criterion
-from .hugging_face import hugging_face_file_weights, is_hugging_face_state, read_hugging_face_folder
+from .hugging_face import HUGGING_FACE_DEFORMABLE_DETR, is_hugging_face_state
 from .matcher import FOCAL_ALPHA
 from .weights import DeformableArchitecture, official_deformable_weights
 
@@ -75,9 +75,9 @@ class DeformableDetrConfig(HeadConfig):
     @classmethod
     def published_weights(cls, content: Any, path: str | os.PathLike) -> DetectorWeights | None:
         if isinstance(content, dict) and is_hugging_face_state(content):
-            return hugging_face_file_weights(content, path)
+            return HUGGING_FACE_DEFORMABLE_DETR.read_file(content, path)
         return official_deformable_weights(content, path)
 
     @classmethod
     def published_folder(cls, folder: str | os.PathLike) -> DetectorWeights | None:
-        return read_hugging_face_folder(folder)
+        return HUGGING_FACE_DEFORMABLE_DETR.read_folder(folder)

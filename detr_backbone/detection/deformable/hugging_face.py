@@ -12,24 +12,11 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor
-
 from ...backbone import TORCHVISION_RESNETS
 from ...weights import BODY_KEY
-from ..hugging_face import (
-    Renames,
-    class_names,
-    config_beside,
-    naming,
-    read_folder,
-    renamed,
-    same_in_encoder_and_decoder,
-    timm_backbone_name,
-)
-from ..published import DetectorWeights
+from ..hugging_face import HuggingFaceLayout, Renames, same_in_encoder_and_decoder, timm_backbone_name
 from .weights import DeformableArchitecture, with_shared_heads
 
-MODEL_TYPE = "deformable_detr"
 RENAMES: Renames = (
     (r"^model\.backbone\.(conv_encoder\.)?model\.", BODY_KEY),
     (r"^model\.level_embed$", "transformer.level_embed"),
@@ -52,43 +39,6 @@ RENAMES: Renames = (
 
 def is_hugging_face_state(state: Mapping[str, Any]) -> bool:
     return "model.level_embed" in state and "class_embed.0.weight" in state
-
-
-def read_hugging_face_folder(folder: str | os.PathLike) -> DetectorWeights | None:
-    """The weights of a Hugging Face Deformable DETR folder, None if the folder holds another model."""
-    found = read_folder(folder, MODEL_TYPE)
-    if found is None:
-        return None
-    state, config = found
-    if not is_hugging_face_state(state):
-        raise ValueError(
-            f"{os.fspath(folder)!r} holds no Hugging Face Deformable DETR weights (no model.level_embed, class_embed.0)"
-        )
-    return hugging_face_weights(state, folder, config)
-
-
-def hugging_face_file_weights(state: Mapping[str, Tensor], path: str | os.PathLike) -> DetectorWeights:
-    """A Hugging Face Deformable DETR weights file given alone, read with the config.json beside it."""
-    return hugging_face_weights(state, path, config_beside(path, "Deformable DETR"))
-
-
-def hugging_face_weights(
-    state: Mapping[str, Tensor], path: str | os.PathLike, config: dict[str, Any]
-) -> DetectorWeights:
-    """A Hugging Face Deformable DETR state dict (either naming) and its config.json, under our names."""
-    if config.get("model_type") != MODEL_TYPE:
-        raise ValueError(
-            f"the config.json of {os.fspath(path)!r} is not the config of a Deformable DETR (model_type '{MODEL_TYPE}')"
-        )
-    architecture = architecture_of_config(config, path)
-    ours = with_shared_heads(renamed(state, RENAMES), architecture)
-    return DetectorWeights(
-        f"Hugging Face Deformable DETR ({naming(state)})",
-        os.fspath(path),
-        ours,
-        class_names(config, ours["class_embed.0.weight"].shape[0]),
-        architecture,
-    )
 
 
 def architecture_of_config(config: Mapping[str, Any], path: str | os.PathLike) -> DeformableArchitecture:
@@ -115,3 +65,15 @@ def architecture_of_config(config: Mapping[str, Any], path: str | os.PathLike) -
         two_stage=two_stage,
         num_queries=config.get("two_stage_num_proposals", 300) if two_stage else config.get("num_queries", 300),
     )
+
+
+HUGGING_FACE_DEFORMABLE_DETR = HuggingFaceLayout(
+    model="Deformable DETR",
+    model_type="deformable_detr",
+    recognised=is_hugging_face_state,
+    markers="model.level_embed, class_embed.0",
+    renames=RENAMES,
+    architecture=architecture_of_config,
+    class_weight="class_embed.0.weight",
+    completed=with_shared_heads,
+)

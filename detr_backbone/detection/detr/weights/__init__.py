@@ -7,9 +7,14 @@ from typing import Any
 
 from ...coco_names import COCO_NAMES, UNUSED
 from ...published import DetectorWeights
-from .hugging_face import hugging_face_file_weights, is_hugging_face_state, read_hugging_face_folder
+from .hugging_face import HUGGING_FACE_DETR, is_hugging_face_state
 from .official import official_detr_weights
 from .source import Architecture, architecture_of_state, is_detr_state
+
+
+def read_hugging_face_folder(folder: str | os.PathLike) -> DetectorWeights | None:
+    """The weights of a Hugging Face DETR folder, None if the folder holds another model."""
+    return HUGGING_FACE_DETR.read_folder(folder)
 
 
 def published_detector_weights(content: Any, path: str | os.PathLike) -> DetectorWeights | None:
@@ -18,7 +23,7 @@ def published_detector_weights(content: Any, path: str | os.PathLike) -> Detecto
     A Hugging Face weights file is read with the ``config.json`` beside it.
     """
     if isinstance(content, dict) and is_hugging_face_state(content):
-        return hugging_face_file_weights(content, path)
+        return HUGGING_FACE_DETR.read_file(content, path)
     return official_detr_weights(content, path)
 
 

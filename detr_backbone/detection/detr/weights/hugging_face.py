@@ -11,24 +11,11 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor
-
 from ....backbone import TORCHVISION_RESNETS
 from ....weights import BODY_KEY, POSITION_KEY
-from ...hugging_face import (
-    Renames,
-    class_names,
-    config_beside,
-    naming,
-    read_folder,
-    renamed,
-    same_in_encoder_and_decoder,
-    timm_backbone_name,
-)
-from ...published import DetectorWeights
+from ...hugging_face import HuggingFaceLayout, Renames, same_in_encoder_and_decoder, timm_backbone_name
 from .source import Architecture
 
-MODEL_TYPE = "detr"
 RENAMES: Renames = (
     (r"^model\.backbone\.(conv_encoder\.)?model\.", BODY_KEY),
     (r"^model\.(backbone\.)?position_embedding\.row_embeddings\.", POSITION_KEY + "row_embed."),
@@ -55,42 +42,6 @@ def is_hugging_face_state(state: Mapping[str, Any]) -> bool:
     return "class_labels_classifier.weight" in state and any(key.startswith("model.backbone.") for key in state)
 
 
-def read_hugging_face_folder(folder: str | os.PathLike) -> DetectorWeights | None:
-    """The weights of a Hugging Face DETR folder, None if the folder holds another model."""
-    found = read_folder(folder, MODEL_TYPE)
-    if found is None:
-        return None
-    state, config = found
-    if not is_hugging_face_state(state):
-        raise ValueError(
-            f"{os.fspath(folder)!r} holds no Hugging Face DETR weights (no class_labels_classifier, model.backbone.*)"
-        )
-    return hugging_face_weights(state, folder, config)
-
-
-def hugging_face_file_weights(state: Mapping[str, Tensor], path: str | os.PathLike) -> DetectorWeights:
-    """A Hugging Face DETR weights file given alone, read with the config.json beside it."""
-    return hugging_face_weights(state, path, config_beside(path, "DETR"))
-
-
-def hugging_face_weights(
-    state: Mapping[str, Tensor], path: str | os.PathLike, config: dict[str, Any]
-) -> DetectorWeights:
-    """A Hugging Face DETR state dict (either naming) and its config.json, as DETR's weights."""
-    if config.get("model_type", MODEL_TYPE) != MODEL_TYPE:
-        raise ValueError(
-            f"the config.json of {os.fspath(path)!r} is not the config of a DETR model (model_type 'detr')"
-        )
-    detr_state = renamed(state, RENAMES)
-    return DetectorWeights(
-        f"Hugging Face DETR ({naming(state)})",
-        os.fspath(path),
-        detr_state,
-        class_names(config, detr_state["class_embed.weight"].shape[0] - 1),
-        architecture_of_config(config, path),
-    )
-
-
 def architecture_of_config(config: Mapping[str, Any], path: str | os.PathLike) -> Architecture:
     """What config.json says, with DetrConfig's defaults where a key is absent (older files omit some)."""
     name = timm_backbone_name(config, path)
@@ -111,3 +62,14 @@ def architecture_of_config(config: Mapping[str, Any], path: str | os.PathLike) -
         pre_norm=False,
         num_queries=config.get("num_queries", 100),
     )
+
+
+HUGGING_FACE_DETR = HuggingFaceLayout(
+    model="DETR",
+    model_type="detr",
+    recognised=is_hugging_face_state,
+    markers="class_labels_classifier, model.backbone.*",
+    renames=RENAMES,
+    architecture=architecture_of_config,
+    class_weight="class_embed.weight",
+)
