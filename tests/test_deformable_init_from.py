@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -201,19 +202,25 @@ def padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("options", [{}, {"with_box_refine": True}], ids=["plain", "box-refine"])
 def test_a_hugging_face_deformable_detr_gives_hugging_faces_outputs(tmp_path, options):
     model = hugging_face_deformable(tmp_path / "hf", **options)
-    loaded = load_detector(tmp_path / "hf")
-    assert loaded.source == "Hugging Face Deformable DETR (Hub names)" and loaded.class_names == [
-        "Rectangle",
-        "widget",
-        "star",
-    ]
+    # the names transformers 5 holds in memory, in a weights file given alone beside its config.json
+    (tmp_path / "in_memory").mkdir()
+    shutil.copy(tmp_path / "hf" / "config.json", tmp_path / "in_memory")
+    torch.save(model.state_dict(), tmp_path / "in_memory" / "weights.bin")
     images, mask = padded_batch()
     with torch.no_grad():
         theirs = model(pixel_values=images, pixel_mask=(~mask).long())
-        ours = loaded.detector(NestedTensor(images, mask))
-    torch.testing.assert_close(ours["pred_logits"], theirs.logits, rtol=0, atol=1e-4)
-    torch.testing.assert_close(ours["pred_boxes"], theirs.pred_boxes, rtol=0, atol=1e-4)
-    assert ours["pred_boxes"].std() > 0.01  # boxes that differ between queries: a test that can fail
+    for source, naming in (
+        (tmp_path / "hf", "Hub names"),
+        (tmp_path / "in_memory" / "weights.bin", "transformers 5 names"),
+    ):
+        loaded = load_detector(source)
+        assert loaded.source == f"Hugging Face Deformable DETR ({naming})"
+        assert loaded.class_names == ["Rectangle", "widget", "star"]
+        with torch.no_grad():
+            ours = loaded.detector(NestedTensor(images, mask))
+        torch.testing.assert_close(ours["pred_logits"], theirs.logits, rtol=0, atol=1e-4)
+        torch.testing.assert_close(ours["pred_boxes"], theirs.pred_boxes, rtol=0, atol=1e-4)
+        assert ours["pred_boxes"].std() > 0.01  # boxes that differ between queries: a test that can fail
 
 
 HF_RUN = [
