@@ -3,6 +3,7 @@ class (``star``), and the same job from scratch, validated every ``--every`` ste
 
     python -m benchmarks.finetune                      # trains the default job first (its checkpoint: the source)
     python -m benchmarks.finetune --source outputs/<run>/checkpoints/last.ckpt
+    python -m benchmarks.finetune experiment=shapes_detr   # overrides for every run: DETR's head
 
 The two runs go side by side with one thread each (``train.py`` subprocesses, their folders under
 ``--out``); the val mAP@0.5 curves, and the steps each run needs to reach the scratch run's final
@@ -53,14 +54,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--source", help="the checkpoint to fine-tune from (default: train the default job first)")
     parser.add_argument("--out", default="outputs/finetune", help="the folder of the runs")
     parser.add_argument("--every", type=int, default=125, help="validate every this many steps")
+    parser.add_argument("overrides", nargs="*", help="train.py overrides for every run (e.g. experiment=shapes_detr)")
     args = parser.parse_args(argv)
     out = (ROOT / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     source = args.source
     if source is None:
-        finished(train(out / "source"), "the default job")
+        finished(train(out / "source", *args.overrides), "the default job")
         source = str(out / "source" / "checkpoints" / "last.ckpt")
-    common = [CLASSES, f"trainer.val_check_interval={args.every}", "test_after_fit=false"]
+    common = [*args.overrides, CLASSES, f"trainer.val_check_interval={args.every}", "test_after_fit=false"]
     runs = {"scratch": [], "init_from": [f"init_from={Path(source).resolve()}"]}
     processes = {name: train(out / name, *common, *extra, threads=1) for name, extra in runs.items()}
     for name, process in processes.items():

@@ -4,8 +4,8 @@ A head is a folder (``detection/detr/``, ``detection/deformable/``) with its det
 schema, a subclass of ``HeadConfig``, registered in ``detection/registry.py``. The schema holds the
 head's config (conf/model/) and answers everything that differs between heads: its criterion,
 the backbone levels it reads, its extra parameter groups, the published weights it reads and the
-``Architecture`` that describes them. The
-detector it builds follows ``Detector``. Nothing above this layer asks which head it holds.
+``Architecture`` that describes them. The detector it builds follows ``Detector``. Nothing above
+this layer asks which head it holds.
 """
 
 from __future__ import annotations

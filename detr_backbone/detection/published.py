@@ -12,12 +12,12 @@ import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from torch import Tensor
 
 from ..config import BACKBONE_TARGETS
-from ..weights import BODY_KEY
+from ..weights import BODY_KEY, DDP_PREFIX
 
 if TYPE_CHECKING:
     from .building import DetectorConfig
@@ -121,3 +121,13 @@ def backbone_of_state(state: Mapping[str, Tensor]) -> tuple[str | None, str | No
         name for (full, deep), name in RESNET_BLOCKS.items() if deep == bottleneck and full[: len(counts)] == counts
     ]
     return kind, names[0] if len(names) == 1 else None, max(blocks) - 5
+
+
+def published_state(content: Any) -> tuple[dict[str, Tensor], list[str]] | None:
+    """A published checkpoint's model state (under ``"model"``, or the content itself) without DDP's prefix,
+    and the file's other keys (optimizer, arguments); None if the content holds no such state."""
+    state = content.get("model", content) if isinstance(content, Mapping) else None
+    if not isinstance(state, Mapping) or not all(isinstance(value, Tensor) for value in state.values()):
+        return None
+    others = [key for key in content if key != "model"] if state is not content else []
+    return {key.removeprefix(DDP_PREFIX): value for key, value in state.items()}, others

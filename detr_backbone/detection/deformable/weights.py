@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from torch import Tensor
 
 from ...config import BACKBONE_TARGETS, POSITION_TARGETS, BackboneConfig, JoinerConfig, PositionConfig
-from ...weights import BODY_KEY, DDP_PREFIX
+from ...weights import BODY_KEY
 from ..coco_names import COCO_NAMES
-from ..published import DetectorWeights, backbone_of_state, count_layers
+from ..published import DetectorWeights, backbone_of_state, count_layers, published_state
 
 if TYPE_CHECKING:
     from ..building import DetectorConfig
@@ -203,13 +203,10 @@ def with_shared_heads(state: dict[str, Tensor], architecture: DeformableArchitec
 
 def official_deformable_weights(content: Any, path: str | os.PathLike) -> DetectorWeights | None:
     """The weights of a Deformable-DETR checkpoint's content (wrapped in ``"model"`` or bare), None if it is none."""
-    state = content.get("model", content) if isinstance(content, Mapping) else None
-    if not isinstance(state, Mapping) or not all(isinstance(value, Tensor) for value in state.values()):
+    found = published_state(content)
+    if found is None or not is_deformable_state(found[0]):
         return None
-    state = {key.removeprefix(DDP_PREFIX): value for key, value in state.items()}
-    if not is_deformable_state(state):
-        return None
+    state, skipped = found
     rows = state["class_embed.0.weight"].shape[0]
     names = list(COCO_NAMES) if rows == len(COCO_NAMES) else None  # row i is COCO id i
-    skipped = [key for key in content if key != "model"] if "model" in content else []
     return DetectorWeights(SOURCE, os.fspath(path), state, names, architecture_of_state(state), skipped=skipped)

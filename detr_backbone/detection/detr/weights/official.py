@@ -8,14 +8,10 @@ counts come from DETR trained elsewhere, whose class names the file does not hol
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor
-
-from ....weights import DDP_PREFIX
 from ...coco_names import COCO_NAMES
-from ...published import DetectorWeights
+from ...published import DetectorWeights, published_state
 from .source import architecture_of_state, is_detr_state
 
 SOURCE = "DETR checkpoint"
@@ -23,12 +19,10 @@ SOURCE = "DETR checkpoint"
 
 def official_detr_weights(content: Any, path: str | os.PathLike) -> DetectorWeights | None:
     """The weights of a DETR checkpoint's content (wrapped in ``"model"`` or bare), None if it is none."""
-    state = content.get("model", content) if isinstance(content, Mapping) else None
-    if not isinstance(state, Mapping) or not all(isinstance(value, Tensor) for value in state.values()):
+    found = published_state(content)
+    if found is None or not is_detr_state(found[0]):
         return None
-    state = {key.removeprefix(DDP_PREFIX): value for key, value in state.items()}
-    if not is_detr_state(state):
-        return None
+    state, skipped = found
     rows = state["class_embed.weight"].shape[0] - 1
-    names = list(COCO_NAMES) if rows == len(COCO_NAMES) else None
-    return DetectorWeights(SOURCE, os.fspath(path), state, names, architecture_of_state(state))
+    names = list(COCO_NAMES) if rows == len(COCO_NAMES) else None  # row i is COCO id i
+    return DetectorWeights(SOURCE, os.fspath(path), state, names, architecture_of_state(state), skipped=skipped)
