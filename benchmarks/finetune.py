@@ -39,10 +39,10 @@ def finished(process: subprocess.Popen, what: str) -> None:
 
 
 def curve(run_dir: Path) -> dict[int, float]:
-    """Val mAP@0.5 by optimizer step, from the run's csv/metrics.csv."""
+    """Val mAP@0.5 by optimizer steps taken, from the run's csv/metrics.csv (which logs the step index)."""
     with open(run_dir / "csv" / "metrics.csv") as stream:
         rows = [row for row in csv.DictReader(stream) if row.get(METRIC)]
-    return {int(row["step"]): float(row[METRIC]) for row in rows}
+    return {int(row["step"]) + 1: float(row[METRIC]) for row in rows}
 
 
 def steps_to_reach(values: dict[int, float], target: float) -> int | None:
@@ -54,19 +54,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--source", help="the checkpoint to fine-tune from (default: train the default job first)")
     parser.add_argument("--out", default="outputs/finetune", help="the folder of the runs")
     parser.add_argument("--every", type=int, default=125, help="validate every this many steps")
+    parser.add_argument("--report", action="store_true", help="only read the finished runs under --out")
     parser.add_argument("overrides", nargs="*", help="train.py overrides for every run (e.g. experiment=shapes_detr)")
     args = parser.parse_args(argv)
     out = (ROOT / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    source = args.source
-    if source is None:
+    source = args.source or str(out / "source" / "checkpoints" / "last.ckpt")
+    if args.source is None and not args.report:
         finished(train(out / "source", *args.overrides), "the default job")
-        source = str(out / "source" / "checkpoints" / "last.ckpt")
     common = [*args.overrides, CLASSES, f"trainer.val_check_interval={args.every}", "test_after_fit=false"]
     runs = {"scratch": [], "init_from": [f"init_from={Path(source).resolve()}"]}
-    processes = {name: train(out / name, *common, *extra, threads=1) for name, extra in runs.items()}
-    for name, process in processes.items():
-        finished(process, f"the {name} run")
+    if not args.report:
+        processes = {name: train(out / name, *common, *extra, threads=1) for name, extra in runs.items()}
+        for name, process in processes.items():
+            finished(process, f"the {name} run")
     curves = {name: curve(out / name) for name in runs}
     target = curves["scratch"][max(curves["scratch"])]
     reached = {name: steps_to_reach(values, target) for name, values in curves.items()}
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {name} | " + " | ".join(f"{values.get(step, float('nan')):.3f}" for step in steps) + " |")
     print(f"steps to reach the scratch run's final {target:.3f}: " + ", ".join(f"{k} {v}" for k, v in reached.items()))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"source": source, "curves": curves, "target": target, "reached": reached}, indent=1))
+    saved = {"source": os.path.relpath(source, ROOT), "curves": curves, "target": target, "reached": reached}
+    RESULTS.write_text(json.dumps(saved, indent=1))
 
 
 if __name__ == "__main__":
