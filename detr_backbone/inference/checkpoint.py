@@ -83,6 +83,22 @@ def saved_detector_config(content: Any) -> DetectorConfig | None:
     return config.uncompiled()
 
 
+def buildable_config(
+    content: Any, path: str | os.PathLike, allowed_targets: Sequence[str] = ()
+) -> DetectorConfig | None:
+    """``saved_detector_config``, refused unless every ``_target_`` it names is ours or in ``allowed_targets``."""
+    config = saved_detector_config(content)
+    if config is not None:
+        config.check_targets(allowed_targets, f"checkpoint {os.fspath(path)}")
+    return config
+
+
+def detector_state(content: Mapping[str, Any]) -> dict[str, Any]:
+    """The detector's tensors of a train.py checkpoint, under the detector's own names."""
+    saved = content["state_dict"]
+    return {key.removeprefix(TRAINING_PREFIX): value for key, value in saved.items() if key.startswith(TRAINING_PREFIX)}
+
+
 def training_detector(
     content: Any, path: str | os.PathLike, allowed_targets: Sequence[str] = ()
 ) -> tuple[Detector, DetectorConfig] | None:
@@ -90,15 +106,11 @@ def training_detector(
 
     It is built only where every ``_target_`` of the saved config is ours or in ``allowed_targets``.
     """
-    config = saved_detector_config(content)
+    config = buildable_config(content, path, allowed_targets)
     if config is None:
         return None
-    config.check_targets(allowed_targets, f"checkpoint {os.fspath(path)}")
     detector = config.build()
-    state = {
-        k.removeprefix(TRAINING_PREFIX): v for k, v in content["state_dict"].items() if k.startswith(TRAINING_PREFIX)
-    }
-    mismatch = key_mismatch(*detector.load_state_dict(state, strict=False))
+    mismatch = key_mismatch(*detector.load_state_dict(detector_state(content), strict=False))
     if mismatch:
         raise ValueError(f"{os.fspath(path)} does not fit the detector its hyperparameters describe: {mismatch}")
     return detector, config

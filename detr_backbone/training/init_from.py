@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..detection import HEADS, DetectorConfig, DetectorWeights, published_folder, published_weights
 from ..detection.coco_names import UNUSED
 from ..detection.published import fitting_overrides
-from ..inference.checkpoint import TRAINING_PREFIX, saved_detector_config
+from ..inference.checkpoint import TRAINING_PREFIX, detector_state, saved_detector_config
 from ..weights import (
     CheckpointMismatchError,
     LoadReport,
@@ -71,9 +71,8 @@ def own_checkpoint_weights(content: Any, path: str | os.PathLike) -> DetectorWei
         raise ValueError(
             f"init_from={os.fspath(path)!r} holds a {head_name(config)} detector, which init_from cannot read"
         )
-    saved = content["state_dict"]
-    state = {key.removeprefix(TRAINING_PREFIX): v for key, v in saved.items() if key.startswith(TRAINING_PREFIX)}
-    skipped = [key for key in saved if not key.startswith(TRAINING_PREFIX)]
+    state = detector_state(content)
+    skipped = [key for key in content["state_dict"] if not key.startswith(TRAINING_PREFIX)]
     return DetectorWeights(
         OWN_SOURCE, os.fspath(path), state, config.class_names, architecture.configured(config), skipped=skipped
     )
@@ -147,6 +146,7 @@ def adapted_state(
     state = {key: weights.state[key] for key in expected if key in weights.state} | weights.state
     class_names = config.class_names or []
     carried = class_rows(weights, class_names)
+    no_object = weights.architecture.NO_OBJECT_ROWS
     adapted = []
     for head in weights.class_heads:
         keys = [f"{head}.weight", f"{head}.bias"]
@@ -155,7 +155,6 @@ def adapted_state(
             and state[keys[0]].shape[1:] == expected[keys[0]].shape[1:]
         ):
             for key in keys:
-                no_object = weights.architecture.NO_OBJECT_ROWS
                 state[key] = carry_class_rows(expected[key], state[key], carried, class_names, no_object)
             adapted += keys
     queries = None

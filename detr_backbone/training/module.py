@@ -24,7 +24,7 @@ from ..config import structured
 from ..detection import DetectorConfig
 from ..detection.boxes import per_image, target_boxes_in_pixels
 from ..detection.criterion import AUX_SUFFIX
-from ..inference.checkpoint import TRAINING_CHECKPOINT, key_mismatch, read_checkpoint, saved_detector_config
+from ..inference.checkpoint import TRAINING_CHECKPOINT, buildable_config, key_mismatch, read_checkpoint
 from ..nested_tensor import NestedTensor
 from ..param_groups import joiner_parameter_groups, make_group
 from .config import OptimConfig
@@ -144,12 +144,11 @@ def load_training_module(path: str | os.PathLike, allowed_targets: Sequence[str]
     """The DetrModule of a train.py checkpoint, in eval mode, its config typed once; every ``_target_`` of
     the saved config must be ours or in ``allowed_targets``, and compilation saved with the run is left off."""
     content = read_checkpoint(path, TRAINING_CHECKPOINT)
-    config = saved_detector_config(content)
+    config = buildable_config(content, path, allowed_targets)
     if config is None:
         raise ValueError(
             f"{os.fspath(path)} is not {TRAINING_CHECKPOINT} (no DetrModule hyperparameters and state_dict in it)"
         )
-    config.check_targets(allowed_targets, f"checkpoint {os.fspath(path)}")
     optim = content["hyper_parameters"]["optim"]
     module = DetrModule(config.joiner, config.head, optim, config.num_classes, config.class_names, allowed_targets)
     mismatch = key_mismatch(*module.load_state_dict(content["state_dict"], strict=False))
