@@ -174,7 +174,7 @@ def test_verify_lists_every_problem_of_a_coco_folder(tmp_path, capsys):
     ]
     annotations.write_text(json.dumps(content))
     with pytest.raises(SystemExit) as exit_:
-        run_command(["verify", str(images), str(annotations), "--workers", "2"])
+        run_command(["verify", f"images={images}", f"annotations={annotations}", "workers=2"])
     source = str(annotations)
     assert capsys.readouterr().out.splitlines() == [
         f"{source}: image id 1 is declared more than once",
@@ -193,5 +193,5 @@ def test_verify_lists_every_problem_of_a_coco_folder(tmp_path, capsys):
 
 def test_verify_of_a_clean_folder(tmp_path, capsys):
     images, annotations = coco_folder(tmp_path)
-    run_command(["verify", str(images), str(annotations)])
+    run_command(["verify", f"images={images}", f"annotations={annotations}"])
     assert capsys.readouterr().err == "no problems: 4 images, 4 annotations, 1 categories\n"

@@ -260,7 +260,7 @@ def test_no_progress_bar_means_none_at_all(tmp_path):
 
 
 def test_render_a_shapes_sample_with_a_fresh_model(tmp_path):
-    paths = render_main(["--out", str(tmp_path), *RENDER_MODEL])
+    paths = render_main([f"output_dir={tmp_path}", *RENDER_MODEL])
     assert [p.name for p in paths] == ["input.png", "position.png", "features.png"]
     width, height = ShapesDataset(1, min_size=64, max_size=80, split="val").render(0)[0].size
     assert png(tmp_path / "input.png").shape == (height, width, 3)
@@ -284,29 +284,30 @@ def test_render_a_shapes_sample_with_a_fresh_model(tmp_path):
 def test_render_an_image_file(tmp_path):
     pixels = np.random.default_rng(0).integers(0, 256, size=(70, 100, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "photo.png")
-    render_main(["--image", str(tmp_path / "photo.png"), "--out", str(tmp_path / "out"), *RENDER_MODEL])
+    render_main([f"image={tmp_path / 'photo.png'}", f"output_dir={tmp_path / 'out'}", *RENDER_MODEL])
     assert np.array_equal(png(tmp_path / "out" / "input.png"), pixels)
 
 
 def test_render_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"^error: image file not found: .*missing\.png$"):
-        render_main(["--image", str(tmp_path / "missing.png"), "--out", str(tmp_path), *RENDER_MODEL])
+        render_main([f"image={tmp_path / 'missing.png'}", f"output_dir={tmp_path}", *RENDER_MODEL])
     (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(
         SystemExit, match=r"^error: .*garbage\.ckpt is not a Lightning checkpoint of train.py's DetrModule"
     ):
-        render_main(["--ckpt", str(tmp_path / "garbage.ckpt"), "--out", str(tmp_path)])
+        render_main([f"ckpt_path={tmp_path / 'garbage.ckpt'}", f"output_dir={tmp_path}"])
     with pytest.raises(SystemExit, match=r"^error: checkpoint file not found: .*none\.ckpt$"):
-        render_main(["--ckpt", str(tmp_path / "none.ckpt"), "--out", str(tmp_path)])
-    with pytest.raises(SystemExit):
-        render_main(["--ckpt", str(tmp_path / "garbage.ckpt"), "backbone=resnet50"])
-    assert "drop backbone=resnet50" in capsys.readouterr().err
+        render_main([f"ckpt_path={tmp_path / 'none.ckpt'}", f"output_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match=r"^error: ckpt_path rebuilds the model .*; drop backbone=resnet50$"):
+        render_main([f"ckpt_path={tmp_path / 'garbage.ckpt'}", "backbone=resnet50"])
+    with pytest.raises(SystemExit, match=r"^error: top_k=0 must be >= 1$"):
+        render_main(["top_k=0", *RENDER_MODEL])
     assert not list(tmp_path.glob("*.png"))
 
 
 def test_render_from_a_training_checkpoint(tmp_path, fitted):
     ckpt = fitted.dir / "checkpoints" / "last.ckpt"
-    paths = render_main(["--ckpt", str(ckpt), "--out", str(tmp_path), "data.min_size=64", "data.max_size=80"])
+    paths = render_main([f"ckpt_path={ckpt}", f"output_dir={tmp_path}", "data.min_size=64", "data.max_size=80"])
     assert all(p.stat().st_size > 0 for p in paths)
     joiner = load_joiner(render_config([]), str(ckpt))
     saved = torch.load(ckpt, weights_only=True)["state_dict"]

@@ -1,9 +1,13 @@
-"""Score a checkpoint, or a file it was exported to, on a data config's validation set with COCO's box metrics.
+"""Score a checkpoint, or a file it was exported to, on a validation set with COCO's box metrics.
 
-    python -m detr_backbone evaluate ckpt_path=outputs/<run>/checkpoints/last.ckpt
-    python -m detr_backbone evaluate ckpt_path=detr-r50-e632da11.pth data=coco \\
+    detr-backbone evaluate ckpt_path=outputs/<run>/checkpoints/last.ckpt     # on its run's own validation set
+    detr-backbone evaluate ckpt_path=detr-r50-e632da11.pth data=coco \\
         data.val_images=coco/val2017 data.val_annotations=coco/annotations/instances_val2017.json
-    python -m detr_backbone evaluate ckpt_path=exports/detector.onnx   # also: the difference to its checkpoint
+    detr-backbone evaluate ckpt_path=exports/detector.onnx   # also: the difference to its checkpoint
+
+A train.py checkpoint (and a file exported from one) is scored on the validation set of the run that
+wrote it, as its saved config describes it; ``data=`` or any ``data.*`` override scores it on that data
+instead. Published weights are scored on the data config (shapes unless overridden).
 
 An exported file (``.onnx``, ``.pt2``, written with ``postprocess=true``) runs through the same data,
 pre-processing and metrics as a checkpoint; when the checkpoint it was exported from (its
@@ -21,17 +25,18 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..config import require
 from ..data import CocoDetection, ShapesDataset, build_datamodule
-from ..inference.checkpoint import load_detector
+from ..inference.checkpoint import load_detector, saved_run_config
 from ..inference.coco_files import category_ids_by_name, detection_rows, instances, write_json
 from ..inference.coco_metrics import CocoMetrics, coco_metrics, per_class_table
 from ..inference.exported import SUFFIX_FORMATS, ExportedPredictor
@@ -94,18 +99,44 @@ def file_name(dataset: Dataset, image_id: int) -> str | None:
     return dataset.coco.imgs[image_id]["file_name"] if isinstance(dataset, CocoDetection) else None
 
 
-def evaluate(cfg: EvaluateConfig) -> CocoMetrics:
+def run_data(run_config: Any) -> DataConfig | None:
+    """The data config a train.py run saved, reading its validation set alone (the training set may be
+    elsewhere on this machine); None without one."""
+    data = run_config.get("data") if isinstance(run_config, dict) else None
+    if not isinstance(data, dict):
+        return None
+    known = {name.name for name in fields(DataConfig)}
+    saved = {key: value for key, value in data.items() if key in known}
+    saved.update(train_images=saved.get("val_images"), train_annotations=saved.get("val_annotations"))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), saved))
+
+
+def data_overridden(arguments: Sequence[str]) -> bool:
+    """Whether the command line chose the data (``data=...`` or a ``data.*`` key)."""
+    keys = (argument.lstrip("+~").split("=", 1)[0] for argument in arguments if "=" in argument)
+    return any(key == "data" or key.startswith("data.") for key in keys)
+
+
+def evaluate(cfg: EvaluateConfig, own_data: bool = False) -> CocoMetrics:
+    """COCO metrics of ``cfg.ckpt_path`` on ``cfg.data``'s validation set, or with ``own_data`` on that of
+    the train.py run that wrote the checkpoint (or the checkpoint an exported file came from), where it says."""
     output_dir = Path(cfg.output_dir)
     require(not output_dir.exists() or output_dir.is_dir(), f"output_dir={cfg.output_dir!r} is a file, not a folder")
     exported = Path(cfg.ckpt_path).suffix in SUFFIX_FORMATS
     if exported:
         loaded = predictor = ExportedPredictor(cfg.ckpt_path)
+        source = loaded.source.get("path")
+        run_config = saved_run_config(source) if source and Path(source).is_file() else None
     else:
         loaded = load_detector(cfg.ckpt_path, cfg.dilation, cfg.allowed_targets)
         # COCO evaluation ranks every query of every image, as DETR's does: no threshold, no top-k
         predictor = Predictor.from_loaded(
             loaded, threshold=0.0, top_k=None, device=cfg.device, dtype=cfg.dtype, fuse=cfg.fuse
         )
+        run_config = loaded.run_config
+    saved_data = run_data(run_config) if own_data else None
+    if saved_data is not None:
+        cfg = replace(cfg, data=saved_data)
     datamodule = build_datamodule(cfg.data)
     dataset = datamodule.dataset("val")
     require(len(dataset) > 0, f"the data={cfg.data.kind} validation set has no images")
@@ -125,6 +156,7 @@ def evaluate(cfg: EvaluateConfig) -> CocoMetrics:
         "ground_truth": str(truth),
         "metrics": str(output_dir / METRICS_FILE),
     }
+    metrics.data = f"the data={cfg.data.kind} validation set" + (" (the run's own)" if saved_data is not None else "")
     content = {
         "checkpoint": {"path": loaded.path, "kind": "exported file" if exported else loaded.source},
         "data": asdict(cfg.data),
@@ -160,8 +192,7 @@ def report(cfg: EvaluateConfig, metrics: CocoMetrics) -> str:
     source = [source_line(metrics.source)] if metrics.source is not None else []
     return "\n".join(
         [
-            f"{cfg.ckpt_path} on the data={cfg.data.kind} validation set: "
-            f"{metrics.images} images, {metrics.detections} detections",
+            f"{cfg.ckpt_path} on {metrics.data}: {metrics.images} images, {metrics.detections} detections",
             metrics.summary_text,
             "",
             per_class_table(metrics),
@@ -175,7 +206,7 @@ def report(cfg: EvaluateConfig, metrics: CocoMetrics) -> str:
 def main(argv: Sequence[str] | None = None) -> CocoMetrics:
     with reported():
         cfg = compose_command("evaluate", EvaluateConfig, argv or [], __doc__)
-        metrics = evaluate(cfg)
+        metrics = evaluate(cfg, own_data=not data_overridden(argv or []))
     print(report(cfg, metrics))
     return metrics
 

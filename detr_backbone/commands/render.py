@@ -1,28 +1,30 @@
 """Render what the Joiner computes for one image: its positional encodings and backbone feature maps.
 
-    python -m detr_backbone render --out render                        # a validation sample, a fresh model
-    python -m detr_backbone render --image photo.jpg --out render backbone=resnet50 position=learned
-    python -m detr_backbone render --ckpt outputs/<run>/checkpoints/last.ckpt --out render
+    detr-backbone render output_dir=render                        # a validation sample, a fresh model
+    detr-backbone render image=photo.jpg output_dir=render backbone=resnet50 position=learned
+    detr-backbone render ckpt_path=outputs/<run>/checkpoints/last.ckpt output_dir=render
 
 Writes ``input.png`` (the image as the model sees it), ``position.png`` (a few channels of each
 axis of the positional map of every returned level: low to high frequency for the sine encoding)
 and ``features.png`` (per level: the input, the channel mean and the channel L2 norm of the feature
-map, then its top-k channels by energy), all cropped to the unpadded region. Trailing ``key=value``
-arguments are Hydra overrides of conf/config.yaml, as for train.py.
+map, then its top-k channels by energy), all cropped to the unpadded region. The keys below are the
+command's own; every other ``key=value`` is a Hydra override of config.yaml, as for train.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Optional
 
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose
+from omegaconf import OmegaConf
 from torch import Tensor
 
-from ..config import JoinerConfig
+from ..config import JoinerConfig, require
 from ..data import build_datamodule
 from ..data.coco import load_rgb_image
 from ..data.visualize import caption, denormalize, heatmap, resize_longer_side, save_png, tile_grid, valid_size
@@ -33,9 +35,9 @@ from ..position_encoding import PositionEmbeddingSine
 from ..training.config import Config, register_configs
 from ..training.job import validated
 from ..training.module import load_training_module
-from .cli import CONF_DIR, USER_ERRORS
+from .cli import configs, reported, split_config_dir
 
-# overrides that shape the model; with --ckpt the checkpoint's own saved config decides those
+# overrides that shape the model; with ckpt_path the checkpoint's own saved config decides those
 MODEL_KEYS = (
     "backbone",
     "position",
@@ -48,9 +50,27 @@ MODEL_KEYS = (
 )
 
 
-def compose_config(overrides: Sequence[str]) -> Config:
+@dataclass
+class RenderOptions:
+    ckpt_path: Optional[str] = None  # a train.py checkpoint; null: a fresh model built from the overrides
+    image: Optional[str] = None  # an image file; null: validation sample `index` of the configured data
+    index: int = 0  # which validation sample when no image is given
+    output_dir: str = "render"
+    channels: int = 6  # positional channels shown per axis
+    top_k: int = 6  # feature channels shown per level
+    tile: int = 128  # longer side of each tile in pixels
+
+    def __post_init__(self) -> None:
+        for name in ("channels", "top_k", "tile"):
+            require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
+
+
+OPTIONS = tuple(option.name for option in fields(RenderOptions))
+
+
+def compose_config(overrides: Sequence[str], config_dir: Optional[str] = None) -> Config:
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with configs(config_dir, "render"):
         return validated(compose(config_name="config", overrides=list(overrides)))
 
 
@@ -68,7 +88,7 @@ def model_input(cfg: Config, image: str | None, index: int) -> Tensor:
         return EvalTransform()(load_rgb_image(Path(image)))[0]
     dataset = build_datamodule(cfg.data).dataset("val")
     if not 0 <= index < len(dataset):
-        raise ValueError(f"--index {index} is out of range: the validation set has {len(dataset)} images")
+        raise ValueError(f"index={index} is out of range: the validation set has {len(dataset)} images")
     return dataset[index][0]
 
 
@@ -143,35 +163,31 @@ def render(joiner: Joiner, image: Tensor, out: Path, channels: int = 6, top_k: i
     ]
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m detr_backbone render", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--image", help="an image file; default: a validation sample of the configured data")
-    parser.add_argument("--index", type=int, default=0, help="which validation sample when no --image is given")
-    parser.add_argument("--ckpt", help="a checkpoint written by train.py; default: a freshly built model")
-    parser.add_argument("--out", default="render", help="output folder (default: render)")
-    parser.add_argument("--channels", type=int, default=6, help="positional channels shown per axis (default 6)")
-    parser.add_argument("--top-k", type=int, default=6, help="feature channels shown per level (default 6)")
-    parser.add_argument("--tile", type=int, default=128, help="longer side of each tile in pixels (default 128)")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/config.yaml, e.g. backbone=resnet50")
-    args = parser.parse_args(argv)
-    for name in ("channels", "top_k", "tile"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
-    shaping = [o for o in args.overrides if o.lstrip("+~").split("=")[0].split(".")[0] in MODEL_KEYS]
-    if args.ckpt and shaping:
-        parser.error(f"--ckpt rebuilds the model from the checkpoint's saved config; drop {' '.join(shaping)}")
-    return args
+def parse_args(arguments: Sequence[str]) -> tuple[RenderOptions, list[str], Optional[str]]:
+    """The command's own keys, the Hydra overrides of config.yaml, and ``--config-dir``."""
+    if any(argument in ("-h", "--help") for argument in arguments):
+        listing = "\n".join(f"  {name}={getattr(RenderOptions, name)}" for name in OPTIONS)
+        print(f"{__doc__.strip()}\n\nkeys (defaults):\n{listing}")
+        raise SystemExit(0)
+    config_dir, rest = split_config_dir(arguments)
+    own = [argument for argument in rest if argument.split("=", 1)[0] in OPTIONS]
+    overrides = [argument for argument in rest if argument not in own]
+    options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RenderOptions), OmegaConf.from_dotlist(own)))
+    shaping = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] in MODEL_KEYS]
+    require(
+        options.ckpt_path is None or not shaping,
+        f"ckpt_path rebuilds the model from the checkpoint's saved config; drop {' '.join(shaping)}",
+    )
+    return options, overrides, config_dir
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
-    args = parse_args(argv)
-    try:
-        cfg = compose_config(args.overrides)
-        joiner = load_joiner(cfg, args.ckpt)
-        image = model_input(cfg, args.image, args.index)
-        paths = render(joiner, image, Path(args.out), args.channels, args.top_k, args.tile)
-    except USER_ERRORS as error:
-        raise SystemExit(f"error: {str(error).splitlines()[0]}") from None
+    with reported():
+        options, overrides, config_dir = parse_args(argv or [])
+        cfg = compose_config(overrides, config_dir)
+        joiner = load_joiner(cfg, options.ckpt_path)
+        image = model_input(cfg, options.image, options.index)
+        paths = render(joiner, image, Path(options.output_dir), options.channels, options.top_k, options.tile)
     for path in paths:
         print(path)
     return paths

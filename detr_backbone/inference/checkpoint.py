@@ -15,12 +15,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from ..detection import Detector, DetectorConfig, DetectorWeights, published_folder, published_weights
 from ..weights import first_keys, load_weights_file
 
 TRAINING_SOURCE = "train.py checkpoint"
 TRAINING_CHECKPOINT = "a Lightning checkpoint of train.py's DetrModule"
 TRAINING_PREFIX = "detector."  # the training module's attribute: its detector's keys in a train.py checkpoint
+RUN_CONFIG_KEY = "config"  # a train.py checkpoint's copy of its run's composed config (data included)
 ANY_CHECKPOINT = "a train.py checkpoint, a DETR checkpoint or Hugging Face DETR weights"
 DETR_EVAL_SIZE, DETR_EVAL_MAX_SIZE = 800, 1333  # DETR's evaluation resize: shorter side, longer side at most
 
@@ -46,6 +49,7 @@ class LoadedDetector:
     size: int | None
     max_size: int = DETR_EVAL_MAX_SIZE
     names_known: bool = True  # False: the file does not name its classes, ``class_names`` are "class N"
+    run_config: Mapping[str, Any] | None = None  # a train.py checkpoint's run config (its data among it)
 
     def __post_init__(self) -> None:
         inference_ready(self.detector)
@@ -65,6 +69,16 @@ def read_checkpoint(path: str | os.PathLike, expected: str) -> Any:
         cause = error.__cause__ if isinstance(error, ValueError) and error.__cause__ else error
         reason = str(cause).strip().partition("\n")[0]
         raise ValueError(f"{os.fspath(path)} is not {expected} ({type(cause).__name__}: {reason})") from None
+
+
+def saved_run_config(path: str | os.PathLike) -> Mapping[str, Any] | None:
+    """The run config a train.py checkpoint holds, its tensors mapped rather than read; None for any other file."""
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # published weights that need more than plain values to unpickle, or not a checkpoint at all
+        return None
+    config = content.get(RUN_CONFIG_KEY) if isinstance(content, Mapping) else None
+    return config if isinstance(config, Mapping) else None
 
 
 def saved_detector_config(content: Any) -> DetectorConfig | None:
@@ -165,7 +179,10 @@ def load_detector(
             names = named_classes(config.class_names, config.num_classes, path)
             ids = list(range(1, config.num_classes + 1))
             known = config.class_names is not None
-            return LoadedDetector(detector, names, ids, TRAINING_SOURCE, os.fspath(path), None, names_known=known)
+            run_config = content.get(RUN_CONFIG_KEY) if isinstance(content.get(RUN_CONFIG_KEY), Mapping) else None
+            return LoadedDetector(
+                detector, names, ids, TRAINING_SOURCE, os.fspath(path), None, names_known=known, run_config=run_config
+            )
         weights = published_weights(content, path)
         if weights is None:
             raise ValueError(f"{os.fspath(path)} is not {ANY_CHECKPOINT}: none of their layouts matches its keys")

@@ -46,6 +46,7 @@ class CocoMetrics:
     detections: int = 0
     files: dict[str, str] = field(default_factory=dict)
     source: dict | None = None  # an exported file's: its checkpoint's summary and the differences to it
+    data: str = ""  # which validation set, in words
 
     def as_json(self) -> dict:
         return {

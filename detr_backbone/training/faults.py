@@ -3,7 +3,7 @@ exceptions a fit ends with when it cannot go on (preemption, a full disk)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -21,9 +21,9 @@ from .callbacks.saved_config import SavedConfig
 from .config import Config
 
 
-def fault_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
+def fault_callbacks(cfg: Config, run_dir: Path, overrides: Sequence[str] = ()) -> list[Callback]:
     return [
-        SavedConfig(asdict(cfg)),  # a resume is checked against it (training/resume.py)
+        SavedConfig(asdict(cfg), overrides),  # a resume is checked against it, and composed from it (resume.py)
         Preemption(run_dir / "checkpoints" / "last.ckpt", cfg.callbacks.slurm_requeue),
         BadSampleCount(cfg.data.max_bad_fraction),
     ]

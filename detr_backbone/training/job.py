@@ -77,11 +77,12 @@ def validated(cfg: DictConfig | Config, run_dir: Path | None = None) -> Config:
 
 def build_callbacks(cfg: CallbacksConfig, run_dir: Path) -> list[Callback]:
     checkpoint = cfg.checkpoint
+    # epoch004-val_map_50-0.7430.ckpt: no "=" in the name, so that ckpt_path=<it> needs no quotes as a Hydra override
     metric = checkpoint.monitor.replace("/", "_")
     callbacks: list[Callback] = [
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
-            filename=f"epoch{{epoch:03d}}-{metric}{{{checkpoint.monitor}:.4f}}",
+            filename=f"epoch{{epoch:03d}}-{metric}-{{{checkpoint.monitor}:.4f}}",
             auto_insert_metric_name=False,
             monitor=checkpoint.monitor,
             mode=checkpoint.mode,
@@ -132,9 +133,10 @@ def build_module(cfg: Config, num_classes: int, class_names: Sequence[str] | Non
 
 
 class Job:
-    """The objects of one run, built up front so that a bad config fails before any training."""
+    """The objects of one run, built up front so that a bad config fails before any training.
+    ``overrides``, the command line's Hydra overrides, are saved in its checkpoints for a resume."""
 
-    def __init__(self, cfg: Config, run_dir: Path):
+    def __init__(self, cfg: Config, run_dir: Path, overrides: Sequence[str] = ()):
         pl.seed_everything(cfg.seed, workers=True)
         self.cfg = cfg
         self.run_dir = run_dir
@@ -157,7 +159,7 @@ class Job:
         trainer_args["profiler"] = build_profiler(cfg.trainer.profiler, run_dir)
         self.trainer = pl.Trainer(
             **trainer_args,
-            callbacks=[*callbacks, *tracker_callbacks(cfg), *fault_callbacks(cfg, run_dir)],
+            callbacks=[*callbacks, *tracker_callbacks(cfg), *fault_callbacks(cfg, run_dir, overrides)],
             logger=build_loggers(cfg, run_dir) or False,
             default_root_dir=run_dir,
             plugins=[AtomicCheckpointIO(), *cluster_plugins()],  # a killed write never corrupts last.ckpt

@@ -1,5 +1,6 @@
-"""What a resume settles before anything is built: which checkpoint (``ckpt_path=last``, a requeued
-SLURM job), and whether the run's config fits the one the checkpoint was trained with.
+"""What a resume settles before anything is built: the command line (``ckpt_path=<file>`` alone brings
+back the run's overrides and folder), which checkpoint (``ckpt_path=last``, a requeued SLURM job), and
+whether the run's config fits the one the checkpoint was trained with.
 
 Without the config check, another backbone or head fails deep inside Lightning's restore with
 PyTorch's ``load_state_dict`` error and hundreds of key names, and a changed lr or seed would be
@@ -9,6 +10,8 @@ silently overridden by the checkpoint's optimizer state or break the data order.
 from __future__ import annotations
 
 import os
+import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from fnmatch import fnmatchcase
@@ -16,9 +19,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from .callbacks.saved_config import CONFIG_KEY
+from .callbacks.saved_config import CONFIG_KEY, OVERRIDES_KEY
 from .checkpoint_io import check_resume_checkpoint
 from .config import Config
 
@@ -74,8 +80,74 @@ MAY_CHANGE = (
 )
 
 
+# saved overrides a resume does not repeat: the weights come from the checkpoint, the folder from where it lies
+NOT_RESUMED = ("init_from", "hydra.run.dir")
+RUN_DIR = "hydra.run.dir"
+MULTIRUN_FLAGS = ("-m", "--multirun")
+PLAIN_VALUE = re.compile(r"[\w\-+./@%]+")  # characters a Hydra override value may hold unquoted
+
+
 def may_change(key: str) -> bool:
     return any(fnmatchcase(key, pattern) for pattern in MAY_CHANGE)
+
+
+def override_key(argument: str, parser: OverridesParser) -> Optional[str]:
+    """The key or config group a command-line override sets (``+backbone.width=16``: ``backbone.width``);
+    None for Hydra's flags and their values."""
+    if argument.startswith("-") or "=" not in argument:
+        return None
+    try:
+        return parser.parse_override(argument).key_or_group
+    except HydraException:
+        return None  # Hydra reports it, with its own message, when it composes
+
+
+def hydra_value(text: str) -> str:
+    return text if PLAIN_VALUE.fullmatch(text) else "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def run_folder(checkpoint: Path) -> Optional[Path]:
+    """The run folder a checkpoint was written in (``<run>/checkpoints/<name>.ckpt``, ``<run>/.hydra/``), if it is one."""
+    run = checkpoint.resolve().parent.parent
+    return run if checkpoint.resolve().parent.name == "checkpoints" and (run / ".hydra").is_dir() else None
+
+
+def saved_overrides(checkpoint: Path) -> Optional[list[str]]:
+    """The overrides a run was composed with: saved in its checkpoints, else in its folder's .hydra/overrides.yaml."""
+    content = checkpoint_structure(checkpoint)
+    saved = content.get(OVERRIDES_KEY) if isinstance(content, Mapping) else None
+    if isinstance(saved, list):
+        return [str(override) for override in saved]
+    run = run_folder(checkpoint)
+    if run is not None and (run / ".hydra" / "overrides.yaml").is_file():
+        return [str(override) for override in OmegaConf.load(run / ".hydra" / "overrides.yaml")]
+    return None
+
+
+def resume_arguments(arguments: Sequence[str]) -> list[str]:
+    """train's command line with a resume by checkpoint alone filled in: with ``ckpt_path=<file>``, the
+    overrides of the run that wrote it are added (those given now win, key by key), and the run continues
+    in its own folder (``hydra.run.dir``, unless given). ``check_resume_config`` later refuses given
+    overrides that would change the model or the data. Sweeps and ``ckpt_path=last`` are left as they are."""
+    arguments = list(arguments)
+    if any(argument in MULTIRUN_FLAGS for argument in arguments):
+        return arguments
+    parser = OverridesParser.create()
+    given = {key: argument for argument in arguments if (key := override_key(argument, parser)) is not None}
+    if "ckpt_path" not in given:
+        return arguments
+    ckpt_path = parser.parse_override(given["ckpt_path"]).value()
+    if not isinstance(ckpt_path, str) or ckpt_path == LAST or not Path(ckpt_path).is_file():
+        return arguments  # no file to read: the resume checks name the problem
+    saved = saved_overrides(Path(ckpt_path))
+    if saved is None:
+        return arguments
+    kept = [o for o in saved if override_key(o, parser) not in (*given, *NOT_RESUMED)]
+    run = run_folder(Path(ckpt_path))
+    folder = [] if RUN_DIR in given or run is None else [f"{RUN_DIR}={hydra_value(str(run))}"]
+    where = f" in {run}" if folder else ""
+    print(f"resuming {ckpt_path}{where} with its run's overrides: {' '.join(kept) or '(none)'}", file=sys.stderr)
+    return [*arguments, *kept, *folder]
 
 
 def newest_last_checkpoint(run_dir: Path) -> Optional[Path]:
