@@ -30,8 +30,9 @@ from ..training import Job, register_configs, validated
 from ..training.callbacks import NonFiniteLossError
 from ..training.callbacks.bad_samples import BadSampleLimitError
 from ..training.callbacks.preemption import Preempted
+from ..training.callbacks.saved_config import CommandLine
 from ..training.objective import MetricNotLoggedError
-from ..training.resume import resume_arguments
+from ..training.resume import resume_command_line
 from ..weights import CheckpointMismatchError
 from .cli import CONF_PATH, configs, one_line, reported, split_config_dir, user_config_dir
 
@@ -54,9 +55,14 @@ def ended_in_one_line(*errors: type[Exception]) -> Iterator[None]:
 
 def run(cfg: DictConfig) -> float | None:
     """One job of Hydra's: the composed config validated, built and trained in the job's folder."""
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra = HydraConfig.get()
+    run_dir = Path(hydra.runtime.output_dir)
+    user_folders = [source.path for source in hydra.runtime.config_sources if source.provider == "command-line"]
+    command_line = CommandLine(
+        tuple(hydra.overrides.task), user_folders[0].removeprefix("file://") if user_folders else None
+    )
     with ended_in_one_line(ValueError, FileNotFoundError, CheckpointMismatchError):
-        job = Job(validated(cfg, run_dir), run_dir, HydraConfig.get().overrides.task)
+        job = Job(validated(cfg, run_dir), run_dir, command_line)
     with ended_in_one_line(NonFiniteLossError, MetricNotLoggedError, DiskFullError, BadImageError, BadSampleLimitError):
         try:
             return job.run()
@@ -65,12 +71,11 @@ def run(cfg: DictConfig) -> float | None:
             raise SystemExit(preempted.exit_status) from None
 
 
-def check_resume(arguments: Sequence[str]) -> None:
+def check_resume(command_line: CommandLine) -> None:
     """A resume's config composed and checked against its checkpoint before Hydra writes it into the run's
     own folder, so that a refused resume leaves that folder as it was."""
-    config_dir, rest = split_config_dir(arguments)
-    overrides = [argument for argument in rest if "=" in argument and not argument.startswith(("-", "hydra."))]
-    with configs(config_dir, "train"):
+    overrides = [o for o in command_line.overrides if "=" in o and not o.startswith(("-", "hydra."))]
+    with configs(command_line.config_dir, "train"):
         validated(compose(config_name="config", overrides=overrides))
 
 
@@ -79,17 +84,17 @@ def main(argv: Sequence[str]) -> None:
     starts the other ranks with the same command line, which then settles the same resume."""
     register_configs()
     with reported():
-        config_dir, _ = split_config_dir(argv)
-        if config_dir is not None:
-            user_config_dir(config_dir)  # one line for a missing folder, as the other commands give
-        arguments = resume_arguments(argv)
-        if arguments != list(argv):
-            check_resume(arguments)
+        config_dir, overrides = split_config_dir(argv)
+        given = CommandLine(tuple(overrides), config_dir and str(user_config_dir(config_dir)))
+        command_line = resume_command_line(given)
+        if command_line != given:
+            check_resume(command_line)
     version.setbase("1.3")  # what hydra.main(version_base="1.3") sets: the job keeps the caller's working directory
     parser = get_args_parser()
+    folder = ["--config-dir", command_line.config_dir] if command_line.config_dir else []
     # hydra.main without its sys.argv: the arguments may carry a resumed run's saved overrides
     _run_hydra(
-        args=parser.parse_args(arguments),
+        args=parser.parse_args([*folder, *command_line.overrides]),
         args_parser=parser,
         task_function=run,
         config_path=CONF_PATH,

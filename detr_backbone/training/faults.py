@@ -3,7 +3,7 @@ exceptions a fit ends with when it cannot go on (preemption, a full disk)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -17,13 +17,13 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from ..file_writes import disk_full_error
 from .callbacks.bad_samples import BadSampleCount
 from .callbacks.preemption import Preemption
-from .callbacks.saved_config import SavedConfig
+from .callbacks.saved_config import NO_COMMAND_LINE, CommandLine, SavedConfig
 from .config import Config
 
 
-def fault_callbacks(cfg: Config, run_dir: Path, overrides: Sequence[str] = ()) -> list[Callback]:
+def fault_callbacks(cfg: Config, run_dir: Path, command_line: CommandLine = NO_COMMAND_LINE) -> list[Callback]:
     return [
-        SavedConfig(asdict(cfg), overrides),  # a resume is checked against it, and composed from it (resume.py)
+        SavedConfig(asdict(cfg), command_line),  # a resume is checked against it, and composed from it (resume.py)
         Preemption(run_dir / "checkpoints" / "last.ckpt", cfg.callbacks.slurm_requeue),
         BadSampleCount(cfg.data.max_bad_fraction),
     ]

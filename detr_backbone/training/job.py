@@ -20,6 +20,7 @@ from .callbacks.loss_guard import NON_FINITE_ACTIONS, NonFiniteLossGuard
 from .callbacks.model_summary import ParameterSummary
 from .callbacks.prediction_grid import PredictionGrid
 from .callbacks.preemption import cluster_plugins
+from .callbacks.saved_config import NO_COMMAND_LINE, CommandLine
 from .checkpoint_io import AtomicCheckpointIO
 from .compile_padding import padded_for_compile
 from .config import CallbacksConfig, Config
@@ -134,9 +135,9 @@ def build_module(cfg: Config, num_classes: int, class_names: Sequence[str] | Non
 
 class Job:
     """The objects of one run, built up front so that a bad config fails before any training.
-    ``overrides``, the command line's Hydra overrides, are saved in its checkpoints for a resume."""
+    ``command_line``, what composed ``cfg``, is saved in its checkpoints for a resume."""
 
-    def __init__(self, cfg: Config, run_dir: Path, overrides: Sequence[str] = ()):
+    def __init__(self, cfg: Config, run_dir: Path, command_line: CommandLine = NO_COMMAND_LINE):
         pl.seed_everything(cfg.seed, workers=True)
         self.cfg = cfg
         self.run_dir = run_dir
@@ -159,7 +160,7 @@ class Job:
         trainer_args["profiler"] = build_profiler(cfg.trainer.profiler, run_dir)
         self.trainer = pl.Trainer(
             **trainer_args,
-            callbacks=[*callbacks, *tracker_callbacks(cfg), *fault_callbacks(cfg, run_dir, overrides)],
+            callbacks=[*callbacks, *tracker_callbacks(cfg), *fault_callbacks(cfg, run_dir, command_line)],
             logger=build_loggers(cfg, run_dir) or False,
             default_root_dir=run_dir,
             plugins=[AtomicCheckpointIO(), *cluster_plugins()],  # a killed write never corrupts last.ckpt

@@ -24,7 +24,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from .callbacks.saved_config import CONFIG_KEY, OVERRIDES_KEY
+from .callbacks.saved_config import CONFIG_DIR_KEY, CONFIG_KEY, OVERRIDES_KEY, CommandLine
 from .checkpoint_io import check_resume_checkpoint
 from .config import Config
 
@@ -112,42 +112,47 @@ def run_folder(checkpoint: Path) -> Optional[Path]:
     return run if checkpoint.resolve().parent.name == "checkpoints" and (run / ".hydra").is_dir() else None
 
 
-def saved_overrides(checkpoint: Path) -> Optional[list[str]]:
-    """The overrides a run was composed with: saved in its checkpoints, else in its folder's .hydra/overrides.yaml."""
+def saved_command_line(checkpoint: Path) -> Optional[CommandLine]:
+    """What composed a run's config: saved in its checkpoints, else its folder's .hydra/overrides.yaml."""
     content = checkpoint_structure(checkpoint)
     saved = content.get(OVERRIDES_KEY) if isinstance(content, Mapping) else None
     if isinstance(saved, list):
-        return [str(override) for override in saved]
+        return CommandLine(tuple(str(override) for override in saved), content.get(CONFIG_DIR_KEY))
     run = run_folder(checkpoint)
     if run is not None and (run / ".hydra" / "overrides.yaml").is_file():
-        return [str(override) for override in OmegaConf.load(run / ".hydra" / "overrides.yaml")]
+        return CommandLine(tuple(str(override) for override in OmegaConf.load(run / ".hydra" / "overrides.yaml")))
     return None
 
 
-def resume_arguments(arguments: Sequence[str]) -> list[str]:
+def resume_command_line(given: CommandLine) -> CommandLine:
     """train's command line with a resume by checkpoint alone filled in: with ``ckpt_path=<file>``, the
-    overrides of the run that wrote it are added (those given now win, key by key), and the run continues
-    in its own folder (``hydra.run.dir``, unless given). ``check_resume_config`` later refuses given
-    overrides that would change the model or the data. Sweeps and ``ckpt_path=last`` are left as they are."""
-    arguments = list(arguments)
-    if any(argument in MULTIRUN_FLAGS for argument in arguments):
-        return arguments
+    overrides of the run that wrote it are added (those given now win, key by key), so is its config folder
+    unless one is given, and the run continues in its own folder (``hydra.run.dir``, unless given).
+    ``check_resume_config`` later refuses overrides that would change the model or the data. Sweeps,
+    ``ckpt_path=last`` and checkpoints that saved no command line are left as they are."""
+    if any(argument in MULTIRUN_FLAGS for argument in given.overrides):
+        return given
     parser = OverridesParser.create()
-    given = {key: argument for argument in arguments if (key := override_key(argument, parser)) is not None}
-    if "ckpt_path" not in given:
-        return arguments
-    ckpt_path = parser.parse_override(given["ckpt_path"]).value()
+    keys = {key: argument for argument in given.overrides if (key := override_key(argument, parser)) is not None}
+    if "ckpt_path" not in keys:
+        return given
+    ckpt_path = parser.parse_override(keys["ckpt_path"]).value()
     if not isinstance(ckpt_path, str) or ckpt_path == LAST or not Path(ckpt_path).is_file():
-        return arguments  # no file to read: the resume checks name the problem
-    saved = saved_overrides(Path(ckpt_path))
+        return given  # no file to read: the resume checks name the problem
+    saved = saved_command_line(Path(ckpt_path))
     if saved is None:
-        return arguments
-    kept = [o for o in saved if override_key(o, parser) not in (*given, *NOT_RESUMED)]
+        return given
+    kept = [o for o in saved.overrides if override_key(o, parser) not in (*keys, *NOT_RESUMED)]
     run = run_folder(Path(ckpt_path))
-    folder = [] if RUN_DIR in given or run is None else [f"{RUN_DIR}={hydra_value(str(run))}"]
+    folder = [] if RUN_DIR in keys or run is None else [f"{RUN_DIR}={hydra_value(str(run))}"]
+    config_dir = given.config_dir or saved.config_dir
     where = f" in {run}" if folder else ""
-    print(f"resuming {ckpt_path}{where} with its run's overrides: {' '.join(kept) or '(none)'}", file=sys.stderr)
-    return [*arguments, *kept, *folder]
+    searched = f" and configs from {config_dir}" if config_dir and not given.config_dir else ""
+    print(
+        f"resuming {ckpt_path}{where} with its run's overrides: {' '.join(kept) or '(none)'}{searched}",
+        file=sys.stderr,
+    )
+    return CommandLine((*given.overrides, *kept, *folder), config_dir)
 
 
 def newest_last_checkpoint(run_dir: Path) -> Optional[Path]:
