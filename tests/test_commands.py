@@ -253,6 +253,17 @@ def test_evaluate_the_shapes_data_writes_their_ground_truth(checkpoint, tmp_path
     assert saved["summary"] == dict(zip(COCO_STATS, reference.stats.tolist()))
 
 
+def test_evaluate_scores_a_checkpoint_on_its_runs_own_validation_set(checkpoint, tmp_path, capsys):
+    metrics = evaluate_main([f"ckpt_path={checkpoint}", f"output_dir={tmp_path / 'own'}", "progress=false"])
+    assert metrics.images == 2  # the run's data.val_size, not the 200 of the package's shapes config
+    saved = json.loads((tmp_path / "own" / "metrics.json").read_text())["data"]
+    assert (saved["val_size"], saved["min_size"], saved["max_size"]) == (2, 32, 48)
+    assert f"{checkpoint} on the data=shapes validation set (the run's own): 2 images" in capsys.readouterr().out
+    given = ["data.val_size=3", "data.min_size=40", "data.max_size=48", "progress=false"]
+    metrics = evaluate_main([f"ckpt_path={checkpoint}", *given, f"output_dir={tmp_path / 'given'}"])
+    assert metrics.images == 3  # data overrides choose the data
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 
