@@ -163,6 +163,9 @@ def test_verify_lists_every_problem_of_a_coco_folder(tmp_path, capsys):
     images, annotations = coco_folder(tmp_path, count=6)
     truncated, missing = damage(images)
     Image.new("RGB", (HEIGHT, WIDTH)).save(images / "003.png")  # turned a quarter
+    exif = Image.Exif()
+    exif[0x0112] = 8  # a phone photo stored 40x48, which viewers turn to the 48x40 the JSON says
+    Image.new("RGB", (HEIGHT, WIDTH)).save(images / "005.png", exif=exif)
     content = json.loads(annotations.read_text())
     content["images"].append(dict(content["images"][0]))  # image id 1 twice
     content["annotations"] += [
@@ -187,8 +190,11 @@ def test_verify_lists_every_problem_of_a_coco_folder(tmp_path, capsys):
         f"{truncated}: cannot be read: image file is truncated",
         f"{missing}: missing",
         f"{images / '003.png'}: is 40x48 pixels, the JSON says 48x40 (rotated?); its boxes would be wrong",
+        f"{images / '005.png'}: is stored 40x48, and its EXIF orientation 8 turns it to the 48x40 the JSON says, as "
+        "viewers show it: its boxes were likely drawn on the turned image, but training reads the stored pixels; "
+        "save it upright (PIL.ImageOps.exif_transpose) and keep the JSON",
     ]
-    assert exit_.value.code == "10 problems in 7 images, 11 annotations, 1 categories"
+    assert exit_.value.code == "11 problems in 7 images, 11 annotations, 1 categories"
 
 
 def test_verify_of_a_clean_folder(tmp_path, capsys):

@@ -148,6 +148,31 @@ def test_predict_writes_every_readable_image_and_names_the_corrupt_one(checkpoin
         np.testing.assert_allclose([row["score"] for row in mine], expected.scores.numpy(), atol=6e-6)
 
 
+def sideways(upright: Image.Image, path: Path) -> Path:
+    """``upright`` stored a quarter turned, with the EXIF orientation (6) that turns it back for viewers."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif)
+    return path
+
+
+def test_predict_and_the_predictor_read_photos_as_viewers_show_them(checkpoint, tmp_path):
+    upright = Image.fromarray(np.random.default_rng(3).integers(0, 256, (56, 40, 3), dtype=np.uint8))
+    upright.save(tmp_path / "upright.png")
+    stored = sideways(upright, tmp_path / "phone.png")
+    with Image.open(stored) as raw:
+        assert raw.size == (56, 40)  # stored sideways: 56 wide
+    predictor = Predictor.from_checkpoint(checkpoint, threshold=0.0, top_k=3)
+    turned, expected = predictor([stored, tmp_path / "upright.png"])
+    assert torch.equal(turned.boxes, expected.boxes) and torch.equal(turned.scores, expected.scores)
+    assert (turned.boxes[:, 2] <= 40 + 1e-4).all() and (turned.boxes[:, 3] <= 56 + 1e-4).all()
+    with Image.open(stored) as opened:  # a PIL image the user opened: turned too
+        assert torch.equal(predictor([opened])[0].boxes, expected.boxes)
+    predict_main([f"ckpt_path={checkpoint}", f"input={stored}", f"output_dir={tmp_path / 'out'}", "progress=false"])
+    with Image.open(tmp_path / "out" / "phone.png") as drawn:
+        assert drawn.size == (40, 56)  # drawn upright
+
+
 def test_predict_stops_at_an_unreadable_image_when_told(checkpoint, tmp_path):
     photos(tmp_path / "photos")
     out = tmp_path / "out"

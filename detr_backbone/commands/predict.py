@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ..config import require
 from ..data.coco import load_coco, load_rgb_image, open_image
+from ..data.images import upright_size
 from ..data.visualize import PREDICTION_COLOR, draw_boxes
 from ..file_writes import atomic_write
 from ..inference.coco_files import category_ids_by_name, detection_rows, write_json
@@ -139,17 +140,17 @@ class Reader:
         self.bar.update(1)
 
     def size(self, file: Path) -> tuple[int, int] | None:
-        """(height, width) from the file's header, without decoding it."""
+        """(height, width) as viewers show the image, from the file's header, without decoding it."""
         try:
             with open_image(file) as image:
-                return image.height, image.width
+                return upright_size(image)
         except (ValueError, FileNotFoundError) as error:
             self.failed(file, error)
             return None
 
     def image(self, file: Path) -> Image.Image | None:
         try:
-            return load_rgb_image(file)
+            return load_rgb_image(file, as_viewed=True)
         except (ValueError, FileNotFoundError) as error:
             self.failed(file, error)
             return None

@@ -85,7 +85,7 @@ def load_joiner(cfg: Config, ckpt: str | None) -> Joiner:
 def model_input(cfg: Config, image: str | None, index: int) -> Tensor:
     """A normalized (3, H, W) image: the file at ``image``, else validation sample ``index`` of the configured data."""
     if image is not None:
-        return EvalTransform()(load_rgb_image(Path(image)))[0]
+        return EvalTransform()(load_rgb_image(Path(image), as_viewed=True))[0]
     dataset = build_datamodule(cfg.data).dataset("val")
     if not 0 <= index < len(dataset):
         raise ValueError(f"index={index} is out of range: the validation set has {len(dataset)} images")

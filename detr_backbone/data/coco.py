@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from torchvision.ops import box_convert, clip_boxes_to_image
 
 from .bad_samples import REPLACES, check_bad_samples_action, load_or_replace
-from .images import MissingImageError, UnreadableImageError, as_rgb
+from .images import MissingImageError, UnreadableImageError, as_rgb, upright
 from .transforms import SampleTransform, Target, detection_target, detr_base_transforms
 
 
@@ -65,10 +65,11 @@ def open_image(path: Path) -> Iterator[Image.Image]:
         raise UnreadableImageError(f"cannot read image {path}: {error}") from error
 
 
-def load_rgb_image(path: Path) -> Image.Image:
-    """The image at ``path``, decoded whole (a truncated file fails here), as 8-bit RGB."""
+def load_rgb_image(path: Path, as_viewed: bool = False) -> Image.Image:
+    """The image at ``path``, decoded whole (a truncated file fails here), as 8-bit RGB: its stored pixels,
+    or with ``as_viewed`` turned by its EXIF orientation as viewers show it."""
     with open_image(path) as image:
-        return as_rgb(image)
+        return as_rgb(upright(image) if as_viewed else image)
 
 
 class DegenerateBoxWarning(UserWarning):

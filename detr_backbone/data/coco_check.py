@@ -4,7 +4,8 @@ Checked: the annotation file's ids (duplicate image, annotation and category ids
 undeclared images or categories), its entries (image entries without file name or size, boxes that
 are not four numbers, have no area, or lie outside their image), and every image file, decoded
 whole: missing, unreadable or truncated, or of another size than the JSON says (a rotated or
-re-encoded file, whose boxes would be wrong). ``python -m detr_backbone verify`` prints them.
+re-encoded file, whose boxes would be wrong; a photo whose EXIF orientation turns it to the JSON's
+size is named as such). ``detr-backbone verify`` prints them.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from numbers import Real
 from pathlib import Path
 from typing import Any, Optional
 
-from .coco import load_rgb_image, read_instances
-from .images import BadImageError
+from .coco import open_image, read_instances
+from .images import TURNED, BadImageError, as_rgb, exif_orientation
 
 EDGE_TOLERANCE = 1.0  # pixels a box may reach past the image: COCO's own boxes do, by rounding
 
@@ -103,7 +104,8 @@ def image_problems(image_dir: Path, source: str, image: Mapping[str, Any]) -> li
         return [Problem(source, f"image {image.get('id')} has no file_name")]
     path = image_dir / image["file_name"]
     try:
-        picture = load_rgb_image(path)
+        with open_image(path) as opened:
+            orientation, picture = exif_orientation(opened), as_rgb(opened)
     except BadImageError as error:
         reason = (
             "missing"
@@ -115,6 +117,16 @@ def image_problems(image_dir: Path, source: str, image: Mapping[str, Any]) -> li
     if declared is None:
         return [Problem(source, f"image {image.get('id')} ({image['file_name']}) has no numeric width and height")]
     if declared != (picture.width, picture.height):
+        if declared == (picture.height, picture.width) and orientation in TURNED:
+            return [
+                Problem(
+                    str(path),
+                    f"is stored {picture.width}x{picture.height}, and its EXIF orientation {orientation} turns it to "
+                    f"the {declared[0]}x{declared[1]} the JSON says, as viewers show it: its boxes were likely drawn "
+                    "on the turned image, but training reads the stored pixels; save it upright "
+                    "(PIL.ImageOps.exif_transpose) and keep the JSON",
+                )
+            ]
         turned = " (rotated?)" if declared == (picture.height, picture.width) else ""
         return [
             Problem(

@@ -4,15 +4,39 @@
 clipped at 255, so an image of values up to 65535 turns almost white; and palette images with
 transparency make PIL warn on every read. Those are converted here by meaning: 16 bits scaled to 8,
 palette through RGBA. Alpha is dropped (the colour under transparent pixels stays, as in DETR).
+
+A phone photo is often stored sideways with an EXIF orientation that viewers apply. ``upright``
+applies it, as viewers (and Hugging Face's image loading) do: inference reads photos upright. The
+training data reads stored pixels, as COCO's annotation files describe them (``verify`` names the
+images whose orientation turns them to the size their annotation file says).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": 32-bit integers, as PIL reads 16-bit PNGs too
 SIXTEEN_TO_EIGHT = 257  # 65535 / 255
+ORIENTATION_TAG = 0x0112  # EXIF's Orientation: 1 as stored; 2-8 mirrored and/or turned
+TURNED = (5, 6, 7, 8)  # the orientations that turn the stored image a quarter, swapping width and height
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation, 1 (as stored) without one."""
+    value = image.getexif().get(ORIENTATION_TAG, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` as viewers show it: its EXIF orientation applied (and dropped from its EXIF)."""
+    return ImageOps.exif_transpose(image) if exif_orientation(image) != 1 else image
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(height, width) of ``image`` as viewers show it, read from the header alone."""
+    turned = exif_orientation(image) in TURNED
+    return (image.width, image.height) if turned else (image.height, image.width)
 
 
 class BadImageError(Exception):

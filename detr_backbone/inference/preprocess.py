@@ -12,16 +12,19 @@ from torch import Tensor
 from torchvision import tv_tensors
 
 from ..data.coco import load_rgb_image
+from ..data.images import upright
 from ..data.transforms import detection_target, detr_base_transforms, detr_val_transforms
 
 ImageInput = Union[str, os.PathLike, Image.Image, Tensor]  # a file, a PIL image, or a (3, H, W) tensor
 
 
 def read_image(image: ImageInput) -> Image.Image | tv_tensors.Image:
-    """An RGB image from a path, a PIL image, or a (3, H, W) tensor: uint8 in 0..255 or floating in 0..1."""
+    """An RGB image from a path, a PIL image, or a (3, H, W) tensor: uint8 in 0..255 or floating in 0..1.
+    Files and PIL images are turned upright by their EXIF orientation, so boxes are in the pixels viewers show."""
     if isinstance(image, (str, os.PathLike)):
-        return load_rgb_image(Path(image))
+        return load_rgb_image(Path(image), as_viewed=True)
     if isinstance(image, Image.Image):
+        image = upright(image)
         return image if image.mode == "RGB" else image.convert("RGB")
     if isinstance(image, Tensor):
         if image.dim() != 3 or image.shape[0] != 3 or not (image.dtype == torch.uint8 or image.is_floating_point()):
