@@ -15,8 +15,11 @@ from detr_backbone import GroupNormBackbone, PositionEmbeddingLearned, TimmBackb
 from detr_backbone.config import BackboneConfig, CustomBackboneConfig, CustomPositionConfig
 from detr_backbone.training.config import Config
 from detr_backbone.training.job import validated
+from detr_backbone.training.recipe import RecipeWarning, recipe_mismatch, warn_of_recipe_mismatch
 
 from .jobs import ROOT, TINY, compose_config
+
+COCO_PATHS = ("train_images", "train_annotations", "val_images", "val_annotations")
 
 
 def test_every_group_option_composes_against_the_schema():
@@ -135,3 +138,37 @@ def test_train_py_reports_a_bad_value_in_one_line(tmp_path):
         "error: backbone._target_='detr_backbone.ResNet' is not one of detr_backbone.Backbone, "
         "detr_backbone.GroupNormBackbone, detr_backbone.TimmBackbone"
     )
+
+
+def test_the_deformable_detr_coco_preset_is_the_published_recipe():
+    cfg = validated(compose_config("experiment=deformable_detr_r50_coco", *(f"data.{s}=x" for s in COCO_PATHS)))
+    assert (cfg.backbone.name, cfg.backbone.pretrained, cfg.hidden_dim) == ("resnet50", True, 256)
+    assert cfg.model._target_ == "detr_backbone.detection.deformable.build_deformable_detr"
+    assert (cfg.model.num_queries, cfg.model.enc_layers, cfg.model.dec_layers, cfg.model.num_feature_levels) == (
+        300,
+        6,
+        6,
+        4,
+    )
+    assert (cfg.lr, cfg.lr_backbone, cfg.model.lr_linear_proj_mult, cfg.weight_decay) == (2e-4, 2e-5, 0.1, 1e-4)
+    assert (cfg.trainer.max_epochs, cfg.lr_drop, cfg.clip_max_norm) == (50, 40, 0.1)
+    assert cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes == 32 and cfg.trainer.strategy == "ddp"
+    assert recipe_mismatch(cfg) is None
+
+
+def test_a_coco_sized_model_on_the_shapes_data_and_coco_with_the_cpu_model_are_warned_of():
+    assert recipe_mismatch(validated(compose_config())) is None  # the default job
+    assert recipe_mismatch(validated(compose_config("model=deformable_detr", "hidden_dim=256"))) == (
+        "hidden_dim=256 and model.num_queries=300 on data=shapes: a COCO-sized model on the embedded shapes data "
+        "(a few shapes on 96-128 px images), sized for the default job's model (model=deformable_detr_small, "
+        "hidden_dim=128); for COCO-format data give data=coco with its folders, or "
+        "experiment=deformable_detr_r50_coco or experiment=detr_r50_coco"
+    )
+    coco = validated(compose_config("data=coco", *(f"data.{s}=x" for s in COCO_PATHS)))
+    assert recipe_mismatch(coco) == (
+        "data=coco with the CPU default job's model (hidden_dim=128, model.num_queries=20, and a backbone of random "
+        "weights (backbone.pretrained=false)); the published recipes: experiment=deformable_detr_r50_coco or "
+        "experiment=detr_r50_coco"
+    )
+    with pytest.warns(RecipeWarning, match="^data=coco with the CPU default job's model"):
+        warn_of_recipe_mismatch(coco)

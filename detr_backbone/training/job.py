@@ -29,6 +29,7 @@ from .init_from import initialize_from, without_backbone_weights
 from .loggers import build_loggers, check_trackers, tracker_callbacks
 from .module import DetrModule
 from .objective import optimized_value
+from .recipe import warn_of_recipe_mismatch
 from .resume import check_resume_classes, resumed
 
 PROGRESS_BARS = {"tqdm": TQDMProgressBar, "rich": RichProgressBar}
@@ -139,6 +140,7 @@ class Job:
 
     def __init__(self, cfg: Config, run_dir: Path, command_line: CommandLine = NO_COMMAND_LINE):
         pl.seed_everything(cfg.seed, workers=True)
+        warn_of_recipe_mismatch(cfg)
         self.cfg = cfg
         self.run_dir = run_dir
         self.datamodule = build_datamodule(cfg.data)
