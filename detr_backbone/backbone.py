@@ -8,7 +8,6 @@ GroupNorm (MDETR's ``resnet50-gn``), or any timm model that offers ``features_on
 from __future__ import annotations
 
 import difflib
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import timm
@@ -21,7 +20,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 
 from .freezing import detr_trainable_layers, freeze_stages
 from .frozen_batch_norm import FrozenBatchNorm2d
-from .nested_tensor import NestedTensor
+from .nested_tensor import MaskedImages, NestedTensor, padding_mask
 from .weights import explain_download_errors
 
 TORCHVISION_RESNETS = (
@@ -69,9 +68,9 @@ def select_levels(
     return [main_layer % count]
 
 
-def downsample_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
+def downsample_mask(mask: Tensor, size: list[int]) -> Tensor:
     """Resize a padding mask to a feature map, as DETR does (nearest interpolation)."""
-    return F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
+    return F.interpolate(mask[None].float(), size=(size[0], size[1])).to(torch.bool)[0]
 
 
 class BackboneBase(nn.Module):
@@ -107,18 +106,23 @@ class BackboneBase(nn.Module):
         self.body.to(memory_format=torch.channels_last)
         self.channels_last = True
 
-    def forward(self, tensor_list: NestedTensor) -> dict[str, NestedTensor]:
-        images = tensor_list.tensors
+    def forward(self, tensor_list: MaskedImages) -> dict[str, NestedTensor]:
+        images, mask = padding_mask(tensor_list)
+        if not torch.jit.is_scripting():
+            self.check_images(images)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        out: dict[str, NestedTensor] = {}
+        for level, feature in enumerate(self.feature_maps(images)):
+            out[str(level)] = NestedTensor(feature, downsample_mask(mask, feature.shape[-2:]))
+        return out
+
+    @torch.jit.unused
+    def check_images(self, images: Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != (self.in_channels or images.shape[1]):
             raise ValueError(
                 f"the backbone takes images of shape (batch, {self.in_channels}, height, width), got {tuple(images.shape)}"
             )
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return OrderedDict(
-            (str(level), NestedTensor(feature, downsample_mask(tensor_list.mask, feature.shape[-2:])))
-            for level, feature in enumerate(self.feature_maps(images))
-        )
 
     def feature_maps(self, images: Tensor) -> list[Tensor]:
         """The body's maps, shallow to deep (ours return exactly the selected levels)."""
@@ -161,6 +165,9 @@ class Backbone(BackboneBase):
         )
         stages = RESNET_STAGES[: selected[-1] + 1]
         super().__init__(body, stages, trainable_layers, channels, strides, channel_list=levels is not None)
+
+    def feature_maps(self, images: Tensor) -> list[Tensor]:
+        return list(self.body(images).values())  # the getter's dict, typed for TorchScript
 
     def build_resnet(self, name: str, dilation: bool, pretrained: bool) -> torchvision.models.ResNet:
         if name not in TORCHVISION_RESNETS:
