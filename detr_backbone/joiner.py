@@ -74,6 +74,8 @@ def build_backbone_network(cfg: JoinerConfig) -> BackboneBase:
             backbone = DeclaredBackbone(backbone, spec._target_, **selection)
     else:
         arguments = {"name": spec.name, "dilation": spec.dilation, "pretrained": spec.pretrained, **selection}
+        if spec.kwargs:
+            arguments["kwargs"] = spec.kwargs
         backbone = instantiate_target(spec._target_, arguments, "backbone")
         if spec.fold_frozen_bn:
             fold_frozen_batch_norm(backbone.body)
