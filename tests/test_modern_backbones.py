@@ -5,10 +5,18 @@ freezing by transformer block and layer-wise learning-rate decay, and a Deformab
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
-from detr_backbone import TimmBackbone, build_backbone, joiner_parameter_groups, nested_tensor_from_tensor_list
+from detr_backbone import (
+    TimmBackbone,
+    build_backbone,
+    joiner_parameter_groups,
+    load_checkpoint,
+    nested_tensor_from_tensor_list,
+)
 from detr_backbone.config import JoinerConfig
 from detr_backbone.feature_pyramid import SimpleFeaturePyramid
 from detr_backbone.training.job import Job, validated
@@ -230,3 +238,30 @@ def test_deformable_detr_trains_a_few_steps_on_a_vit(tmp_path):
     assert torch.isfinite(run.trainer.callback_metrics["train/loss"])
     moved = {n for n, p in joiner.named_parameters() if n in before and not torch.equal(p, before[n])}
     assert any(n.startswith("0.body.model.blocks.0.") for n in moved) and any(n.startswith("0.pyramid.") for n in moved)
+
+
+def test_a_timm_models_own_weights_file_loads_into_its_backbone(tmp_path):
+    # backbone.checkpoint=<file>: the file timm's own model writes (a DINOv2 / EVA .safetensors kept on disk)
+    source = timm.create_model(
+        "vit_small_patch14_dinov2", pretrained=False, num_classes=3, **TINY_MODELS["vit_small_patch14_dinov2"]
+    )
+    save_file(source.state_dict(), tmp_path / "dinov2.safetensors")
+    config = {
+        "backbone": {
+            "kind": "timm",
+            "name": "vit_small_patch14_dinov2",
+            "levels": [2, 3, 4],
+            "kwargs": TINY_MODELS["vit_small_patch14_dinov2"],
+            "checkpoint": str(tmp_path / "dinov2.safetensors"),
+        }
+    }
+    joiner = build_backbone(config)
+    body = joiner[0].body.model.state_dict()
+    assert body and all(torch.equal(value, source.state_dict()[key]) for key, value in body.items())
+    report = load_checkpoint(joiner, tmp_path / "dinov2.safetensors")
+    assert report.loaded == len(body) and sorted(report.skipped) == [
+        "head.bias",
+        "head.weight",
+        "norm.bias",
+        "norm.weight",
+    ]
