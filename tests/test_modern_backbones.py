@@ -260,8 +260,8 @@ def test_a_timm_models_own_weights_file_loads_into_its_backbone(tmp_path):
     assert body and all(torch.equal(value, source.state_dict()[key]) for key, value in body.items())
     report = load_checkpoint(joiner, tmp_path / "dinov2.safetensors")
     assert report.loaded == len(body) and sorted(report.skipped) == [
-        "head.bias",
-        "head.weight",
-        "norm.bias",
-        "norm.weight",
+        "body.head.bias",
+        "body.head.weight",
+        "body.norm.bias",
+        "body.norm.weight",
     ]
