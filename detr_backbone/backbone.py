@@ -8,20 +8,32 @@ GroupNorm (MDETR's ``resnet50-gn``), or any timm model that offers ``features_on
 from __future__ import annotations
 
 import difflib
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+from timm.models._features import FeatureGetterNet
 from timm.utils.model import freeze_batch_norm_2d
 from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 
-from .freezing import detr_trainable_layers, freeze_stages
+from .feature_pyramid import PYRAMID_LEVELS, SimpleFeaturePyramid
+from .freezing import NUM_STAGES, detr_trainable_layers, freeze_stages
 from .frozen_batch_norm import FrozenBatchNorm2d
-from .nested_tensor import NestedTensor
+from .layer_decay import transformer_blocks
+from .nested_tensor import MaskedImages, NestedTensor, padding_mask
+from .timm_image_size import (
+    any_size_options,
+    is_single_stride,
+    meta_model,
+    pad_to_multiple,
+    patch_size,
+    takes_attention_mask,
+    token_attention_mask,
+)
 from .weights import explain_download_errors
 
 TORCHVISION_RESNETS = (
@@ -69,9 +81,9 @@ def select_levels(
     return [main_layer % count]
 
 
-def downsample_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
+def downsample_mask(mask: Tensor, size: list[int]) -> Tensor:
     """Resize a padding mask to a feature map, as DETR does (nearest interpolation)."""
-    return F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
+    return F.interpolate(mask[None].float(), size=(size[0], size[1])).to(torch.bool)[0]
 
 
 class BackboneBase(nn.Module):
@@ -91,9 +103,10 @@ class BackboneBase(nn.Module):
         channels: Sequence[int],
         strides: Sequence[int],
         channel_list: bool = False,
+        num_stages: int = NUM_STAGES,
     ):
         super().__init__()
-        freeze_stages(body, stage_modules, trainable_layers)
+        freeze_stages(body, stage_modules, trainable_layers, num_stages)
         self.body = body
         self.trainable_layers = trainable_layers
         self.feature_channels = list(channels)
@@ -107,21 +120,32 @@ class BackboneBase(nn.Module):
         self.body.to(memory_format=torch.channels_last)
         self.channels_last = True
 
-    def forward(self, tensor_list: NestedTensor) -> dict[str, NestedTensor]:
-        images = tensor_list.tensors
+    def forward(self, tensor_list: MaskedImages) -> dict[str, NestedTensor]:
+        images, mask = padding_mask(tensor_list)
+        if not torch.jit.is_scripting():
+            self.check_images(images)
+            images, mask = self.pad_images(images, mask)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        out: dict[str, NestedTensor] = {}
+        for level, feature in enumerate(self.feature_maps(images, mask)):
+            out[str(level)] = NestedTensor(feature, downsample_mask(mask, feature.shape[-2:]))
+        return out
+
+    @torch.jit.unused
+    def check_images(self, images: Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != (self.in_channels or images.shape[1]):
             raise ValueError(
                 f"the backbone takes images of shape (batch, {self.in_channels}, height, width), got {tuple(images.shape)}"
             )
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return OrderedDict(
-            (str(level), NestedTensor(feature, downsample_mask(tensor_list.mask, feature.shape[-2:])))
-            for level, feature in enumerate(self.feature_maps(images))
-        )
 
-    def feature_maps(self, images: Tensor) -> list[Tensor]:
-        """The body's maps, shallow to deep (ours return exactly the selected levels)."""
+    @torch.jit.unused
+    def pad_images(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The images and mask as the body needs them (transformers: padded to their patch size)."""
+        return images, mask
+
+    def feature_maps(self, images: Tensor, mask: Tensor) -> list[Tensor]:
+        """The body's maps, shallow to deep (ours return exactly the selected levels); ``mask`` marks padding."""
         features = self.body(images)
         return list(features.values() if isinstance(features, dict) else features)
 
@@ -161,6 +185,9 @@ class Backbone(BackboneBase):
         )
         stages = RESNET_STAGES[: selected[-1] + 1]
         super().__init__(body, stages, trainable_layers, channels, strides, channel_list=levels is not None)
+
+    def feature_maps(self, images: Tensor, mask: Tensor) -> list[Tensor]:
+        return list(self.body(images).values())  # the getter's dict, typed for TorchScript
 
     def build_resnet(self, name: str, dilation: bool, pretrained: bool) -> torchvision.models.ResNet:
         if name not in TORCHVISION_RESNETS:
@@ -207,6 +234,11 @@ class TimmBackbone(BackboneBase):
     Levels are chosen among the last four of its ``feature_info`` as for a ResNet (``levels``
     1..4, or DETR's ``return_interm_layers`` / ``main_layer``). The body is cut after the deepest
     one, so no parameter is left without a gradient. ``dilation`` asks for ``output_stride=16``.
+
+    Transformers take any image size (``timm_image_size``); channels-last maps (Swin) come back
+    NCHW. A single-stride model (a plain ViT) returns its last block's map alone, or with ``levels``
+    (2..5) or ``return_interm_layers`` the levels of a ``SimpleFeaturePyramid`` built on it; its
+    ``trainable_layers`` counts transformer blocks. ``kwargs`` go to ``timm.create_model``.
     """
 
     def __init__(
@@ -220,25 +252,69 @@ class TimmBackbone(BackboneBase):
         pretrained: bool = False,
         trainable_layers: int | None = None,
         levels: Sequence[int] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
     ):
-        out_indices = tuple(level - LEVELS for level in select_levels(return_interm_layers, main_layer, levels))
-        body = create_timm_features(name, out_indices, dilation, pretrained)
+        probe = meta_model(name, kwargs or {}) if timm.is_model(name) else None
+        kwargs = {**any_size_options(probe, kwargs or {}), **(kwargs or {})} if probe is not None else {}
+        pyramid_levels = list(PYRAMID_LEVELS) if return_interm_layers and levels is None else levels
+        single_stride = probe is not None and is_single_stride(probe) and pyramid_levels is not None
+        if single_stride:
+            out_indices = (-1,)
+        else:
+            out_indices = tuple(level - LEVELS for level in select_levels(return_interm_layers, main_layer, levels))
+        body = create_timm_features(name, out_indices, dilation, pretrained, kwargs)
         freeze_batch_norm_2d(body)
         info = body.feature_info
-        stage_modules = [found for level in info.info[-LEVELS:] if (found := find_module(body, level["module"]))]
+        blocks = transformer_blocks(body) if probe is not None and is_single_stride(probe) else []
+        if blocks:  # a plain ViT: its blocks are its stages
+            stage_modules, num_stages = blocks, len(blocks) + 1
+        else:
+            stage_modules = [found for level in info.info[-LEVELS:] if (found := find_module(body, level["module"]))]
+            num_stages = NUM_STAGES
         if trainable_layers is None:
-            trainable_layers = detr_trainable_layers(train_backbone)
-        channel_list = levels is not None
-        super().__init__(body, stage_modules, trainable_layers, info.channels(), info.reduction(), channel_list)
+            trainable_layers = num_stages * train_backbone if blocks else detr_trainable_layers(train_backbone)
+        if not 0 <= trainable_layers <= num_stages:
+            raise ValueError(
+                f"backbone.trainable_layers={trainable_layers} must be in 0..{num_stages} for {name!r} "
+                f"({num_stages - 1} {'transformer blocks' if blocks else 'stages'} and the stem)"
+            )
+        channels, strides = info.channels(), info.reduction()
+        pyramid = SimpleFeaturePyramid(channels[-1], strides[-1], pyramid_levels) if single_stride else None
+        if pyramid is not None:
+            channels, strides = pyramid.channels, pyramid.strides
+        super().__init__(body, stage_modules, trainable_layers, channels, strides, levels is not None, num_stages)
+        self.pyramid = pyramid
+        self.patch = patch_size(body, name)
+        self.nhwc = getattr(body, "output_fmt", "NCHW") == "NHWC"
+        self.attention_mask = isinstance(body, FeatureGetterNet) and takes_attention_mask(body.model)
+
+    def pad_images(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        return pad_to_multiple(images, mask, self.patch)
+
+    def feature_maps(self, images: Tensor, mask: Tensor) -> list[Tensor]:
+        if self.attention_mask:
+            model = self.body.model
+            dtype = torch.get_autocast_dtype(images.device.type) if torch.is_autocast_enabled() else images.dtype
+            attention = token_attention_mask(mask, self.patch, model.num_prefix_tokens, dtype)
+            maps = model.forward_intermediates(
+                images, self.body.out_indices, norm=self.body.norm, intermediates_only=True, attn_mask=attention
+            )
+        else:
+            maps = super().feature_maps(images, mask)
+        if self.nhwc:
+            maps = [feature.permute(0, 3, 1, 2) for feature in maps]
+        return maps if self.pyramid is None else self.pyramid(maps[-1])
 
 
-def create_timm_features(name: str, out_indices: tuple[int, ...], dilation: bool, pretrained: bool) -> nn.Module:
+def create_timm_features(
+    name: str, out_indices: tuple[int, ...], dilation: bool, pretrained: bool, kwargs: Mapping[str, Any]
+) -> nn.Module:
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5)
         raise ValueError(
             f"unknown timm model {name!r}; close names: {', '.join(close) or 'none'} (see timm.list_models())"
         )
-    options = {"features_only": True, "out_indices": out_indices}
+    options = {**kwargs, "features_only": True, "out_indices": out_indices}
     if dilation:
         options["output_stride"] = 16
     with explain_download_errors(f"timm pretrained weights for {name}"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
+import torch
 from torch import Tensor, nn
 
 from .frozen_batch_norm import FoldedFrozenBatchNorm2d, FrozenBatchNorm2d, as_folded
@@ -47,15 +48,19 @@ def folded_weight_and_bias(weight: Tensor, bias: Tensor | None, norm: FrozenBatc
 
 
 class FoldedConv2d(nn.Conv2d):
-    """A Conv2d that applies the frozen BatchNorm following it (held, not registered: no new keys)."""
+    """A Conv2d that applies the frozen BatchNorm following it (held, not registered: no new keys).
 
-    norm: FoldedFrozenBatchNorm2d
+    TorchScript cannot hold an unregistered module, so scripted code takes the plain path: this
+    convolution alone, then the norm, which applies itself there (``FoldedFrozenBatchNorm2d``).
+    """
 
     @classmethod
     def folding(cls, conv: nn.Conv2d, norm: FoldedFrozenBatchNorm2d) -> FoldedConv2d:
         return sharing_parameters(cls, conv, norm)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._conv_forward(x, self.weight, self.bias)
         return self._conv_forward(x, *folded_weight_and_bias(self.weight, self.bias, self.norm))
 
 

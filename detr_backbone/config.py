@@ -63,7 +63,8 @@ class BackboneOptions:
 
     def __post_init__(self) -> None:
         require(
-            self.trainable_layers is None or 0 <= self.trainable_layers <= NUM_STAGES,
+            self.trainable_layers is None
+            or 0 <= self.trainable_layers <= (self.max_trainable_layers or self.trainable_layers),
             f"backbone.trainable_layers={self.trainable_layers} must be null (DETR's rule) or 0..{NUM_STAGES}",
         )
         if self.levels is not None:
@@ -79,6 +80,11 @@ class BackboneOptions:
             )
 
     @property
+    def max_trainable_layers(self) -> int | None:
+        """The most stages the backbone has; None when only the built backbone knows (a ViT's blocks)."""
+        return NUM_STAGES
+
+    @property
     def options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(BackboneOptions)}
 
@@ -92,16 +98,35 @@ class BackboneConfig(BackboneOptions):
     dilation: bool = False  # DC5: the last stage dilated instead of strided (stride 16)
     pretrained: bool = False  # torchvision / timm ImageNet weights (needs network or a filled cache)
     fold_frozen_bn: bool = True  # frozen BatchNorm applied through the conv weights (torchvision kind)
+    # timm: more timm.create_model arguments, one a key: +backbone.kwargs.drop_path_rate=0.1
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # timm transformers: block i of n trains at lr_backbone * decay ** (n - i), the embeddings at decay ** (n + 1)
+    lr_layer_decay: Optional[float] = None
 
     def __post_init__(self) -> None:
         valid = ", ".join(BACKBONE_TARGETS.values())
         require(self.kind is not None, f"backbone._target_={self._target_!r} is not one of {valid}")
         super().__post_init__()
         require(-4 <= self.main_layer <= 3, f"backbone.main_layer={self.main_layer} must be in -4..3")
+        highest = 5 if self.kind == "timm" else 4
         require(
-            self.levels is None or max(self.levels) <= 4,
-            f"backbone.levels={self.levels} must be increasing stage numbers in 1..4, e.g. [2, 3, 4] (or null)",
+            self.levels is None or max(self.levels) <= highest,
+            f"backbone.levels={self.levels} must be increasing stage numbers in 1..4, e.g. [2, 3, 4] (or null)"
+            + (" (2..5 for a single-stride ViT's pyramid)" if highest == 5 else ""),
         )
+        for key in ("kwargs", "lr_layer_decay"):
+            require(
+                self.kind == "timm" or not getattr(self, key),
+                f"backbone.{key}={getattr(self, key)} applies to timm models only (backbone=timm), not to {self._target_}",
+            )
+        require(
+            self.lr_layer_decay is None or 0 < self.lr_layer_decay <= 1,
+            f"backbone.lr_layer_decay={self.lr_layer_decay} must be null (off) or in (0, 1], e.g. 0.75",
+        )
+
+    @property
+    def max_trainable_layers(self) -> int | None:
+        return None if self.kind == "timm" else NUM_STAGES
 
     @property
     def kind(self) -> str | None:

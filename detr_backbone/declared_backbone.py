@@ -98,7 +98,7 @@ class DeclaredBackbone(BackboneBase):
         super().__init__(body, stages, counted_from_first, *picked, channel_list=levels is not None)
         self.trainable_layers = trainable_layers
 
-    def feature_maps(self, images: Tensor) -> list[Tensor]:
+    def feature_maps(self, images: Tensor, mask: Tensor) -> list[Tensor]:
         features = self.body(images)
         if isinstance(features, dict):
             features = list(features.values())

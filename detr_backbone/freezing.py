@@ -45,11 +45,14 @@ def parameter_stages(body: nn.Module, stage_modules: Sequence[str]) -> dict[str,
     return stages
 
 
-def freeze_stages(body: nn.Module, stage_modules: Sequence[str], trainable_layers: int) -> None:
-    """Set ``requires_grad`` so that exactly the last ``trainable_layers`` stages train."""
-    if not 0 <= trainable_layers <= NUM_STAGES:
-        raise ValueError(f"trainable_layers must be between 0 and {NUM_STAGES}, got {trainable_layers}")
-    first_trained = NUM_STAGES - trainable_layers
+def freeze_stages(
+    body: nn.Module, stage_modules: Sequence[str], trainable_layers: int, num_stages: int = NUM_STAGES
+) -> None:
+    """Set ``requires_grad`` so that exactly the last ``trainable_layers`` of ``num_stages`` stages train
+    (a ViT's: the stem and one stage a transformer block)."""
+    if not 0 <= trainable_layers <= num_stages:
+        raise ValueError(f"trainable_layers must be between 0 and {num_stages}, got {trainable_layers}")
+    first_trained = num_stages - trainable_layers
     stages = parameter_stages(body, stage_modules)
     for name, parameter in body.named_parameters():
         parameter.requires_grad_(stages[name] >= first_trained)

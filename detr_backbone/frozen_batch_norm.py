@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torchvision.ops import FrozenBatchNorm2d as _TorchvisionFrozenBatchNorm2d
 
@@ -20,6 +21,9 @@ class FrozenBatchNorm2d(_TorchvisionFrozenBatchNorm2d):
         return scale, self.bias - self.running_mean * scale
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.affine(x)
+
+    def affine(self, x: Tensor) -> Tensor:
         scale, shift = self.scale_shift()
         return x * scale.to(x.dtype)[None, :, None, None] + shift.to(x.dtype)[None, :, None, None]
 
@@ -28,9 +32,12 @@ class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
     """A frozen BatchNorm whose affine map the preceding convolution applies: forward is the identity.
 
     It keeps its buffers, so the state dict is unchanged; ``bn_folding.FoldedConv2d`` reads them.
+    Scripted code, where that convolution does not fold, applies the map here (DETR's plain path).
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self.affine(x)
         return x
 
 

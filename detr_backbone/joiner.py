@@ -13,7 +13,7 @@ from .bn_folding import fold_frozen_batch_norm
 from .compilation import compile_in_place
 from .config import CustomBackboneConfig, CustomPositionConfig, JoinerConfig
 from .declared_backbone import DeclaredBackbone
-from .nested_tensor import NestedTensor
+from .nested_tensor import MaskedImages, NestedTensor
 from .targets import instantiate_target, resolve
 from .weights import load_checkpoint
 
@@ -38,7 +38,7 @@ class Joiner(nn.Sequential):
         self.feature_channels = backbone.feature_channels
         self.strides = backbone.strides
 
-    def forward(self, tensor_list: NestedTensor) -> tuple[list[NestedTensor], list[Tensor]]:
+    def forward(self, tensor_list: MaskedImages) -> tuple[list[NestedTensor], list[Tensor]]:
         features = list(self[0](tensor_list).values())
         positions = [self[1](feature).to(feature.tensors.dtype) for feature in features]
         return features, positions
@@ -74,6 +74,8 @@ def build_backbone_network(cfg: JoinerConfig) -> BackboneBase:
             backbone = DeclaredBackbone(backbone, spec._target_, **selection)
     else:
         arguments = {"name": spec.name, "dilation": spec.dilation, "pretrained": spec.pretrained, **selection}
+        if spec.kwargs:
+            arguments["kwargs"] = spec.kwargs
         backbone = instantiate_target(spec._target_, arguments, "backbone")
         if spec.fold_frozen_bn:
             fold_frozen_batch_norm(backbone.body)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .encoding_cache import MaskKeyedCache
-from .nested_tensor import NestedTensor
+from .nested_tensor import MaskedImages, padding_mask
 
 
 class PositionEmbeddingSine(nn.Module):
@@ -49,8 +49,11 @@ class PositionEmbeddingSine(nn.Module):
         self.offset = offset
         self.cache = MaskKeyedCache(cache_size)
 
-    def forward(self, tensor_list: NestedTensor) -> Tensor:
-        return self.cache.get_or_compute(tensor_list.mask, self.encode)
+    def forward(self, tensor_list: MaskedImages) -> Tensor:
+        mask = padding_mask(tensor_list)[1]
+        if torch.jit.is_scripting():
+            return self.encode(mask)  # the cache is a Python object; scripted code computes every time
+        return self.cache.get_or_compute(mask, self.encode)
 
     def encode(self, mask: Tensor) -> Tensor:
         not_mask = ~mask
@@ -65,6 +68,7 @@ class PositionEmbeddingSine(nn.Module):
         pos_y = _interleave_sin_cos(y_embed[..., None] / dim_t)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
 
+    @torch.jit.unused
     def extra_repr(self) -> str:
         return (
             f"num_pos_feats={self.num_pos_feats}, temperature={self.temperature}, normalize={self.normalize}, "
@@ -93,8 +97,8 @@ class PositionEmbeddingLearned(nn.Module):
         nn.init.uniform_(self.row_embed.weight)
         nn.init.uniform_(self.col_embed.weight)
 
-    def forward(self, tensor_list: NestedTensor) -> Tensor:
-        x = tensor_list.tensors
+    def forward(self, tensor_list: MaskedImages) -> Tensor:
+        x = tensor_list.decompose()[0]
         h, w = x.shape[-2:]
         if h > self.num_embeddings or w > self.num_embeddings:
             raise ValueError(

@@ -1,7 +1,8 @@
 """Loading weights: downloads that explain themselves, and checkpoint files of several layouts.
 
 ``load_checkpoint`` accepts
-- a plain state dict of the backbone network (classifier keys such as ``fc.*`` are skipped),
+- a plain state dict of the backbone network (classifier keys such as ``fc.*`` are skipped), a timm
+  model's own included (``.safetensors`` or ``.pth``: DINOv2, EVA, ImageNet-21k ViTs kept on disk),
 - an ImageNet checkpoint ``{"model": state_dict}``, with or without DistributedDataParallel's
   ``module.`` prefix (stripped only from the keys that carry it),
 - a whole DETR / MDETR / Deformable-DETR detector checkpoint, or a Lightning checkpoint of one:
@@ -164,6 +165,17 @@ def match_keys(
     return fitting
 
 
+def as_body_keys(body: nn.Module, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A timm model's own keys (DINOv2, EVA, ImageNet-21k ViT files) as its ``features_only`` wrapper names them:
+    ``model.`` in front (ViT's FeatureGetterNet) or the first dot flattened (``layers.0`` -> ``layers_0``);
+    keys that fit as they are, or fit no way, stay as they are."""
+    expected = body.state_dict().keys()
+    return {
+        next((name for name in (key, f"model.{key}", key.replace(".", "_", 1)) if name in expected), key): value
+        for key, value in state.items()
+    }
+
+
 def load_checkpoint(joiner: nn.Sequential, path: str | os.PathLike, strict: bool = True) -> LoadReport:
     """Load a checkpoint file into a Joiner's backbone body (and positional table, for detectors).
 
@@ -174,6 +186,7 @@ def load_checkpoint(joiner: nn.Sequential, path: str | os.PathLike, strict: bool
     backbone, position = joiner[0], joiner[1]
     detector = split_detector_state(state)
     if detector is None:
+        state = as_body_keys(backbone.body, state)
         loads = [(backbone.body, match_keys(backbone.body, state, report, "body.", skip_foreign=True))]
     else:
         body_state, position_state, others = detector

@@ -132,7 +132,7 @@ class DetrModule(pl.LightningModule):
         own = self.config.head.parameter_groups(self.detector, lr)
         apart = {id(p) for p in joiner.parameters()} | {id(p) for group in own for p in group["params"]}
         head = [p for p in self.detector.parameters() if id(p) not in apart]
-        groups = make_group("head", head, lr) + joiner_parameter_groups(joiner, self.config.joiner) + own
+        groups = make_group("head", head, lr) + joiner_parameter_groups(joiner, self.config.joiner, lr) + own
         optimizer = torch.optim.AdamW(
             groups, lr=lr, weight_decay=self.optim_cfg.weight_decay, fused=self.fused_optimizer_allowed()
         )
