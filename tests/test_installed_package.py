@@ -89,6 +89,9 @@ def test_the_wheel_holds_the_configs_and_runs_from_outside_the_checkout(script, 
         path.relative_to(ROOT / "conf") for path in (ROOT / "conf").rglob("*.yaml")
     )
     assert (packaged / "config.yaml").read_text() == (ROOT / "conf" / "config.yaml").read_text()
+    installed = site_packages / "detr_backbone"
+    modules = sorted(p.relative_to(ROOT) for p in (ROOT / "detr_backbone").rglob("*.py"))
+    assert sorted(p.relative_to(site_packages) for p in installed.rglob("*.py") if "conf" not in p.parts) == modules
     shown = run([str(script), "predict", "--help"], tmp_path)
     assert shown.returncode == 0 and "threshold: 0.5" in shown.stdout
     unknown = run([str(script), "fit"], tmp_path)
