@@ -71,10 +71,15 @@ def read_checkpoint(path: str | os.PathLike, expected: str) -> Any:
         raise ValueError(f"{os.fspath(path)} is not {expected} ({type(cause).__name__}: {reason})") from None
 
 
+def mapped_checkpoint(path: str | os.PathLike) -> Any:
+    """A checkpoint's content with its tensors mapped rather than read: for looking at its plain values."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
 def saved_run_config(path: str | os.PathLike) -> Mapping[str, Any] | None:
-    """The run config a train.py checkpoint holds, its tensors mapped rather than read; None for any other file."""
+    """The run config a train.py checkpoint holds; None for any other file."""
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        content = mapped_checkpoint(path)
     except Exception:  # published weights that need more than plain values to unpickle, or not a checkpoint at all
         return None
     config = content.get(RUN_CONFIG_KEY) if isinstance(content, Mapping) else None

@@ -18,12 +18,12 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from ..inference.checkpoint import mapped_checkpoint
 from .callbacks.saved_config import CONFIG_DIR_KEY, CONFIG_KEY, OVERRIDES_KEY, CommandLine
 from .checkpoint_io import check_resume_checkpoint
 from .config import Config
@@ -114,7 +114,7 @@ def run_folder(checkpoint: Path) -> Optional[Path]:
 
 def saved_command_line(checkpoint: Path) -> Optional[CommandLine]:
     """What composed a run's config: saved in its checkpoints, else its folder's .hydra/overrides.yaml."""
-    content = checkpoint_structure(checkpoint)
+    content = mapped_checkpoint(checkpoint)
     saved = content.get(OVERRIDES_KEY) if isinstance(content, Mapping) else None
     if isinstance(saved, list):
         return CommandLine(tuple(str(override) for override in saved), content.get(CONFIG_DIR_KEY))
@@ -221,14 +221,9 @@ def shown(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def checkpoint_structure(path: str | os.PathLike) -> Any:
-    """A checkpoint's content, its tensors mapped rather than read: the resume checks look at its config only."""
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-
-
 def check_resume_config(path: str | os.PathLike, config: Config) -> None:
     """Fail in one line when ``config`` differs from the checkpoint's config in keys outside ``MAY_CHANGE``."""
-    checkpoint = checkpoint_structure(path)
+    checkpoint = mapped_checkpoint(path)
     trained = trained_config(checkpoint) if isinstance(checkpoint, Mapping) else None
     if trained is None:
         return
@@ -256,7 +251,7 @@ def check_resume_config(path: str | os.PathLike, config: Config) -> None:
 def check_resume_classes(path: str | os.PathLike, class_names: Sequence[str]) -> None:
     """Fail in one line when the data's classes (a COCO folder's categories) are not those the checkpoint's head
     was trained on: its class rows would not fit."""
-    checkpoint = checkpoint_structure(path)
+    checkpoint = mapped_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
     trained = hparams.get("class_names") if isinstance(hparams, Mapping) else None
     if trained is not None and list(trained) != list(class_names):
