@@ -60,6 +60,11 @@ def split_config_dir(arguments: Sequence[str]) -> tuple[Optional[str], list[str]
     return config_dir, rest
 
 
+def override_key(argument: str) -> str:
+    """The dotted key a ``key=value`` override sets, without Hydra's ``+``, ``++`` or ``~``."""
+    return argument.lstrip("+~").split("=", 1)[0]
+
+
 def user_config_dir(config_dir: str) -> Path:
     folder = Path(config_dir).expanduser().resolve()
     if not folder.is_dir():

@@ -42,7 +42,7 @@ from ..inference.coco_metrics import CocoMetrics, coco_metrics, per_class_table
 from ..inference.exported import SUFFIX_FORMATS, ExportedPredictor
 from ..inference.predictor import DTYPES, Predictor
 from ..training.config import DataConfig
-from .cli import compose_command, reported
+from .cli import compose_command, override_key, reported
 
 DETECTIONS_FILE, GROUND_TRUTH_FILE, METRICS_FILE = "detections.json", "ground_truth.json", "metrics.json"
 COMPARED = ("AP", "AP50", "AP75")  # what an exported file is compared with its checkpoint on
@@ -113,8 +113,7 @@ def run_data(run_config: Any) -> DataConfig | None:
 
 def data_overridden(arguments: Sequence[str]) -> bool:
     """Whether the command line chose the data (``data=...`` or a ``data.*`` key)."""
-    keys = (argument.lstrip("+~").split("=", 1)[0] for argument in arguments if "=" in argument)
-    return any(key == "data" or key.startswith("data.") for key in keys)
+    return any(override_key(argument).split(".")[0] == "data" for argument in arguments if "=" in argument)
 
 
 def evaluate(cfg: EvaluateConfig, own_data: bool = False) -> CocoMetrics:

@@ -35,7 +35,7 @@ from ..position_encoding import PositionEmbeddingSine
 from ..training.config import Config, register_configs
 from ..training.job import validated
 from ..training.module import load_training_module
-from .cli import configs, reported, split_config_dir
+from .cli import configs, override_key, reported, split_config_dir
 
 # overrides that shape the model; with ckpt_path the checkpoint's own saved config decides those
 MODEL_KEYS = (
@@ -173,7 +173,7 @@ def parse_args(arguments: Sequence[str]) -> tuple[RenderOptions, list[str], Opti
     own = [argument for argument in rest if argument.split("=", 1)[0] in OPTIONS]
     overrides = [argument for argument in rest if argument not in own]
     options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RenderOptions), OmegaConf.from_dotlist(own)))
-    shaping = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] in MODEL_KEYS]
+    shaping = [o for o in overrides if override_key(o).split(".")[0] in MODEL_KEYS]
     require(
         options.ckpt_path is None or not shaping,
         f"ckpt_path rebuilds the model from the checkpoint's saved config; drop {' '.join(shaping)}",
