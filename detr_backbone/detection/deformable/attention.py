@@ -1,58 +1,20 @@
-"""Multi-scale deformable attention (Deformable DETR) in plain PyTorch.
+"""Multi-scale deformable attention (Deformable DETR).
 
 Each query attends to ``n_points`` locations per head and feature level, placed by learned offsets
 around its reference point and read by bilinear interpolation; the attention weights are a
-softmax over all levels and points of a head. No custom CUDA kernel: ``F.grid_sample`` does the
-reading, so it runs on any device and under autocast, and traces.
+softmax over all levels and points of a head. The core that reads and sums the samples comes in
+interchangeable implementations (``sampling``), chosen by ``attention_impl``; none needs a
+compiled extension.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-SpatialShapes = Sequence[tuple[int, int]]
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def multi_scale_deformable_attention(
-    value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, attention_weights: Tensor
-) -> Tensor:
-    """Weighted sum of bilinearly sampled values: Deformable-DETR's ``ms_deform_attn_core_pytorch``.
-
-    ``value`` (N, S, M, D): the levels' maps flattened and concatenated (S = sum of h * w over
-    ``spatial_shapes``, each (h, w)), M heads of D channels. ``sampling_locations`` (N, Q, M, L, P, 2)
-    as (x, y) in [0, 1] of each level's map, pixel corners at 0 and 1 (``align_corners=False``);
-    outside the map reads zeros. ``attention_weights`` (N, Q, M, L, P). Returns (N, Q, M * D) in
-    ``value``'s dtype.
-    """
-    batch, length, heads, channels = value.shape
-    _, queries, _, levels, points, _ = sampling_locations.shape
-    if len(spatial_shapes) != levels or sum(h * w for h, w in spatial_shapes) != length:
-        raise ValueError(
-            f"spatial_shapes {list(spatial_shapes)} must list the {levels} levels of the sampling locations "
-            f"and cover the value's {length} positions"
-        )
-    # Half precision cannot place a point on a map (8 significant bits in bfloat16 are a third of a
-    # pixel on a 100-pixel map) and some CPU builds have no half grid_sample: sample in float32.
-    dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
-    if dtype in LOW_PRECISION or value.dtype in LOW_PRECISION:
-        dtype = torch.float32
-    grids = 2 * sampling_locations.to(dtype) - 1  # grid_sample's [-1, 1]
-    maps = value.to(dtype).split([h * w for h, w in spatial_shapes], dim=1)
-    sampled = []
-    for level, ((height, width), level_value) in enumerate(zip(spatial_shapes, maps)):
-        # heads become batch entries: (N, h*w, M, D) -> (N*M, D, h, w), grid (N, Q, M, P, 2) -> (N*M, Q, P, 2)
-        level_value = level_value.permute(0, 2, 3, 1).reshape(batch * heads, channels, height, width)
-        grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled.append(F.grid_sample(level_value, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
-    weights = attention_weights.to(dtype).transpose(1, 2).reshape(batch * heads, 1, queries, levels, points)
-    output = (torch.stack(sampled, dim=-2) * weights).sum((-2, -1))  # (N*M, D, Q)
-    return output.view(batch, heads * channels, queries).transpose(1, 2).to(value.dtype)
+from .sampling import SpatialShapes, multi_scale_deformable_attention, resolve_attention_impl
 
 
 class MSDeformAttn(nn.Module):
@@ -65,8 +27,11 @@ class MSDeformAttn(nn.Module):
     whose values are zeroed so that no query reads them.
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
+    def __init__(
+        self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, attention_impl: str = "auto"
+    ):
         super().__init__()
+        resolve_attention_impl(attention_impl)  # an unknown name fails here, not at the first forward
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         for name, count in (("n_levels", n_levels), ("n_heads", n_heads), ("n_points", n_points)):
@@ -76,6 +41,7 @@ class MSDeformAttn(nn.Module):
         self.n_levels = n_levels
         self.n_heads = n_heads
         self.n_points = n_points
+        self.attention_impl = attention_impl
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
@@ -118,7 +84,8 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(batch, queries, heads, levels * points)
         weights = weights.softmax(-1).view(batch, queries, heads, levels, points)
         locations = self.sampling_locations(reference_points, offsets, spatial_shapes)
-        return self.output_proj(multi_scale_deformable_attention(value, spatial_shapes, locations, weights))
+        sampled = multi_scale_deformable_attention(value, spatial_shapes, locations, weights, self.attention_impl)
+        return self.output_proj(sampled)
 
     def sampling_locations(self, reference_points: Tensor, offsets: Tensor, spatial_shapes: SpatialShapes) -> Tensor:
         """(N, Q, M, L, P, 2) locations in [0, 1] of each level from references (N, Q, L, 2 or 4) and offsets."""

@@ -17,6 +17,7 @@ from ..published import DetectorWeights
 from .criterion import FocalSetCriterion, build_deformable_criterion
 from .hugging_face import HUGGING_FACE_DEFORMABLE_DETR, is_hugging_face_state
 from .matcher import FOCAL_ALPHA
+from .sampling import ATTENTION_IMPLS
 from .weights import DeformableArchitecture, official_deformable_weights
 
 
@@ -36,6 +37,7 @@ class DeformableDetrConfig(HeadConfig):
     two_stage: bool = False  # queries from the encoder's best proposals (needs with_box_refine)
     focal_alpha: float = FOCAL_ALPHA
     lr_linear_proj_mult: float = 0.1  # sampling offsets and reference points train at lr times this
+    attention_impl: str = "auto"  # the deformable attention core: auto | gather | grid_sample (the reference)
 
     ARCHITECTURE: ClassVar[type[DeformableArchitecture]] = DeformableArchitecture
     POSITIVE: ClassVar[tuple[str, ...]] = (
@@ -49,6 +51,10 @@ class DeformableDetrConfig(HeadConfig):
         super().__post_init__()
         require(0 < self.focal_alpha < 1, f"model.focal_alpha={self.focal_alpha} must be in (0, 1)")
         require(self.lr_linear_proj_mult > 0, f"model.lr_linear_proj_mult={self.lr_linear_proj_mult} must be > 0")
+        require(
+            self.attention_impl in ATTENTION_IMPLS,
+            f"model.attention_impl={self.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}",
+        )
         require(
             not self.two_stage or self.with_box_refine,
             "model.two_stage=true needs model.with_box_refine=true (as Deformable-DETR's two-stage checkpoints)",

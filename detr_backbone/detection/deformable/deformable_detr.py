@@ -242,6 +242,7 @@ def build_deformable_detr(
     with_box_refine: bool = False,
     two_stage: bool = False,
     hidden_dim: int | None = None,
+    attention_impl: str = "auto",
 ) -> DeformableDETR:
     """Deformable DETR on the Joiner ``backbone`` with Deformable-DETR's main.py defaults. ``hidden_dim`` None: the width
     of the Joiner's positional maps, which are added to the transformer's inputs."""
@@ -260,6 +261,7 @@ def build_deformable_detr(
         enc_n_points=enc_n_points,
         two_stage=two_stage,
         two_stage_num_proposals=num_queries,
+        attention_impl=attention_impl,
     )
     return DeformableDETR(
         backbone, transformer, num_classes, num_queries, num_feature_levels, aux_loss, with_box_refine, two_stage

@@ -33,9 +33,10 @@ class DeformableTransformerEncoderLayer(ResidualLayer):
         n_levels: int = 4,
         n_heads: int = 8,
         n_points: int = 4,
+        attention_impl: str = "auto",
     ):
         super().__init__(normalize_before=False)
-        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, attention_impl)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.add_feedforward(d_model, d_ffn, dropout, activation)
@@ -73,9 +74,10 @@ class DeformableTransformerDecoderLayer(ResidualLayer):
         n_levels: int = 4,
         n_heads: int = 8,
         n_points: int = 4,
+        attention_impl: str = "auto",
     ):
         super().__init__(normalize_before=False)
-        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, attention_impl)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
@@ -207,6 +209,7 @@ class DeformableTransformer(nn.Module):
         enc_n_points: int = 4,
         two_stage: bool = False,
         two_stage_num_proposals: int = 300,
+        attention_impl: str = "auto",
     ):
         super().__init__()
         if d_model % nhead:
@@ -222,10 +225,12 @@ class DeformableTransformer(nn.Module):
         self.num_feature_levels = num_feature_levels
         layer_args = (d_model, dim_feedforward, dropout, activation, num_feature_levels, nhead)
         self.encoder = DeformableTransformerEncoder(
-            DeformableTransformerEncoderLayer(*layer_args, enc_n_points), num_encoder_layers
+            DeformableTransformerEncoderLayer(*layer_args, enc_n_points, attention_impl), num_encoder_layers
         )
         self.decoder = DeformableTransformerDecoder(
-            DeformableTransformerDecoderLayer(*layer_args, dec_n_points), num_decoder_layers, return_intermediate_dec
+            DeformableTransformerDecoderLayer(*layer_args, dec_n_points, attention_impl),
+            num_decoder_layers,
+            return_intermediate_dec,
         )
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if two_stage:

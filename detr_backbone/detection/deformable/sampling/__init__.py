@@ -1,0 +1,60 @@
+"""Multi-scale deformable attention's core, in interchangeable implementations.
+
+Each query reads ``n_points`` bilinear samples per head and level and sums them with its attention
+weights. ``grid_sample`` is the reference (Deformable-DETR's pure-PyTorch core); ``gather`` reads
+the four corners of every sample straight from the flattened value and reduces them in the same
+pass; ``auto`` takes the fastest that applies. All return the same numbers (tests/test_attention_core.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .gather import gather_attention
+from .grid_sample import grid_sample_attention
+from .shapes import LOW_PRECISION, SpatialShapes
+
+IMPLEMENTATIONS = {"grid_sample": grid_sample_attention, "gather": gather_attention}
+ATTENTION_IMPLS = ("auto", *IMPLEMENTATIONS)
+
+
+def exporting() -> bool:
+    """ONNX export and tracing record ATen ops: only grid_sample has an ONNX operator (GridSample)."""
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+
+
+def resolve_attention_impl(impl: str) -> str:
+    """The implementation ``impl`` names; ``auto``: gather, or grid_sample while exporting."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+    if impl != "auto":
+        return impl
+    return "grid_sample" if exporting() else "gather"
+
+
+def multi_scale_deformable_attention(
+    value: Tensor,
+    spatial_shapes: SpatialShapes,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    impl: str = "auto",
+) -> Tensor:
+    """Weighted sum of bilinearly sampled values: Deformable-DETR's ``ms_deform_attn_core_pytorch``.
+
+    ``value`` (N, S, M, D): the levels' maps flattened and concatenated (S = sum of h * w over
+    ``spatial_shapes``, each (h, w)), M heads of D channels. ``sampling_locations`` (N, Q, M, L, P, 2)
+    as (x, y) in [0, 1] of each level's map, pixel corners at 0 and 1 (``align_corners=False``);
+    outside the map reads zeros. ``attention_weights`` (N, Q, M, L, P). Returns (N, Q, M * D) in
+    ``value``'s dtype; half-precision inputs are sampled in float32.
+    """
+    return IMPLEMENTATIONS[resolve_attention_impl(impl)](value, spatial_shapes, sampling_locations, attention_weights)
+
+
+__all__ = [
+    "ATTENTION_IMPLS",
+    "LOW_PRECISION",
+    "SpatialShapes",
+    "multi_scale_deformable_attention",
+    "resolve_attention_impl",
+]

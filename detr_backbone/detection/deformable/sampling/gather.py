@@ -1,0 +1,114 @@
+"""The gather-and-reduce core: every sample's four corners read from the flattened value and
+summed with their weights in one ``F.embedding_bag`` call, without a tensor of sampled values.
+
+The value of all levels, heads and batch entries is one table (N * S * M, D); each (image, query,
+head) is a bag of L * P * 4 corner rows, weighted by attention weight times bilinear weight. The
+backward keeps the corners' rows and fractions, not the samples: the value's gradient is the same
+reduction transposed (the corner entries sorted by row), the weights' and locations' gradients
+come from the bilinear samples (and their x and y slopes) dotted with the output's gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .corners import Corners, bilinear_corners
+from .shapes import SpatialShapes, check_shapes, sampling_dtype
+
+SLOPE = (-1.0, 1.0)  # d/dt of the bilinear factors (1 - t, t)
+CHUNK_ELEMENTS = 2**24  # samples x channels per step of the backward's bilinear samples (64 MiB in float32)
+
+
+def gather_attention(
+    value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """Weighted sum of bilinearly sampled values (the arguments of ``multi_scale_deformable_attention``)."""
+    check_shapes(value, spatial_shapes, sampling_locations)
+    dtype = sampling_dtype(value, sampling_locations)
+    output = GatherAttention.apply(
+        value.to(dtype), tuple(spatial_shapes), sampling_locations.to(dtype), attention_weights.to(dtype)
+    )
+    return output.to(value.dtype)
+
+
+class GatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value: Tensor, spatial_shapes: SpatialShapes, locations: Tensor, weights: Tensor) -> Tensor:
+        batch, length, heads, channels = value.shape
+        queries = locations.shape[1]
+        corners = bilinear_corners(locations, spatial_shapes, length, heads)
+        along_x, along_y = corners.weights()
+        corner_weights = corners.corner_weights(along_y * weights[..., None], along_x)
+        bags = batch * queries * heads
+        output = F.embedding_bag(
+            corners.rows.view(bags, -1),
+            value.reshape(-1, channels),
+            per_sample_weights=corner_weights.view(bags, -1),
+            mode="sum",
+        )
+        ctx.save_for_backward(value, weights, corners.rows, corners.fraction, corners.inside, corners.map_size)
+        return output.view(batch, queries, heads * channels)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        value, weights, *corner_tensors = ctx.saved_tensors
+        corners = Corners(*corner_tensors)
+        channels = value.shape[-1]
+        table = value.reshape(-1, channels)
+        grad_output = grad_output.reshape(-1, channels)  # one row per bag
+        along_x, along_y = corners.weights()
+        grad_value = grad_locations = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            corner_weights = corners.corner_weights(along_y * weights[..., None], along_x)
+            grad_value = transposed_bags(corners.rows, corner_weights, grad_output, len(table)).view_as(value)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            slope = torch.tensor(SLOPE, dtype=value.dtype, device=value.device)
+            per_point = [  # each sample, and its slope along x and along y
+                corners.corner_weights(along_y, along_x),
+                corners.corner_weights(along_y, slope.expand_as(along_x)),
+                corners.corner_weights(slope.expand_as(along_y), along_x),
+            ]
+            sample, slope_x, slope_y = samples_dot_grad(corners.rows, per_point, table, grad_output)
+            grad_weights = sample
+            grad_locations = torch.stack([slope_x, slope_y], -1) * weights[..., None] * corners.map_size
+        return grad_value, None, grad_locations, grad_weights
+
+
+def transposed_bags(rows: Tensor, corner_weights: Tensor, grad_output: Tensor, table_rows: int) -> Tensor:
+    """The value's gradient: each table row sums the output gradients of the bags that read it, weighted."""
+    flat_rows = rows.reshape(-1)
+    per_bag = flat_rows.numel() // len(grad_output)
+    order = flat_rows.argsort()
+    counts = torch.bincount(flat_rows, minlength=table_rows)
+    offsets = torch.cumsum(counts, 0) - counts
+    return F.embedding_bag(
+        (order // per_bag).to(flat_rows.dtype),
+        grad_output,
+        offsets.to(flat_rows.dtype),
+        per_sample_weights=corner_weights.reshape(-1)[order],
+        mode="sum",
+    )
+
+
+def samples_dot_grad(rows: Tensor, per_point: list[Tensor], table: Tensor, grad_output: Tensor) -> list[Tensor]:
+    """For each weighting of the four corners: the weighted corner sum of every point dotted with its bag's
+    output gradient, (N, Q, M, L, P). Computed a chunk of bags at a time, so no more than
+    ``CHUNK_ELEMENTS`` sampled values exist at once."""
+    bags, channels = grad_output.shape
+    points_per_bag = rows[..., 0].numel() // bags
+    point_rows = rows.view(bags, points_per_bag, 4)
+    step = max(1, CHUNK_ELEMENTS // (points_per_bag * channels))
+    results = [torch.empty(rows.shape[:-1], dtype=table.dtype, device=table.device) for _ in per_point]
+    for start in range(0, bags, step):
+        chunk = slice(start, start + step)
+        chunk_rows = point_rows[chunk].reshape(-1, 4)
+        grad = grad_output[chunk, :, None]
+        for weights, result in zip(per_point, results):
+            chunk_weights = weights.view(bags, points_per_bag, 4)[chunk].reshape(-1, 4)
+            samples = F.embedding_bag(chunk_rows, table, per_sample_weights=chunk_weights, mode="sum")
+            result.view(bags, points_per_bag)[chunk] = torch.bmm(samples.view(-1, points_per_bag, channels), grad)[
+                ..., 0
+            ]
+    return results
