@@ -107,7 +107,8 @@ def attention_by_hand(value, shapes, locations, weights):
     return torch.stack(rows).view(batch, queries, heads * channels)
 
 
-def test_sampling_equals_bilinear_interpolation_by_hand_with_gradients():
+@pytest.mark.parametrize("impl", ["grid_sample", "gather"])
+def test_sampling_equals_bilinear_interpolation_by_hand_with_gradients(impl):
     torch.manual_seed(0)
     shapes = [(4, 5), (2, 3)]
     value = torch.randn(2, 26, 2, 3, dtype=torch.float64)
@@ -116,7 +117,7 @@ def test_sampling_equals_bilinear_interpolation_by_hand_with_gradients():
     weights = torch.rand(2, 3, 2, 2, 2, dtype=torch.float64)
     inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
     expected_inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
-    output = multi_scale_deformable_attention(inputs[0], shapes, inputs[1], inputs[2])
+    output = multi_scale_deformable_attention(inputs[0], shapes, inputs[1], inputs[2], impl)
     expected = attention_by_hand(expected_inputs[0], shapes, expected_inputs[1], expected_inputs[2])
     torch.testing.assert_close(output, expected)
     upstream = torch.randn_like(output)
@@ -127,22 +128,23 @@ def test_sampling_equals_bilinear_interpolation_by_hand_with_gradients():
     assert inputs[1].grad.abs().sum() > 0 and inputs[0].grad[1, 3:5].abs().sum() > 0
 
 
-def test_sampling_in_half_precision_runs_in_float32_and_casts_back():
+@pytest.mark.parametrize("impl", ["grid_sample", "gather"])
+def test_sampling_in_half_precision_runs_in_float32_and_casts_back(impl):
     torch.manual_seed(0)
     shapes = [(6, 7), (3, 4)]
     value = torch.randn(1, 54, 2, 4)
     locations, weights = torch.rand(1, 5, 2, 2, 3, 2), torch.rand(1, 5, 2, 2, 3)
     for dtype in (torch.bfloat16, torch.float16):
         low = [t.to(dtype) for t in (value, locations, weights)]
-        output = multi_scale_deformable_attention(low[0], shapes, low[1], low[2])
-        in_float32 = multi_scale_deformable_attention(low[0].float(), shapes, low[1].float(), low[2].float())
+        output = multi_scale_deformable_attention(low[0], shapes, low[1], low[2], impl)
+        in_float32 = multi_scale_deformable_attention(low[0].float(), shapes, low[1].float(), low[2].float(), impl)
         assert output.dtype == dtype and torch.equal(output, in_float32.to(dtype))
         # autocast's case: a half-precision value map read at float32 locations
-        mixed = multi_scale_deformable_attention(low[0], shapes, locations, weights)
-        reference = multi_scale_deformable_attention(low[0].float(), shapes, locations, weights)
+        mixed = multi_scale_deformable_attention(low[0], shapes, locations, weights, impl)
+        reference = multi_scale_deformable_attention(low[0].float(), shapes, locations, weights, impl)
         assert mixed.dtype == dtype and torch.equal(mixed, reference.to(dtype))
     with pytest.raises(ValueError, match="must list the 2 levels"):
-        multi_scale_deformable_attention(value, [(6, 7)], locations, weights)
+        multi_scale_deformable_attention(value, [(6, 7)], locations, weights, impl)
 
 
 def test_msdeformattn_places_points_and_boxes_and_ignores_padding():

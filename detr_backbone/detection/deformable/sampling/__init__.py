@@ -20,8 +20,8 @@ ATTENTION_IMPLS = ("auto", *IMPLEMENTATIONS)
 
 
 def exporting() -> bool:
-    """ONNX export and tracing record ATen ops: only grid_sample has an ONNX operator (GridSample)."""
-    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+    """An export records portable ops: grid_sample has an ONNX operator (GridSample), embedding_bag none."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
 def resolve_attention_impl(impl: str) -> str:

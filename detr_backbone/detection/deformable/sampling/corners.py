@@ -23,17 +23,26 @@ class Corners:
 
     rows: Tensor  # (N, Q, M, L, P, 4) int: rows of the corners (y, x) = (0, 0), (0, 1), (1, 0), (1, 1)
     fraction: Tensor  # (N, Q, M, L, P, 2): the point's (x, y) past its top-left corner, in pixels
-    inside: Tensor  # (N, Q, M, L, P, 2, 2) bool: the corners (y, x) on the map; outside ones weigh 0
+    inside: Tensor  # (N, Q, M, L, P, 2, 2) bool: (near, far) corner's column, row on the map (x, y)
     map_size: Tensor  # (L, 1, 2): each level's (w, h), the pixels per unit of sampling location
 
-    def weights(self) -> tuple[Tensor, Tensor]:
-        """The bilinear factors along x and along y, (N, Q, M, L, P, 2) each, for the near and far corner."""
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """The bilinear factors (1 - t, t) of the near and far corner along x and along y, (N, Q, M, L, P, 2)
+        each; zero for a column or row off the map, so every corner off it weighs zero."""
         x, y = self.fraction.unbind(-1)
-        return torch.stack([1 - x, x], -1), torch.stack([1 - y, y], -1)
+        inside_x, inside_y = self.inside.unbind(-1)
+        return torch.stack([1 - x, x], -1) * inside_x, torch.stack([1 - y, y], -1) * inside_y
 
-    def corner_weights(self, along_y: Tensor, along_x: Tensor) -> Tensor:
-        """(N, Q, M, L, P, 4) products of a factor along y and one along x, zero outside the map."""
-        return (along_y[..., :, None] * along_x[..., None, :] * self.inside).flatten(-2)
+    def slopes(self) -> tuple[Tensor, Tensor]:
+        """The factors' derivatives (-1, 1) along x and along y, zero off the map as the factors are."""
+        slope = torch.tensor([-1, 1], dtype=self.fraction.dtype, device=self.fraction.device)
+        inside_x, inside_y = self.inside.unbind(-1)
+        return slope * inside_x, slope * inside_y
+
+
+def corner_products(along_y: Tensor, along_x: Tensor) -> Tensor:
+    """(N, Q, M, L, P, 4): a factor along y times one along x for the corners (y, x) = (0, 0), (0, 1), (1, 0), (1, 1)."""
+    return (along_y[..., :, None] * along_x[..., None, :]).flatten(-2)
 
 
 def bilinear_corners(sampling_locations: Tensor, spatial_shapes: SpatialShapes, length: int, heads: int) -> Corners:
@@ -47,13 +56,17 @@ def bilinear_corners(sampling_locations: Tensor, spatial_shapes: SpatialShapes, 
     last_pixel = map_size - 1
     starts = torch.tensor([0, *(h * w for h, w in spatial_shapes)], device=device).cumsum(0)[:-1]
 
-    pixel = sampling_locations * map_size - 0.5
+    # x * w - 0.5 as grid_sample computes it (from its grid 2x - 1, with one rounding after the
+    # multiply-add, as its fused kernel and Deformable-DETR's CUDA op do): a point on a pixel centre,
+    # as the initial pattern's encoder points are, then falls on the same side of it, and its
+    # gradient (the bilinear slope on that side) is the reference's
+    grid_plus_one = 2 * sampling_locations - 1 + 1
+    pixel = (grid_plus_one.double() * (map_size.double() / 2) - 0.5).to(dtype)
     top_left = pixel.floor()
     fraction = pixel - top_left
     near = (top_left >= 0) & (top_left <= last_pixel)  # per axis: the top-left corner's column / row on the map
     far = (top_left >= -1) & (top_left < last_pixel)  # and the one after it
     inside = torch.stack([near, far], -2)  # (..., 2 corners, 2 axes)
-    inside = inside[..., :, None, 1] & inside[..., None, :, 0]  # (..., y corner, x corner)
 
     # A corner off the map weighs 0 but must still name a row: keep it within one pixel of the map,
     # then within the table (a corner before the first level's first row or after the last one's).

@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .corners import Corners, bilinear_corners
+from .corners import Corners, bilinear_corners, corner_products
 from .shapes import SpatialShapes, check_shapes, sampling_dtype
 
-SLOPE = (-1.0, 1.0)  # d/dt of the bilinear factors (1 - t, t)
 CHUNK_ELEMENTS = 2**24  # samples x channels per step of the backward's bilinear samples (64 MiB in float32)
 
 
@@ -39,8 +38,8 @@ class GatherAttention(torch.autograd.Function):
         batch, length, heads, channels = value.shape
         queries = locations.shape[1]
         corners = bilinear_corners(locations, spatial_shapes, length, heads)
-        along_x, along_y = corners.weights()
-        corner_weights = corners.corner_weights(along_y * weights[..., None], along_x)
+        along_x, along_y = corners.factors()
+        corner_weights = corner_products(along_y * weights[..., None], along_x)
         bags = batch * queries * heads
         output = F.embedding_bag(
             corners.rows.view(bags, -1),
@@ -58,17 +57,17 @@ class GatherAttention(torch.autograd.Function):
         channels = value.shape[-1]
         table = value.reshape(-1, channels)
         grad_output = grad_output.reshape(-1, channels)  # one row per bag
-        along_x, along_y = corners.weights()
+        along_x, along_y = corners.factors()
         grad_value = grad_locations = grad_weights = None
         if ctx.needs_input_grad[0]:
-            corner_weights = corners.corner_weights(along_y * weights[..., None], along_x)
+            corner_weights = corner_products(along_y * weights[..., None], along_x)
             grad_value = transposed_bags(corners.rows, corner_weights, grad_output, len(table)).view_as(value)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            slope = torch.tensor(SLOPE, dtype=value.dtype, device=value.device)
-            per_point = [  # each sample, and its slope along x and along y
-                corners.corner_weights(along_y, along_x),
-                corners.corner_weights(along_y, slope.expand_as(along_x)),
-                corners.corner_weights(slope.expand_as(along_y), along_x),
+            slope_x, slope_y = corners.slopes()
+            per_point = [  # each sample, and its derivatives along x and along y
+                corner_products(along_y, along_x),
+                corner_products(along_y, slope_x.expand_as(along_x)),
+                corner_products(slope_y.expand_as(along_y), along_x),
             ]
             sample, slope_x, slope_y = samples_dot_grad(corners.rows, per_point, table, grad_output)
             grad_weights = sample
