@@ -46,7 +46,7 @@ def test_gradcheck_in_float64(impl):
     value, locations, weights = core_inputs(SHAPES, queries=3, points=2)
     inputs = tuple(t.requires_grad_() for t in (value, locations, weights))
     assert torch.autograd.gradcheck(
-        lambda v, l, w: multi_scale_deformable_attention(v, SHAPES, l, w, impl), inputs, eps=1e-6, atol=1e-7
+        lambda v, loc, w: multi_scale_deformable_attention(v, SHAPES, loc, w, impl), inputs, eps=1e-6, atol=1e-7
     )
 
 
