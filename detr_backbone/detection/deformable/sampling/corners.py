@@ -9,6 +9,7 @@ weighted sum of four rows.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -23,20 +24,20 @@ class Corners:
 
     rows: Tensor  # (N, Q, M, L, P, 4) int: rows of the corners (y, x) = (0, 0), (0, 1), (1, 0), (1, 1)
     fraction: Tensor  # (N, Q, M, L, P, 2): the point's (x, y) past its top-left corner, in pixels
-    inside: Tensor  # (N, Q, M, L, P, 2, 2) bool: (near, far) corner's column, row on the map (x, y)
-    map_size: Tensor  # (L, 1, 2): each level's (w, h), the pixels per unit of sampling location
+    inside: Tensor  # (N, Q, M, L, P, 2, 2) bool: the (near, far) corner's column, row (x, y) on the map
+    map_size: Tensor  # (L, P, 2): each level's (w, h), the pixels per unit of sampling location
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """The bilinear factors (1 - t, t) of the near and far corner along x and along y, (N, Q, M, L, P, 2)
         each; zero for a column or row off the map, so every corner off it weighs zero."""
         x, y = self.fraction.unbind(-1)
-        inside_x, inside_y = self.inside.unbind(-1)
+        inside_x, inside_y = self.inside.to(self.fraction.dtype).unbind(-1)
         return torch.stack([1 - x, x], -1) * inside_x, torch.stack([1 - y, y], -1) * inside_y
 
     def slopes(self) -> tuple[Tensor, Tensor]:
         """The factors' derivatives (-1, 1) along x and along y, zero off the map as the factors are."""
         slope = torch.tensor([-1, 1], dtype=self.fraction.dtype, device=self.fraction.device)
-        inside_x, inside_y = self.inside.unbind(-1)
+        inside_x, inside_y = self.inside.to(self.fraction.dtype).unbind(-1)
         return slope * inside_x, slope * inside_y
 
 
@@ -45,36 +46,62 @@ def corner_products(along_y: Tensor, along_x: Tensor) -> Tensor:
     return (along_y[..., :, None] * along_x[..., None, :]).flatten(-2)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Constants of one input layout, laid out over (levels, points) so that the per-point arithmetic
+    runs over contiguous inner dimensions instead of broadcasting a 2-wide one."""
+
+    half_size: Tensor  # (L, P, 2) float64: half of each level's (w, h)
+    last_pixel: Tensor  # (L, P, 2): w - 1, h - 1
+    map_size: Tensor  # (L, P, 2): w, h
+    level_width: Tensor  # (L, P) int
+    first_rows: Tensor  # (N, 1, M, L, P) int: the table row of each image's, level's and head's pixel (0, 0)
+    steps: Tensor  # (L, P, 4) int: from the top-left corner's row to each corner's
+    rows_total: int
+
+
+@functools.lru_cache(maxsize=64)
+def layout(spatial_shapes: tuple, points: int, batch: int, length: int, heads: int, dtype, device) -> Layout:
+    index = torch.int32 if batch * length * heads < 2**31 else torch.int64  # half the memory where it fits
+    with torch.inference_mode(False):  # usable by autograd when first built under inference mode
+        widths = torch.tensor([w for _, w in spatial_shapes], device=device)
+        map_size = torch.tensor([[w, h] for h, w in spatial_shapes], device=device, dtype=torch.float64)
+        map_size = map_size[:, None, :].expand(-1, points, -1).contiguous()
+        starts = torch.tensor([0, *(h * w for h, w in spatial_shapes)], device=device).cumsum(0)[:-1]
+        first_rows = (torch.arange(batch, device=device)[:, None] * length + starts) * heads  # (N, L)
+        first_rows = first_rows[:, None, None, :] + torch.arange(heads, device=device)[:, None]  # (N, 1, M, L)
+        steps = torch.stack([torch.zeros_like(widths), torch.ones_like(widths), widths, widths + 1], -1) * heads
+        return Layout(
+            half_size=map_size / 2,
+            last_pixel=(map_size - 1).to(dtype),
+            map_size=map_size.to(dtype),
+            level_width=widths[:, None].expand(-1, points).to(index).contiguous(),
+            first_rows=first_rows[..., None].expand(-1, -1, -1, -1, points).to(index).contiguous(),
+            steps=steps[:, None, :].expand(-1, points, -1).to(index).contiguous(),
+            rows_total=batch * length * heads,
+        )
+
+
 def bilinear_corners(sampling_locations: Tensor, spatial_shapes: SpatialShapes, length: int, heads: int) -> Corners:
     """The corners of ``sampling_locations`` (N, Q, M, L, P, 2) in a value of ``length`` positions per image."""
-    batch = sampling_locations.shape[0]
-    device, dtype = sampling_locations.device, sampling_locations.dtype
-    rows_total = batch * length * heads
-    index = torch.int32 if rows_total < 2**31 else torch.int64  # half the memory of int64 where it fits
-    widths = [w for _, w in spatial_shapes]
-    map_size = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=dtype, device=device)[:, None, :]
-    last_pixel = map_size - 1
-    starts = torch.tensor([0, *(h * w for h, w in spatial_shapes)], device=device).cumsum(0)[:-1]
+    batch, points, dtype = sampling_locations.shape[0], sampling_locations.shape[4], sampling_locations.dtype
+    shape = layout(tuple(spatial_shapes), points, batch, length, heads, dtype, sampling_locations.device)
 
     # x * w - 0.5 as grid_sample computes it (from its grid 2x - 1, with one rounding after the
     # multiply-add, as its fused kernel and Deformable-DETR's CUDA op do): a point on a pixel centre,
     # as the initial pattern's encoder points are, then falls on the same side of it, and its
     # gradient (the bilinear slope on that side) is the reference's
     grid_plus_one = 2 * sampling_locations - 1 + 1
-    pixel = (grid_plus_one.double() * (map_size.double() / 2) - 0.5).to(dtype)
+    pixel = (grid_plus_one.double() * shape.half_size - 0.5).to(dtype)
     top_left = pixel.floor()
     fraction = pixel - top_left
-    near = (top_left >= 0) & (top_left <= last_pixel)  # per axis: the top-left corner's column / row on the map
-    far = (top_left >= -1) & (top_left < last_pixel)  # and the one after it
+    near = (top_left >= 0) & (top_left <= shape.last_pixel)  # per axis: the top-left corner's column / row on the map
+    far = (top_left >= -1) & (top_left < shape.last_pixel)  # and the one after it
     inside = torch.stack([near, far], -2)  # (..., 2 corners, 2 axes)
 
     # A corner off the map weighs 0 but must still name a row: keep it within one pixel of the map,
     # then within the table (a corner before the first level's first row or after the last one's).
-    top_left = torch.minimum(top_left.clamp(min=-1), last_pixel).to(index)
-    level_width = torch.tensor(widths, dtype=index, device=device)[:, None]
-    first_rows = (torch.arange(batch, device=device, dtype=index)[:, None] * length + starts.to(index)) * heads
-    first_rows = first_rows[:, None, None, :, None] + torch.arange(heads, device=device, dtype=index)[:, None, None]
-    rows = (top_left[..., 1] * level_width + top_left[..., 0]) * heads + first_rows  # (N, Q, M, L, P)
-    steps = torch.tensor([[0, 1, w, w + 1] for w in widths], dtype=index, device=device)[:, None, :] * heads
-    rows = (rows[..., None] + steps).clamp_(0, rows_total - 1)
-    return Corners(rows, fraction, inside, map_size)
+    top_left = torch.minimum(top_left.clamp_(min=-1), shape.last_pixel).to(shape.level_width.dtype)
+    rows = (top_left[..., 1] * shape.level_width + top_left[..., 0]) * heads + shape.first_rows  # (N, Q, M, L, P)
+    rows = (rows[..., None] + shape.steps).clamp_(0, shape.rows_total - 1)
+    return Corners(rows, fraction, inside, shape.map_size)
