@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import platform
@@ -69,7 +70,7 @@ def hugging_face_core(value, shapes, locations, weights):
 def core_section(args) -> dict:
     value, shapes, locations, weights = core_inputs(*args.size)
     variants: dict[str, Callable] = {
-        name: (lambda v, s, l, w, name=name: multi_scale_deformable_attention(v, s, l, w, name)) for name in CORES
+        name: functools.partial(multi_scale_deformable_attention, impl=name) for name in CORES
     }
     variants["hugging_face"] = hugging_face_core
     outputs = {name: core(value, shapes, locations, weights) for name, core in variants.items()}
