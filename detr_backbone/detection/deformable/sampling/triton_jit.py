@@ -20,16 +20,28 @@ import triton.language as tl
 
 
 @triton.jit
+def _pixel(loc, size, COMPUTE: tl.constexpr):
+    """A location in [0, 1] in pixels of a map ``size`` wide, rounded as grid_sample rounds it: so that a
+    point on a pixel centre (the initial pattern puts them there) lands on the same side of it, and gets
+    the same one-sided gradient. grid_sample, on CPU and CUDA alike, computes ``((grid + 1) * size - 1) / 2``
+    with a fused multiply-add, on ``grid = 2 * loc - 1`` rounded."""
+    shifted = loc * 2.0 - 1.0 + 1.0
+    if tl.float64 == COMPUTE:
+        pixel = tl.fma(shifted, size.to(tl.float64), -1.0)
+    else:  # a float32 product is exact in float64, so one rounding of the float64 sum is the fma's
+        pixel = (shifted.to(tl.float64) * size - 1.0).to(tl.float32)
+    return pixel / 2.0
+
+
+@triton.jit
 def _point(loc_ptr, weight_ptr, index, q_ok, height, width, COMPUTE: tl.constexpr):
     """Where the points ``index`` (BLOCK_Q,) read: top-left corner (x0, y0) as floats, the fractions past
     it, their attention weight, and which of the columns x0, x0 + 1 and rows y0, y0 + 1 lie on the map."""
     loc_x = tl.load(loc_ptr + 2 * index, mask=q_ok, other=0.0).to(COMPUTE)
     loc_y = tl.load(loc_ptr + 2 * index + 1, mask=q_ok, other=0.0).to(COMPUTE)
     weight = tl.load(weight_ptr + index, mask=q_ok, other=0.0).to(COMPUTE)
-    # grid_sample's own steps (grid = 2 * loc - 1, pixel = ((grid + 1) * size - 1) / 2), so that a point
-    # on a pixel centre rounds to the same side of it as the reference and gets the same gradient
-    pixel_x = ((loc_x * 2.0 - 1.0 + 1.0) * width - 1.0) / 2.0
-    pixel_y = ((loc_y * 2.0 - 1.0 + 1.0) * height - 1.0) / 2.0
+    pixel_x = _pixel(loc_x, width, COMPUTE)
+    pixel_y = _pixel(loc_y, height, COMPUTE)
     x0 = tl.floor(pixel_x)
     y0 = tl.floor(pixel_y)
     near_x = (x0 >= 0) & (x0 < width)

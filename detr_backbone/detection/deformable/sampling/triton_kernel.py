@@ -96,11 +96,11 @@ class TritonAttention(torch.autograd.Function):
         output = torch.empty(batch, queries, heads * channels, dtype=dtype, device=value.device)
         block_q, block_d = tile(queries, channels, FORWARD_TILE)
         grid = (ceil_div(queries, block_q), batch * heads)
-        if output.numel():  # fp fusion off: an fma would skip a rounding of grid_sample's steps (triton_jit)
+        if output.numel():
             forward_kernel[grid](
                 value, levels, locations, weights, output, queries, length, heads, channels,
                 LEVELS=n_levels, POINTS=points, BLOCK_Q=block_q, BLOCK_D=block_d, COMPUTE=compute_type(dtype),
-                num_warps=NUM_WARPS, enable_fp_fusion=False,
+                num_warps=NUM_WARPS,
             )  # fmt: skip
         ctx.save_for_backward(value, levels, locations, weights)
         ctx.dtype = dtype
@@ -124,7 +124,7 @@ class TritonAttention(torch.autograd.Function):
                 value, levels, locations, weights, grad_output.contiguous(), grad_value, grad_locations, grad_weights,
                 queries, length, heads, channels,
                 LEVELS=n_levels, POINTS=points, BLOCK_Q=block_q, BLOCK_D=block_d, COMPUTE=compute_type(dtype),
-                num_warps=NUM_WARPS, enable_fp_fusion=False,
+                num_warps=NUM_WARPS,
             )  # fmt: skip
         return (
             grad_value.to(value.dtype) if ctx.needs_input_grad[0] else None,
