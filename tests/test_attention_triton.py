@@ -10,6 +10,7 @@ programs where a device exists.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import subprocess
@@ -181,6 +182,30 @@ def test_without_triton_auto_falls_back_and_triton_says_it_does_not_import(monke
     assert resolve_attention_impl("auto", "cuda") == "gather"
     with pytest.raises(RuntimeError, match="cannot run on cuda: Triton does not import"):
         resolve_attention_impl("triton", "cuda")
+
+
+@pytest.mark.parametrize(("value_type", "compute"), [("*bf16", "float32"), ("*fp64", "float64")])
+def test_the_programs_compile_for_a_gpu_without_one(value_type, compute):
+    """The interpreter forgives what the compiler rejects (types, constexpr branches): compile both
+    programs to an sm_90 binary here, as a launch would on an H100 (Triton ships its own ptxas)."""
+    triton = pytest.importorskip("triton")
+    if triton_usable("cpu"):
+        pytest.skip("TRITON_INTERPRET=1 is set: the programs are interpreted")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from detr_backbone.detection.deformable.sampling import triton_jit
+
+    constants = {"LEVELS": 4, "POINTS": 4, "BLOCK_Q": 8, "BLOCK_D": 32, "COMPUTE": getattr(triton.language, compute)}
+    for kernel in (triton_jit.forward_kernel, triton_jit.backward_kernel):
+        names = list(inspect.signature(kernel.fn).parameters)
+        buffer = "*fp32" if compute == "float32" else "*fp64"
+        types = {name: value_type if name in ("value_ptr", "loc_ptr") else buffer for name in names}
+        types.update({"levels_ptr": "*i64", **dict.fromkeys(("queries", "length", "heads", "channels"), "i32")})
+        types.update(dict.fromkeys(constants, "constexpr"))
+        source = ASTSource(kernel, types, {(names.index(k),): v for k, v in constants.items()})
+        binary = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        assert len(binary.asm["cubin"]) > 10_000 and kernel.fn.__name__ in binary.asm["ptx"]
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -172,10 +172,10 @@ def backward_kernel(
             v11 = _load(value_ptr, o11, ok11, COMPUTE)
             # value: each corner receives the output gradient times its share of the point
             weighted = grad * weight[:, None]
-            tl.atomic_add(grad_value_ptr + o00, weighted * ((1 - fy) * (1 - fx))[:, None], mask=ok00)
-            tl.atomic_add(grad_value_ptr + o01, weighted * ((1 - fy) * fx)[:, None], mask=ok01)
-            tl.atomic_add(grad_value_ptr + o10, weighted * (fy * (1 - fx))[:, None], mask=ok10)
-            tl.atomic_add(grad_value_ptr + o11, weighted * (fy * fx)[:, None], mask=ok11)
+            tl.atomic_add(grad_value_ptr + o00, weighted * ((1 - fy) * (1 - fx))[:, None], mask=ok00, sem="relaxed")
+            tl.atomic_add(grad_value_ptr + o01, weighted * ((1 - fy) * fx)[:, None], mask=ok01, sem="relaxed")
+            tl.atomic_add(grad_value_ptr + o10, weighted * (fy * (1 - fx))[:, None], mask=ok10, sem="relaxed")
+            tl.atomic_add(grad_value_ptr + o11, weighted * (fy * fx)[:, None], mask=ok11, sem="relaxed")
             # weight: the sample dotted with the output gradient
             top = v00 * (1 - fx)[:, None] + v01 * fx[:, None]
             bottom = v10 * (1 - fx)[:, None] + v11 * fx[:, None]
