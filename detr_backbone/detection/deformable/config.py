@@ -37,7 +37,7 @@ class DeformableDetrConfig(HeadConfig):
     two_stage: bool = False  # queries from the encoder's best proposals (needs with_box_refine)
     focal_alpha: float = FOCAL_ALPHA
     lr_linear_proj_mult: float = 0.1  # sampling offsets and reference points train at lr times this
-    attention_impl: str = "auto"  # the deformable attention core: auto | gather | grid_sample (the reference)
+    attention_impl: str = "auto"  # the deformable attention core: auto | triton | gather | grid_sample (the reference)
 
     ARCHITECTURE: ClassVar[type[DeformableArchitecture]] = DeformableArchitecture
     POSITIVE: ClassVar[tuple[str, ...]] = (

@@ -3,7 +3,9 @@
 Each query reads ``n_points`` bilinear samples per head and level and sums them with its attention
 weights. ``grid_sample`` is the reference (Deformable-DETR's pure-PyTorch core); ``gather`` reads
 the four corners of every sample straight from the flattened value and reduces them in the same
-pass; ``auto`` takes the one measured fastest for the input's size. All return the same numbers (tests/test_attention_core.py).
+pass; ``triton`` does the same in Triton programs on a CUDA device (Deformable-DETR's CUDA op);
+``auto`` takes the one measured fastest for the device and the input's size. All return the same
+numbers (tests/test_attention_core.py, tests/test_attention_triton.py).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from torch import Tensor
 from .gather import gather_attention
 from .grid_sample import grid_sample_attention
 from .shapes import LOW_PRECISION, SpatialShapes
+from .triton_kernel import triton_attention, triton_needs, triton_usable
 
-IMPLEMENTATIONS = {"grid_sample": grid_sample_attention, "gather": gather_attention}
+IMPLEMENTATIONS = {"grid_sample": grid_sample_attention, "gather": gather_attention, "triton": triton_attention}
 ATTENTION_IMPLS = ("auto", *IMPLEMENTATIONS)
 
 
@@ -30,18 +33,29 @@ def exporting() -> bool:
 GATHER_MIN_READS = 2**20
 
 
-def resolve_attention_impl(impl: str, sampling_locations: Tensor | None = None) -> str:
-    """The implementation ``impl`` names. ``auto``: grid_sample while exporting or for small inputs
-    (``sampling_locations`` given, fewer than ``GATHER_MIN_READS`` corner reads), else gather."""
+def resolve_attention_impl(impl: str, device: torch.device | str | None = None, corner_reads: int = 0) -> str:
+    """The implementation that runs ``impl`` on inputs on ``device``. ``auto``: grid_sample while
+    exporting; triton on a CUDA device where Triton imports; else gather from ``GATHER_MIN_READS``
+    corner reads a call, grid_sample below. Without a device only the name is checked and returned
+    as given (a module checks its setting before it sees an input)."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl={impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
-    if impl != "auto":
+    if device is None:
         return impl
-    if exporting():
-        return "grid_sample"
-    if sampling_locations is not None and sampling_locations[..., 0].numel() * 4 < GATHER_MIN_READS:
-        return "grid_sample"
-    return "gather"
+    device = torch.device(device)
+    if impl == "auto":
+        if exporting():
+            return "grid_sample"
+        if device.type == "cuda" and triton_usable(device):
+            return "triton"
+        return "gather" if corner_reads >= GATHER_MIN_READS else "grid_sample"
+    if impl == "triton" and not triton_usable(device):
+        usable = [name for name in IMPLEMENTATIONS if name != "triton"]
+        raise RuntimeError(
+            f"attention_impl='triton' cannot run on {device}: {triton_needs()}; "
+            f"on {device} use one of auto, {', '.join(usable)}"
+        )
+    return impl
 
 
 def multi_scale_deformable_attention(
@@ -59,7 +73,8 @@ def multi_scale_deformable_attention(
     outside the map reads zeros. ``attention_weights`` (N, Q, M, L, P). Returns (N, Q, M * D) in
     ``value``'s dtype; half-precision inputs are sampled in float32.
     """
-    core = IMPLEMENTATIONS[resolve_attention_impl(impl, sampling_locations)]
+    corner_reads = sampling_locations[..., 0].numel() * 4
+    core = IMPLEMENTATIONS[resolve_attention_impl(impl, value.device, corner_reads)]
     return core(value, spatial_shapes, sampling_locations, attention_weights)
 
 
@@ -69,4 +84,5 @@ __all__ = [
     "SpatialShapes",
     "multi_scale_deformable_attention",
     "resolve_attention_impl",
+    "triton_usable",
 ]
