@@ -91,6 +91,12 @@ class TrainerConfig:
     sync_batchnorm: bool = False
     use_distributed_sampler: bool = True
 
+    def __post_init__(self) -> None:
+        require(
+            self.accumulate_grad_batches >= 1,
+            f"trainer.accumulate_grad_batches={self.accumulate_grad_batches} must be >= 1 batches per optimizer step",
+        )
+
 
 @dataclass
 class CheckpointConfig:
