@@ -3,20 +3,16 @@ evaluation.class_metrics: the per-class mAP logged by validation against COCOeva
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from torchmetrics.detection import MeanAveragePrecision
 
 from detr_backbone.commands.evaluate import main as evaluate_main
 from detr_backbone.data import build_datamodule
-from detr_backbone.inference.coco_metrics import STAT_NAMES, class_precision, coco_metrics
+from detr_backbone.inference.coco_metrics import STAT_NAMES, coco_metrics
 from detr_backbone.training.job import validated
 from detr_backbone.training.module import DetrModule
 
@@ -91,30 +87,6 @@ def test_bad_backends_are_named(tmp_path):
         coco_metrics(tmp_path / "truth.json", tmp_path / "results.json", "coco")
 
 
-def cocoeval_per_class(truths, predictions, num_classes: int) -> list[float | None]:
-    """Each class's AP (IoU 0.50:0.95) by pycocotools' COCOeval, from its precision array."""
-    truth = COCO()
-    truth.dataset = {"images": [], "annotations": [], "categories": [{"id": c + 1} for c in range(num_classes)]}
-    results = []
-    for image_id, (target, found) in enumerate(zip(truths, predictions), start=1):
-        truth.dataset["images"].append({"id": image_id})
-        for box, label in zip(target["boxes"].tolist(), target["labels"].tolist()):
-            bbox = [box[0], box[1], box[2] - box[0], box[3] - box[1]]
-            annotation = {"image_id": image_id, "category_id": label + 1, "bbox": bbox, "area": bbox[2] * bbox[3]}
-            truth.dataset["annotations"].append(
-                annotation | {"id": len(truth.dataset["annotations"]) + 1, "iscrowd": 0}
-            )
-        for box, label, score in zip(found["boxes"].tolist(), found["labels"].tolist(), found["scores"].tolist()):
-            bbox = [box[0], box[1], box[2] - box[0], box[3] - box[1]]
-            results.append({"image_id": image_id, "category_id": label + 1, "bbox": bbox, "score": score})
-    with contextlib.redirect_stdout(io.StringIO()):
-        truth.createIndex()
-        evaluation = COCOeval(truth, truth.loadRes(results), "bbox")
-        evaluation.evaluate()
-        evaluation.accumulate()
-    return [class_precision(evaluation, index) for index in range(num_classes)]
-
-
 def test_validation_logs_each_classs_map_as_cocoeval_computes_it(tmp_path, one_thread):
     checkpoint = train_tiny_checkpoint(tmp_path / "run")
     module = DetrModule.load_from_checkpoint(checkpoint, weights_only=True)
@@ -131,11 +103,12 @@ def test_validation_logs_each_classs_map_as_cocoeval_computes_it(tmp_path, one_t
 
     truths = [target for _, targets in seen for target in targets]
     predictions = [prediction for predictions, _ in seen for prediction in predictions]
-    expected = cocoeval_per_class(truths, predictions, len(CLASS_NAMES))
+    # pycocotools' COCOeval of the same detections written as COCO files, per class from its precision array
+    expected = coco_metrics(*coco_files(tmp_path, truths, predictions, CLASS_NAMES)).per_class
     assert {key for key in logged if key.startswith("val/map/")} == {f"val/map/{name}" for name in CLASS_NAMES}
-    assert any(value > 0 for value in expected)  # the tiny detector finds something
-    for name, value in zip(CLASS_NAMES, expected):
-        assert logged[f"val/map/{name}"] == pytest.approx(value, abs=1e-6), name
+    assert any(expected[name]["AP"] > 0 for name in CLASS_NAMES)  # the tiny detector finds something
+    for name in CLASS_NAMES:
+        assert logged[f"val/map/{name}"] == pytest.approx(expected[name]["AP"], abs=1e-6), name
 
 
 def test_class_metrics_off_logs_no_class_and_evaluate_takes_either_backend(tmp_path):
