@@ -16,8 +16,8 @@ differences in AP, AP50 and AP75 are printed and saved.
 
 Writes ``detections.json`` (every query of every image, COCO's results format), for the shapes data
 its ground truth as ``ground_truth.json`` (a COCO folder's own annotation file is the ground truth),
-and ``metrics.json``. Every number is pycocotools' COCOeval of those two files, so anyone can
-recompute them. Images are resized and normalised by the data config's evaluation transform, as
+and ``metrics.json``. Every number is COCOeval's of those two files (pycocotools', or
+faster-coco-eval's with ``backend=faster_coco_eval``), so anyone can recompute them. Images are resized and normalised by the data config's evaluation transform, as
 the training job's validation does. Keys: conf/evaluate.yaml and the data group, as Hydra overrides.
 """
 
@@ -38,7 +38,7 @@ from ..config import require
 from ..data import CocoDetection, ShapesDataset, build_datamodule
 from ..inference.checkpoint import load_detector, saved_run_config
 from ..inference.coco_files import category_ids_by_name, detection_rows, instances, write_json
-from ..inference.coco_metrics import CocoMetrics, coco_metrics, per_class_table
+from ..inference.coco_metrics import CocoMetrics, check_coco_backend, coco_metrics, per_class_table
 from ..inference.exported import SUFFIX_FORMATS, ExportedPredictor
 from ..inference.predictor import DTYPES, Predictor
 from ..training.config import DataConfig
@@ -60,12 +60,14 @@ class EvaluateConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     fuse: Optional[bool] = None  # oneDNN-fused frozen-BN ResNet convolutions; null: on a CPU in float32/bfloat16
     progress: bool = True
+    backend: str = "pycocotools"  # pycocotools | faster_coco_eval: whose COCOeval computes the metrics
 
     def __post_init__(self) -> None:
         require(
             self.ckpt_path is not None, "ckpt_path is required: python -m detr_backbone evaluate ckpt_path=<checkpoint>"
         )
         require(self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
+        check_coco_backend(self.backend)
 
 
 def dataset_categories(dataset: Dataset) -> tuple[list[str], list[int]]:
@@ -149,7 +151,7 @@ def evaluate(cfg: EvaluateConfig, own_data: bool = False) -> CocoMetrics:
             rows += detection_rows(detections, category_ids, image_id, file_name(dataset, image_id))
     detections_file = write_json(output_dir / DETECTIONS_FILE, rows)
     truth = ground_truth_file(cfg, dataset, names, ids, output_dir)
-    metrics = coco_metrics(truth, detections_file)
+    metrics = coco_metrics(truth, detections_file, cfg.backend)
     metrics.files = {
         "detections": str(detections_file),
         "ground_truth": str(truth),

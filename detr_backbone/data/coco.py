@@ -33,9 +33,9 @@ def read_instances(annotation_file: Path) -> dict:
     return dataset
 
 
-def load_coco(annotation_file: Path) -> COCO:
-    """pycocotools' index of ``annotation_file``, with errors that name the file."""
-    coco = COCO()
+def load_coco(annotation_file: Path, index: type = COCO) -> COCO:
+    """pycocotools' index of ``annotation_file`` (or ``index``'s, a class with its API), with errors that name the file."""
+    coco = index()
     coco.dataset = read_instances(annotation_file)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines

@@ -12,6 +12,9 @@ from typing import Any, Optional
 
 from ..config import BackboneConfig, PositionConfig, backbone_config, position_config, require
 from ..detection import HEADS, head_config
+from ..inference.coco_metrics import check_coco_backend
+
+MONITOR_MODES = ("max", "min")
 
 
 @dataclass
@@ -88,6 +91,12 @@ class TrainerConfig:
     sync_batchnorm: bool = False
     use_distributed_sampler: bool = True
 
+    def __post_init__(self) -> None:
+        require(
+            self.accumulate_grad_batches >= 1,
+            f"trainer.accumulate_grad_batches={self.accumulate_grad_batches} must be >= 1 batches per optimizer step",
+        )
+
 
 @dataclass
 class CheckpointConfig:
@@ -124,14 +133,67 @@ class PredictionsConfig:
 
 
 @dataclass
+class EmaConfig:
+    """An exponential moving average of the detector's weights, validated, checkpointed and exported instead of them.
+
+    The decay warms up as RT-DETR's and D-FINE's ModelEMA (taken from YOLOv5) does it:
+    ``decay * (1 - exp(-updates / warmup_steps))``, so the average follows the weights closely while they move
+    fast at the start. timm's own warm-up (``1 - (1 + updates) ** -power``) is not the DETR family's.
+    """
+
+    enabled: bool = False
+    decay: float = 0.9999  # RT-DETR's and D-FINE's
+    warmup_steps: int = 2000  # optimizer steps of the warm-up's time constant (RT-DETR 2000, D-FINE 1000); 0: none
+
+    def __post_init__(self) -> None:
+        require(0 < self.decay < 1, f"callbacks.ema.decay={self.decay} must be in (0, 1), e.g. 0.9999")
+        require(
+            self.warmup_steps >= 0,
+            f"callbacks.ema.warmup_steps={self.warmup_steps} must be >= 0 optimizer steps (0: no warm-up)",
+        )
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Lightning's EarlyStopping: stop once ``monitor`` has not improved by ``min_delta`` for ``patience`` validations."""
+
+    enabled: bool = False
+    monitor: str = "val/map_50"
+    mode: str = "max"
+    patience: int = 5  # validations without improvement before the run stops
+    min_delta: float = 0.0  # a smaller change is no improvement
+
+    def __post_init__(self) -> None:
+        require(
+            self.mode in MONITOR_MODES,
+            f"callbacks.early_stopping.mode={self.mode!r} is not one of {', '.join(MONITOR_MODES)}",
+        )
+        require(self.patience >= 1, f"callbacks.early_stopping.patience={self.patience} must be >= 1 validation")
+        require(self.min_delta >= 0, f"callbacks.early_stopping.min_delta={self.min_delta} must be >= 0")
+
+
+@dataclass
 class CallbacksConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     lr_monitor: bool = True
     progress_bar: str = "tqdm"  # tqdm | rich | none
     non_finite_loss: str = "stop"  # a NaN / infinite training loss: stop (error naming the step) | skip (the step)
     slurm_requeue: bool = True  # under SLURM, the warning signal (sbatch --signal=USR1@120) also requeues the job
     parameter_summary: bool = True  # trainable / frozen counts per part at fit start
     predictions: PredictionsConfig = field(default_factory=PredictionsConfig)
+
+
+@dataclass
+class EvaluationConfig:
+    """COCO mAP of validation and test (torchmetrics' MeanAveragePrecision)."""
+
+    backend: str = "pycocotools"  # pycocotools | faster_coco_eval: the COCOeval implementation, same numbers
+    class_metrics: bool = True  # <stage>/map/<class name> per class: the metric's compute costs 2.5-3x as much
+
+    def __post_init__(self) -> None:
+        check_coco_backend(self.backend, "evaluation.backend")
 
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -186,6 +248,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     hidden_dim: int = 256
     lr: float = 1e-4
     lr_backbone: float = 1e-5

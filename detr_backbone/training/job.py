@@ -8,13 +8,21 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
-from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from pytorch_lightning.callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    RichProgressBar,
+    TQDMProgressBar,
+)
 from pytorch_lightning.profilers import AdvancedProfiler, Profiler, SimpleProfiler
 from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
 
 from ..config import JoinerConfig, require
 from ..data import build_datamodule
 from ..detection import HEADS
+from .callbacks.ema import EmaWeights
 from .callbacks.last_checkpoint import LastCheckpoint
 from .callbacks.loss_guard import NON_FINITE_ACTIONS, NonFiniteLossGuard
 from .callbacks.model_summary import ParameterSummary
@@ -92,7 +100,16 @@ def build_callbacks(cfg: CallbacksConfig, run_dir: Path) -> list[Callback]:
             every_n_epochs=checkpoint.every_n_epochs,
         ),
         NonFiniteLossGuard(cfg.non_finite_loss),
+        # there with the average off too: it resumes a checkpoint written with it on from the trained weights
+        EmaWeights(cfg.ema.decay if cfg.ema.enabled else None, cfg.ema.warmup_steps),
     ]
+    stopping = cfg.early_stopping
+    if stopping.enabled:
+        callbacks.append(
+            EarlyStopping(
+                monitor=stopping.monitor, mode=stopping.mode, patience=stopping.patience, min_delta=stopping.min_delta
+            )
+        )
     if checkpoint.save_last:
         callbacks.append(LastCheckpoint(run_dir / "checkpoints", checkpoint.every_n_train_steps))
     if cfg.lr_monitor:
@@ -130,7 +147,13 @@ def build_module(cfg: Config, num_classes: int, class_names: Sequence[str] | Non
     }
     optim = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "lr_drop": cfg.lr_drop}
     return DetrModule(
-        joiner, asdict(cfg.model), optim, num_classes, class_names, allowed_targets=own_config_targets(cfg)
+        joiner,
+        asdict(cfg.model),
+        optim,
+        num_classes,
+        class_names,
+        allowed_targets=own_config_targets(cfg),
+        evaluation=asdict(cfg.evaluation),
     )
 
 

@@ -27,7 +27,7 @@ from ..detection.criterion import AUX_SUFFIX
 from ..inference.checkpoint import TRAINING_CHECKPOINT, buildable_config, key_mismatch, read_checkpoint
 from ..nested_tensor import NestedTensor
 from ..param_groups import joiner_parameter_groups, make_group
-from .config import OptimConfig
+from .config import EvaluationConfig, OptimConfig
 
 Batch = tuple[NestedTensor, Sequence[Mapping[str, Tensor]]]
 MAP_KEYS = ("map", "map_50", "map_75")
@@ -45,6 +45,7 @@ class DetrModule(pl.LightningModule):
         num_classes: int,
         class_names: Sequence[str] | None = None,
         allowed_targets: Sequence[str] = (),
+        evaluation: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         # typed once; hyperparameters may come from a checkpoint (load_from_checkpoint): build only what is ours or allowed
@@ -53,9 +54,23 @@ class DetrModule(pl.LightningModule):
         self.optim_cfg = structured(OptimConfig, optim, "optim")
         self.detector = self.config.build()
         self.criterion = self.config.criterion(self.mean_over_processes)
-        self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
-        self.test_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
-        self.save_hyperparameters({**self.config.hyperparameters(), "optim": asdict(self.optim_cfg)})
+        self.evaluation = structured(EvaluationConfig, evaluation or {}, "evaluation")
+        self.val_map, self.test_map = self.mean_average_precision(), self.mean_average_precision()
+        self.save_hyperparameters(
+            {
+                **self.config.hyperparameters(),
+                "optim": asdict(self.optim_cfg),
+                "evaluation": asdict(self.evaluation),
+            }
+        )
+
+    def mean_average_precision(self) -> MeanAveragePrecision:
+        return MeanAveragePrecision(
+            box_format="xyxy",
+            iou_type="bbox",
+            backend=self.evaluation.backend,
+            class_metrics=self.evaluation.class_metrics,
+        )
 
     def mean_over_processes(self, num_boxes: Tensor) -> Tensor:
         """DETR normalises the box losses by the box count averaged over all processes."""
@@ -114,7 +129,15 @@ class DetrModule(pl.LightningModule):
     def log_map(self, stage: str, metric: MeanAveragePrecision) -> None:
         results = metric.compute()
         self.log_dict({f"{stage}/{key}": results[key] for key in MAP_KEYS}, prog_bar=True, sync_dist=False)
+        if metric.class_metrics:
+            self.log_dict(self.per_class_map(stage, results), sync_dist=False)
         metric.reset()
+
+    def per_class_map(self, stage: str, results: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``<stage>/map/<class name>`` of every class with ground truth (COCOeval's -1 marks one without)."""
+        names = self.config.class_names or [f"class {label}" for label in range(self.config.num_classes)]
+        classes, values = results["classes"].reshape(-1).tolist(), results["map_per_class"].reshape(-1)
+        return {f"{stage}/map/{names[label]}": value for label, value in zip(classes, values) if value > -1}
 
     def fused_optimizer_allowed(self) -> bool:
         """The fused AdamW kernel (several times faster on a CPU) wherever Lightning can clip its gradients.
@@ -149,8 +172,16 @@ def load_training_module(path: str | os.PathLike, allowed_targets: Sequence[str]
         raise ValueError(
             f"{os.fspath(path)} is not {TRAINING_CHECKPOINT} (no DetrModule hyperparameters and state_dict in it)"
         )
-    optim = content["hyper_parameters"]["optim"]
-    module = DetrModule(config.joiner, config.head, optim, config.num_classes, config.class_names, allowed_targets)
+    hparams = content["hyper_parameters"]
+    module = DetrModule(
+        config.joiner,
+        config.head,
+        hparams["optim"],
+        config.num_classes,
+        config.class_names,
+        allowed_targets,
+        hparams.get("evaluation"),  # written before it was saved: the defaults
+    )
     mismatch = key_mismatch(*module.load_state_dict(content["state_dict"], strict=False))
     if mismatch:
         raise ValueError(f"{os.fspath(path)} does not fit the DetrModule its hyperparameters describe: {mismatch}")

@@ -70,6 +70,7 @@ MAY_CHANGE = (
     "data.max_bad_fraction",
     "callbacks.*",
     "logger.*",
+    "evaluation.*",
     "backbone.pretrained",
     "backbone.checkpoint",
     "backbone.strict",  # the weights come from the checkpoint

@@ -1,5 +1,7 @@
-"""Lightning callbacks of the training job: checkpoints, the loss guard, the parameter summary, prediction grids."""
+"""Lightning callbacks of the training job: checkpoints, the weights' average, the loss guard, the parameter
+summary, prediction grids."""
 
+from .ema import TRAINING_WEIGHTS_KEY, EmaWeights, WarmedUpEma
 from .last_checkpoint import LastCheckpoint
 from .loss_guard import NON_FINITE_ACTIONS, NonFiniteLossError, NonFiniteLossGuard
 from .model_summary import ParameterSummary
@@ -7,9 +9,12 @@ from .prediction_grid import PredictionGrid
 
 __all__ = [
     "NON_FINITE_ACTIONS",
+    "TRAINING_WEIGHTS_KEY",
+    "EmaWeights",
     "LastCheckpoint",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
     "ParameterSummary",
     "PredictionGrid",
+    "WarmedUpEma",
 ]
