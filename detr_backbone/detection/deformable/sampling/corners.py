@@ -17,8 +17,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .shapes import SpatialShapes
-
 BORDER = 2  # zero pixels around each map: a clamped corner pair (-2, -1) or (w, w + 1) lies in it
 
 
@@ -34,7 +32,9 @@ class Layout:
     highest: tuple[Tensor, Tensor]  # (L, P) each: w, h
     bordered_width: Tensor  # (L, P): w + 4
     first_rows: Tensor  # (N, 1, M, L, P) int: the row of each image's, head's and level's pixel (0, 0)
-    corner_steps: Tensor  # (4, L, P) int: rows from the top-left corner to the corners (y, x) = (0, 0), (0, 1), (1, 0), (1, 1)
+    corner_steps: (
+        Tensor  # (4, L, P) int: rows from the top-left corner to the corners (y, x) = (0, 0), (0, 1), (1, 0), (1, 1)
+    )
     heads: int
     rows: int  # the table's rows: the bordered maps', then zero rows for the corners of a clamped NaN point
     last_top_left: int
@@ -85,7 +85,9 @@ def unbordered(grad_table: Tensor, value_shape: torch.Size, shape: Layout) -> Te
     """The gradient of the value from the gradient of its bordered table (the border's is dropped)."""
     batch, _, heads, channels = value_shape
     images = grad_table[: batch * shape.bordered_length * heads].view(batch, shape.bordered_length, heads * channels)
-    maps = [bordered[:, BORDER:-BORDER, BORDER:-BORDER].flatten(1, 2) for bordered in bordered_maps(images, shape.shapes)]
+    maps = [
+        bordered[:, BORDER:-BORDER, BORDER:-BORDER].flatten(1, 2) for bordered in bordered_maps(images, shape.shapes)
+    ]
     return torch.cat(maps, 1).view(value_shape)
 
 

@@ -5,8 +5,8 @@ The value of all levels, heads and batch entries, each map in a zero border, is 
 (``corners.bordered_table``); each (image, query, head) is a bag of L * P * 4 corner rows,
 weighted by attention weight times bilinear weight. The backward keeps the corners' top-left rows
 and fractions, not the samples: the value's gradient is the same reduction transposed (the corner
-entries sorted by row), the weights' and locations' gradients come from the bilinear samples (and
-their x and y slopes) dotted with the output's gradient.
+entries sorted by row), the weights' and locations' gradients follow from each corner's value
+dotted with the output's gradient, which ``embedding_bag``'s own backward computes in one pass.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from torch import Tensor
 
 from .corners import Corners, Layout, bilinear_corners, bordered_table, layout, products, unbordered
 from .shapes import SpatialShapes, check_shapes, sampling_dtype
-
-CHUNK_ELEMENTS = 2**24  # samples x channels per step of the backward's bilinear samples (64 MiB in float32)
 
 
 def gather_attention(
@@ -60,60 +58,56 @@ class GatherAttention(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):
         table, weights, *corner_tensors = ctx.saved_tensors
         shape, corners = ctx.shape, Corners(*corner_tensors)
-        rows = corners.rows(shape)
         grad_output = grad_output.reshape(-1, table.shape[1])  # one row per bag
-        along_x, along_y = bilinear_factors(corners)
+        (x_near, x_far), (y_near, y_far) = bilinear_factors(corners)
         grad_value = grad_locations = grad_weights = None
         if ctx.needs_input_grad[0]:
-            corner_weights = products((along_y[0] * weights, along_y[1] * weights), along_x)
-            grad_table = transposed_bags(rows, corner_weights, grad_output, len(table))
+            near, far = y_near * weights, y_far * weights
+            corner_weights = [near * x_near, near * x_far, far * x_near, far * x_far]
+            grad_table = transposed_bags(corners.top_left, shape, corner_weights, grad_output, len(table))
             grad_value = unbordered(grad_table, ctx.value_shape, shape)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            slope = (-torch.ones_like(corners.fraction_x), torch.ones_like(corners.fraction_x))
-            per_point = [  # each sample, and its derivatives along x and along y
-                products(along_y, along_x),
-                products(along_y, slope),
-                products(slope, along_x),
-            ]
-            grad_weights, slope_x, slope_y = samples_dot_grad(rows, per_point, table, grad_output)
+            top_left, top_right, bottom_left, bottom_right = corner_dots(corners.rows(shape), table, grad_output)
+            top = top_left * x_near + top_right * x_far  # the rows' samples, dotted with the gradient
+            bottom = bottom_left * x_near + bottom_right * x_far
+            grad_weights = top * y_near + bottom * y_far
+            along_x = (top_right - top_left) * y_near + (bottom_right - bottom_left) * y_far
             grad_locations = torch.empty((*weights.shape, 2), dtype=weights.dtype, device=weights.device)
-            for axis, slope_along in enumerate((slope_x, slope_y)):
-                torch.mul(slope_along.mul_(weights), shape.half_size[axis] * 2, out=grad_locations[..., axis])
+            for axis, slope in enumerate((along_x, bottom - top)):  # d/dx, d/dy of the sample, in pixels
+                torch.mul(slope.mul_(weights), shape.half_size[axis] * 2, out=grad_locations[..., axis])
         return grad_value, None, grad_locations, grad_weights
 
 
-def transposed_bags(rows: Tensor, corner_weights: Tensor, grad_output: Tensor, table_rows: int) -> Tensor:
-    """The table's gradient: each row sums the output gradients of the bags that read it, weighted."""
-    flat_rows = rows.reshape(-1)
-    per_bag = flat_rows.numel() // len(grad_output)
-    order = flat_rows.argsort()
-    counts = torch.bincount(flat_rows, minlength=table_rows)
-    offsets = torch.cumsum(counts, 0) - counts
-    return F.embedding_bag(
-        (order // per_bag).to(flat_rows.dtype),
-        grad_output,
-        offsets.to(flat_rows.dtype),
-        per_sample_weights=corner_weights.reshape(-1)[order],
-        mode="sum",
-    )
+def transposed_bags(
+    top_left: Tensor, shape: Layout, corner_weights: list[Tensor], grad_output: Tensor, table_rows: int
+) -> Tensor:
+    """The table's gradient: each row sums the output gradients of the bags that read it, weighted.
+
+    It is an ``embedding_bag`` over the output gradient with the entries sorted by table row. One
+    sort serves all four corners: a corner's row is its top-left row plus a step fixed per level,
+    and each level's corners stay within its own rows, so sorting the top-left rows sorts each
+    corner's rows too.
+    """
+    flat = top_left.reshape(-1)
+    order = flat.argsort()
+    bags = (order // (len(flat) // len(grad_output))).to(flat.dtype)
+    grad_table = None
+    for corner, weights in enumerate(corner_weights):
+        rows = (top_left + shape.corner_steps[corner]).reshape(-1)
+        counts = torch.bincount(rows, minlength=table_rows)
+        offsets = (torch.cumsum(counts, 0) - counts).to(flat.dtype)
+        part = F.embedding_bag(bags, grad_output, offsets, per_sample_weights=weights.reshape(-1)[order], mode="sum")
+        grad_table = part if grad_table is None else grad_table.add_(part)
+    return grad_table
 
 
-def samples_dot_grad(rows: Tensor, per_point: list[Tensor], table: Tensor, grad_output: Tensor) -> list[Tensor]:
-    """For each weighting of the four corners: the weighted corner sum of every point dotted with its bag's
-    output gradient, (N, Q, M, L, P). Computed a chunk of bags at a time, so no more than
-    ``CHUNK_ELEMENTS`` sampled values exist at once."""
-    bags, channels = grad_output.shape
-    points_per_bag = rows[..., 0].numel() // bags
-    point_rows = rows.view(bags, points_per_bag, 4)
-    step = max(1, CHUNK_ELEMENTS // (points_per_bag * channels))
-    results = [torch.empty(rows.shape[:-1], dtype=table.dtype, device=table.device) for _ in per_point]
-    for start in range(0, bags, step):
-        chunk = slice(start, start + step)
-        chunk_rows = point_rows[chunk].reshape(-1, 4)
-        grad = grad_output[chunk, :, None]
-        for weights, result in zip(per_point, results):
-            chunk_weights = weights.view(bags, points_per_bag, 4)[chunk].reshape(-1, 4)
-            samples = F.embedding_bag(chunk_rows, table, per_sample_weights=chunk_weights, mode="sum")
-            dots = torch.bmm(samples.view(-1, points_per_bag, channels), grad)
-            result.view(bags, points_per_bag)[chunk] = dots[..., 0]
-    return results
+def corner_dots(rows: Tensor, table: Tensor, grad_output: Tensor) -> tuple[Tensor, ...]:
+    """Each corner's value dotted with its bag's output gradient, (N, Q, M, L, P) per corner: the
+    gradient of ``embedding_bag`` with respect to its per-sample weights, a fused gather-and-dot."""
+    bags = len(grad_output)
+    with torch.enable_grad():
+        probe = torch.ones(rows.numel() // bags, dtype=table.dtype, device=table.device).expand(bags, -1)
+        probe.requires_grad_()
+        output = F.embedding_bag(rows.view(bags, -1), table, per_sample_weights=probe, mode="sum")
+        (dots,) = torch.autograd.grad(output, probe, grad_output)
+    return dots.view(rows.shape).unbind(-1)
