@@ -104,7 +104,7 @@ def contrastive_denoising(
     groups = denoising_groups(dn_number, most)
     copies = 2 * groups  # a positive and a negative copy per group
     labels = torch.cat([target["labels"] for target in targets]).repeat(copies)
-    boxes = torch.cat([target["boxes"] for target in targets]).float().repeat(copies, 1)
+    boxes = torch.cat([target["boxes"] for target in targets]).repeat(copies, 1)
     device = labels.device
     if label_noise_ratio > 0:
         swapped = torch.nonzero(torch.rand(labels.shape, device=device) < label_noise_ratio * 0.5).view(-1)
