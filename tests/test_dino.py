@@ -197,7 +197,7 @@ DINO_SMALL = ["model=dino_small", "model.num_queries=5", "model.enc_layers=1", "
 @pytest.fixture(scope="module")
 def dino_checkpoint(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("dino")
-    overrides = [*TINY_RUN, *DINO_SMALL, "model.dim_feedforward=64", "trainer.max_steps=8"]
+    overrides = [*TINY_RUN, *DINO_SMALL, "model.dim_feedforward=64", "trainer.max_steps=4"]
     job = Job(validated(compose_config(*overrides)), folder)
     assert isinstance(job.module.detector, DINO)
     images, targets = next(iter(job.datamodule.train_dataloader()))
@@ -205,7 +205,7 @@ def dino_checkpoint(tmp_path_factory) -> Path:
     losses = job.module.criterion(job.module(images, targets), targets)  # the training step's inputs
     assert {"loss_ce_dn", "loss_bbox_dn", "loss_giou_dn_0", "loss_ce_interm"} <= set(losses)
     job.run()
-    assert torch.isfinite(job.trainer.callback_metrics["train/loss"]) and job.trainer.global_step == 8
+    assert torch.isfinite(job.trainer.callback_metrics["train/loss"]) and job.trainer.global_step == 4
     assert not any("_dn" in name for name in job.trainer.callback_metrics)  # only the final losses are logged
     return folder / "checkpoints" / "last.ckpt"
 
