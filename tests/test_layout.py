@@ -109,6 +109,7 @@ def test_shared_helpers_sit_below_their_users():
             ["DETR", "Transformer", "HungarianMatcher", "SetCriterion", "PostProcess", "DetectorConfig", "HEADS"],
         ),
         ("detr_backbone.detection.deformable", ["DeformableDETR", "DeformableDetrConfig", "TopKPostProcess"]),
+        ("detr_backbone.detection.dino", ["DINO", "DinoConfig", "DenoisingQueries", "contrastive_denoising"]),
         ("detr_backbone.data", ["build_datamodule", "ShapesDataset", "CocoDetection"]),
         ("detr_backbone.training", ["DetrModule", "Job", "Config", "register_configs", "validated"]),
         (

@@ -13,7 +13,8 @@ from torchvision.ops import box_convert, generalized_box_iou
 from .matcher import BaseHungarianMatcher, Indices
 
 LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
-AUX_SUFFIX = re.compile(r"(?P<name>.+?)(?:_\d+|_enc)?")  # decoder layer index, or two-stage proposals
+# a loss of denoising queries (``_dn``), then a decoder layer index, two-stage proposals or the encoder's selection
+AUX_SUFFIX = re.compile(r"(?P<name>.+?)(?:_dn)?(?:_\d+|_enc|_interm)?")
 
 
 def identity(num_boxes: Tensor) -> Tensor:
@@ -24,9 +25,10 @@ class BaseSetCriterion(nn.Module):
     """Losses of a head's outputs against targets (a list of dicts with "labels" and cxcywh "boxes").
 
     Returns ``loss_ce`` (each head's subclass gives its ``label_losses``), ``loss_bbox``, ``loss_giou``,
-    the same with suffix ``_{i}`` for each ``aux_outputs`` entry and ``_enc`` for ``enc_outputs``
-    (two-stage proposals, matched as object-or-not: every target labelled 0), and ``class_error`` (a
-    detached metric). Everything is computed in float32 with autocast off: the matching and the
+    the same with suffix ``_{i}`` for each ``aux_outputs`` entry, ``_enc`` for ``enc_outputs``
+    (two-stage proposals, matched as object-or-not: every target labelled 0) and ``_interm`` for
+    ``interm_outputs`` (the encoder's selected queries, matched with their classes), what a head adds
+    in ``extra_losses``, and ``class_error`` (a detached metric). Everything is computed in float32 with autocast off: the matching and the
     normalisation by ``num_boxes`` are too sensitive for half precision. ``num_boxes_reduce`` receives
     the local box count (a float32 tensor) and returns the count to normalise by, e.g. its mean over
     processes.
@@ -58,7 +60,14 @@ class BaseSetCriterion(nn.Module):
                 extra_losses = self.layer_losses(extra, extra_targets, num_boxes)
                 del extra_losses["class_error"]  # a metric of the final prediction only
                 losses.update({f"{name}_{suffix}": value for name, value in extra_losses.items()})
+            losses.update(self.extra_losses(outputs, targets, num_boxes))
         return losses
+
+    def extra_losses(
+        self, outputs: Mapping, targets: Sequence[Mapping[str, Tensor]], num_boxes: Tensor
+    ) -> dict[str, Tensor]:
+        """Losses a head adds to the matched ones (DINO: its denoising queries'); in float32, autocast off."""
+        return {}
 
     def layer_losses(
         self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]], num_boxes: Tensor
@@ -66,6 +75,17 @@ class BaseSetCriterion(nn.Module):
         logits = outputs["pred_logits"].float()
         boxes = outputs["pred_boxes"].float()
         indices = self.matcher({"pred_logits": logits, "pred_boxes": boxes}, targets)
+        return self.assigned_losses(logits, boxes, targets, indices, num_boxes)
+
+    def assigned_losses(
+        self,
+        logits: Tensor,
+        boxes: Tensor,
+        targets: Sequence[Mapping[str, Tensor]],
+        indices: Indices,
+        num_boxes: Tensor,
+    ) -> dict[str, Tensor]:
+        """The losses of float32 ``logits`` and ``boxes`` with queries assigned to targets by ``indices``."""
         matched = matched_queries(indices)
         target_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
         target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(boxes.device, torch.float32)
@@ -110,6 +130,8 @@ def auxiliary_predictions(
             outputs["enc_outputs"],
             [{**target, "labels": torch.zeros_like(target["labels"])} for target in targets],
         )
+    if "interm_outputs" in outputs:
+        yield "interm", outputs["interm_outputs"], targets
 
 
 def matched_queries(indices: Indices) -> tuple[Tensor, Tensor]:

@@ -30,7 +30,8 @@ class Detector(Protocol):
 
     ``forward`` takes a NestedTensor or a list of (3, H, W) images and returns at least ``pred_logits``
     (B, Q, C) and ``pred_boxes`` (B, Q, 4) as normalised (cx, cy, w, h), plus what its criterion reads
-    (``aux_outputs`` for earlier decoder layers while ``aux_loss``). ``detections`` turns those
+    (``aux_outputs`` for earlier decoder layers while ``aux_loss``). A head whose ``TRAINS_ON_TARGETS``
+    is True (DINO) also takes the batch's targets in training: ``forward(samples, targets)``. ``detections`` turns those
     outputs into scores, labels and XYXY boxes in pixels, by the head's own rule; ``OUTPUTS`` says in
     words what the raw and post-processed outputs are (written into exported files).
     """

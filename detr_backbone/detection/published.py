@@ -22,7 +22,8 @@ from ..weights import BODY_KEY, DDP_PREFIX
 if TYPE_CHECKING:
     from .building import DetectorConfig
 
-CLASS_HEAD = re.compile(r"(?:.+\.)?class_embed(?:\.\d+)?")  # a linear layer with one row per class
+# a linear layer with one row per class (DINO's proposals have their own, enc_out_class_embed)
+CLASS_HEAD = re.compile(r"(?:.+\.)?(?:enc_out_)?class_embed(?:\.\d+)?")
 # blocks per stage (layer1..layer4) and whether they are bottlenecks -> torchvision's name
 RESNET_BLOCKS: dict[tuple[tuple[int, ...], bool], str] = {
     ((2, 2, 2, 2), False): "resnet18",

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import require, structured
 from .deformable.config import DeformableDetrConfig
 from .detr.config import DetrConfig
+from .dino.config import DinoConfig
 from .head import HeadConfig
 from .published import DetectorWeights
 
@@ -18,6 +19,7 @@ from .published import DetectorWeights
 HEADS: dict[str, type[HeadConfig]] = {
     "detr": DetrConfig,
     "deformable_detr": DeformableDetrConfig,
+    "dino": DinoConfig,
 }
 
 

@@ -8,7 +8,8 @@ and the run by design is adapted by meaning:
 - class rows by class name (case-insensitive), in every copy of the class head (one per decoder
   layer in Deformable DETR): a dataset class the checkpoint knows gets its row, the others keep a
   fresh head's rows, and a no-object row (DETR) is the checkpoint's;
-- object queries: the first ``model.num_queries`` of the checkpoint's.
+- tables with a row per class and some extra rows (DINO's ``label_enc``), as the class heads;
+- object queries (DINO: their learned content): the first ``model.num_queries`` of the checkpoint's.
 
 Anything else must fit exactly; otherwise the run fails before training with the first
 mismatching keys and the overrides of a config that fits.
@@ -115,9 +116,9 @@ def carry_class_rows(
     return rows
 
 
-def kept_queries(weights: DetectorWeights, wanted: int) -> Tensor:
+def kept_queries(weights: DetectorWeights, wanted: int, key: str = QUERIES) -> Tensor:
     """The first ``wanted`` object queries; a checkpoint with fewer is an error that says what to set."""
-    queries = weights.state[QUERIES]
+    queries = weights.state[key]
     if queries.shape[0] < wanted:
         raise ValueError(
             f"init_from={weights.path!r} has {queries.shape[0]} object queries but model.num_queries={wanted}: "
@@ -157,10 +158,14 @@ def adapted_state(
             for key in keys:
                 state[key] = carry_class_rows(expected[key], state[key], carried, class_names, no_object)
             adapted += keys
-    queries = None
-    if QUERIES in state and QUERIES in expected:
-        state[QUERIES] = kept_queries(weights, config.head.num_queries)
-        queries, adapted = (config.head.num_queries, weights.state[QUERIES].shape[0]), [*adapted, QUERIES]
+    for key, extra_rows in getattr(weights.architecture, "CLASS_TABLES", {}).items():
+        if key in expected and key in state and state[key].shape[1:] == expected[key].shape[1:]:
+            state[key] = carry_class_rows(expected[key], state[key], carried, class_names, extra_rows)
+            adapted.append(key)
+    queries, query_key = None, getattr(weights.architecture, "QUERIES", QUERIES)
+    if query_key in state and query_key in expected:
+        state[query_key] = kept_queries(weights, config.head.num_queries, query_key)
+        queries, adapted = (config.head.num_queries, weights.state[query_key].shape[0]), [*adapted, query_key]
     load = LoadReport(weights.path)
     try:
         fitting = match_keys(detector, state, load, "", skip_foreign=False)

@@ -79,13 +79,17 @@ class DetrModule(pl.LightningModule):
             return num_boxes
         return trainer.strategy.reduce(num_boxes, reduce_op="mean")
 
-    def forward(self, images: NestedTensor) -> dict[str, Any]:
+    def forward(self, images: NestedTensor, targets: Sequence[Mapping[str, Tensor]] | None = None) -> dict[str, Any]:
+        """The detector's outputs; ``targets`` reach a head that trains on them (DINO's denoising queries)."""
         # NestedTensor is not a Tensor, so "-true" precisions do not cast it; follow the weights.
-        return self.detector(images.to(self.dtype))
+        images = images.to(self.dtype)
+        if targets is not None and getattr(self.detector, "TRAINS_ON_TARGETS", False):
+            return self.detector(images, targets)
+        return self.detector(images)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         images, targets = batch
-        return self.loss("train", self(images), targets)
+        return self.loss("train", self(images, targets), targets)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self.evaluate("val", batch, self.val_map)

@@ -15,6 +15,7 @@ from ...param_groups import make_group
 from ..head import HeadConfig
 from ..published import DetectorWeights
 from .criterion import FocalSetCriterion, build_deformable_criterion
+from .deformable_detr import linear_projection_parameters
 from .hugging_face import HUGGING_FACE_DEFORMABLE_DETR, is_hugging_face_state
 from .matcher import FOCAL_ALPHA
 from .sampling import ATTENTION_IMPLS
@@ -22,24 +23,17 @@ from .weights import DeformableArchitecture, official_deformable_weights
 
 
 @dataclass
-class DeformableDetrConfig(HeadConfig):
-    """Deformable DETR: multi-scale deformable attention on the Joiner's levels, a sigmoid head and focal loss."""
+class MultiScaleHeadConfig(HeadConfig):
+    """What the heads on multi-scale deformable attention share (Deformable DETR, DINO): the levels they read,
+    sampling points, the focal loss and the lr of the sampling offsets and reference points."""
 
-    _target_: str = "detr_backbone.detection.deformable.build_deformable_detr"
-    num_queries: int = 300
-    dim_feedforward: int = 1024
-    cost_class: float = 2.0  # the focal class cost
-    loss_ce: float = 2.0  # the sigmoid focal loss
     num_feature_levels: int = 4  # the Joiner's levels plus stride-2 convolutions up to this count
     enc_n_points: int = 4  # sampling points per head and level
     dec_n_points: int = 4
-    with_box_refine: bool = False  # each decoder layer refines the previous one's boxes
-    two_stage: bool = False  # queries from the encoder's best proposals (needs with_box_refine)
     focal_alpha: float = FOCAL_ALPHA
     lr_linear_proj_mult: float = 0.1  # sampling offsets and reference points train at lr times this
     attention_impl: str = "auto"  # the deformable attention core: auto | triton | gather | grid_sample (the reference)
 
-    ARCHITECTURE: ClassVar[type[DeformableArchitecture]] = DeformableArchitecture
     POSITIVE: ClassVar[tuple[str, ...]] = (
         *HeadConfig.POSITIVE,
         "num_feature_levels",
@@ -55,6 +49,33 @@ class DeformableDetrConfig(HeadConfig):
             self.attention_impl in ATTENTION_IMPLS,
             f"model.attention_impl={self.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}",
         )
+
+    def backbone_levels(self) -> list[int]:
+        """The levels Deformable-DETR's build_backbone takes: layers 2-4, or layer4 alone for one level."""
+        return [2, 3, 4] if self.num_feature_levels > 1 else [4]
+
+    def parameter_groups(self, detector: nn.Module, lr: float) -> list[dict]:
+        """The sampling offsets and reference points, trained at ``lr * lr_linear_proj_mult``."""
+        projections = [parameter for _, parameter in linear_projection_parameters(detector)]
+        return make_group("linear_projection", projections, lr * self.lr_linear_proj_mult)
+
+
+@dataclass
+class DeformableDetrConfig(MultiScaleHeadConfig):
+    """Deformable DETR: multi-scale deformable attention on the Joiner's levels, a sigmoid head and focal loss."""
+
+    _target_: str = "detr_backbone.detection.deformable.build_deformable_detr"
+    num_queries: int = 300
+    dim_feedforward: int = 1024
+    cost_class: float = 2.0  # the focal class cost
+    loss_ce: float = 2.0  # the sigmoid focal loss
+    with_box_refine: bool = False  # each decoder layer refines the previous one's boxes
+    two_stage: bool = False  # queries from the encoder's best proposals (needs with_box_refine)
+
+    ARCHITECTURE: ClassVar[type[DeformableArchitecture]] = DeformableArchitecture
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         require(
             not self.two_stage or self.with_box_refine,
             "model.two_stage=true needs model.with_box_refine=true (as Deformable-DETR's two-stage checkpoints)",
@@ -68,15 +89,6 @@ class DeformableDetrConfig(HeadConfig):
             focal_alpha=self.focal_alpha,
             num_boxes_reduce=num_boxes_reduce,
         )
-
-    def backbone_levels(self) -> list[int]:
-        """The levels Deformable-DETR's build_backbone takes: layers 2-4, or layer4 alone for one level."""
-        return [2, 3, 4] if self.num_feature_levels > 1 else [4]
-
-    def parameter_groups(self, detector: nn.Module, lr: float) -> list[dict]:
-        """Deformable-DETR's sampling offsets and reference points, trained at ``lr * lr_linear_proj_mult``."""
-        projections = [parameter for _, parameter in detector.linear_projection_parameters()]
-        return make_group("linear_projection", projections, lr * self.lr_linear_proj_mult)
 
     @classmethod
     def published_weights(cls, content: Any, path: str | os.PathLike) -> DetectorWeights | None:

@@ -21,6 +21,7 @@ from .transformer import DeformableTransformer
 
 PRIOR_PROBABILITY = 0.01  # every class starts this likely everywhere: the focal loss is not swamped by easy negatives
 GROUP_NORM_GROUPS = 32
+LINEAR_PROJECTION_NAMES = ("reference_points", "sampling_offsets")
 
 
 def level_projection(in_channels: int, hidden_dim: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
@@ -28,6 +29,47 @@ def level_projection(in_channels: int, hidden_dim: int, kernel_size: int, stride
     nn.init.xavier_uniform_(conv.weight, gain=1)
     nn.init.constant_(conv.bias, 0)
     return nn.Sequential(conv, nn.GroupNorm(GROUP_NORM_GROUPS, hidden_dim))
+
+
+def level_projections(backbone_channels: list[int], hidden_dim: int, num_feature_levels: int) -> nn.ModuleList:
+    """One 1x1 projection per Joiner level, then 3x3 stride-2 projections up to ``num_feature_levels`` (the
+    first reads the deepest backbone map, the next the previous extra level)."""
+    projections = [level_projection(channels, hidden_dim, 1) for channels in backbone_channels]
+    in_channels = backbone_channels[-1]
+    for _ in range(num_feature_levels - len(backbone_channels)):
+        projections.append(level_projection(in_channels, hidden_dim, 3, stride=2))
+        in_channels = hidden_dim
+    return nn.ModuleList(projections)
+
+
+def project_levels(
+    input_proj: nn.ModuleList,
+    joiner: Joiner,
+    samples: NestedTensor,
+    features: list[NestedTensor],
+    positions: list[Tensor],
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Every level's projected map, padding mask and positional map, extra levels computed here."""
+    srcs = [projection(feature.tensors) for projection, feature in zip(input_proj, features)]
+    masks = [feature.mask for feature in features]
+    positions = list(positions)
+    for projection in input_proj[len(features) :]:
+        src = projection(features[-1].tensors if len(srcs) == len(features) else srcs[-1])
+        mask = downsample_mask(samples.mask, src.shape[-2:])
+        positions.append(joiner[1](NestedTensor(src, mask)).to(src.dtype))
+        srcs.append(src)
+        masks.append(mask)
+    return srcs, masks, positions
+
+
+def linear_projection_parameters(detector: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of the linear layers that place sampling points and references, which
+    Deformable-DETR and DINO train at ``lr * lr_linear_proj_mult`` (0.1): a large step moves where every query looks."""
+    return [
+        (name, parameter)
+        for name, parameter in detector.named_parameters()
+        if any(keyword in name for keyword in LINEAR_PROJECTION_NAMES) and not name.startswith("backbone.")
+    ]
 
 
 class DeformableDETR(nn.Module):
@@ -46,7 +88,6 @@ class DeformableDETR(nn.Module):
     ``with_box_refine``, which the decoder also uses to refine its reference boxes.
     """
 
-    LINEAR_PROJECTION_NAMES = ("reference_points", "sampling_offsets")
     OUTPUTS: ClassVar[Mapping[str, str]] = {
         "pred_logits": "(batch, queries, classes) sigmoid class logits, one per class, no 'no object' class",
         "pred_boxes": "(batch, queries, 4) boxes as (cx, cy, w, h) relative to each unpadded image",
@@ -84,12 +125,7 @@ class DeformableDETR(nn.Module):
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         if not two_stage:
             self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
-        projections = [level_projection(channels, hidden_dim, 1) for channels in backbone_channels]
-        in_channels = backbone_channels[-1]
-        for _ in range(num_feature_levels - len(backbone_channels)):
-            projections.append(level_projection(in_channels, hidden_dim, 3, stride=2))
-            in_channels = hidden_dim
-        self.input_proj = nn.ModuleList(projections)
+        self.input_proj = level_projections(backbone_channels, hidden_dim, num_feature_levels)
         self.backbone = backbone
         self.make_heads(transformer.decoder.num_layers + (1 if two_stage else 0))
 
@@ -190,17 +226,7 @@ class DeformableDETR(nn.Module):
     def project_levels(
         self, samples: NestedTensor, features: list[NestedTensor], positions: list[Tensor]
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """Every level's projected map, padding mask and positional map, extra levels computed here."""
-        srcs = [projection(feature.tensors) for projection, feature in zip(self.input_proj, features)]
-        masks = [feature.mask for feature in features]
-        positions = list(positions)
-        for projection in self.input_proj[len(features) :]:
-            src = projection(features[-1].tensors if len(srcs) == len(features) else srcs[-1])
-            mask = downsample_mask(samples.mask, src.shape[-2:])
-            positions.append(self.backbone[1](NestedTensor(src, mask)).to(src.dtype))
-            srcs.append(src)
-            masks.append(mask)
-        return srcs, masks, positions
+        return project_levels(self.input_proj, self.backbone, samples, features, positions)
 
     def detections(self, outputs: Mapping[str, Tensor], target_sizes: Tensor) -> Detections:
         """Scores (B, K), labels (B, K) and XYXY boxes (B, K, 4) in pixels of ``target_sizes`` (B, 2) as (h, w):
@@ -208,13 +234,8 @@ class DeformableDETR(nn.Module):
         return topk_detections(outputs, target_sizes)
 
     def linear_projection_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """(name, parameter) of the linear layers that place sampling points and references, which
-        Deformable-DETR trains at ``lr * lr_linear_proj_mult`` (0.1): a large step moves where every query looks."""
-        return [
-            (name, parameter)
-            for name, parameter in self.named_parameters()
-            if any(keyword in name for keyword in self.LINEAR_PROJECTION_NAMES) and not name.startswith("backbone.")
-        ]
+        """See ``linear_projection_parameters``."""
+        return linear_projection_parameters(self)
 
 
 def positional_width(joiner: Joiner) -> int:

@@ -44,10 +44,15 @@ def encoder_proposals(padding_mask: Tensor, spatial_shapes: SpatialShapes) -> tu
     return logits.masked_fill(~keep, float("inf")), keep
 
 
-def proposal_position_embedding(box_logits: Tensor, num_pos_feats: int = 128, temperature: float = 10000) -> Tensor:
-    """(B, K, 4 * num_pos_feats): DETR's sine encoding of each coordinate of sigmoid(``box_logits``) (B, K, 4),
-    sin on even and cos on odd features, coordinates in order cx, cy, w, h."""
-    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=box_logits.device)
+def coordinate_sine_embedding(coordinates: Tensor, num_pos_feats: int = 128, temperature: float = 10000) -> Tensor:
+    """(..., K * num_pos_feats): DETR's sine encoding of each of K coordinates in [0, 1] (..., K), sin on even
+    and cos on odd features, one block per coordinate in their order."""
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=coordinates.device)
     dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
-    angles = box_logits.sigmoid()[..., None] * (2 * math.pi) / dim_t
-    return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(2)
+    angles = coordinates[..., None] * (2 * math.pi) / dim_t
+    return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-3)
+
+
+def proposal_position_embedding(box_logits: Tensor, num_pos_feats: int = 128, temperature: float = 10000) -> Tensor:
+    """(B, K, 4 * num_pos_feats): the sine encoding of sigmoid(``box_logits``) (B, K, 4) in order cx, cy, w, h."""
+    return coordinate_sine_embedding(box_logits.sigmoid(), num_pos_feats, temperature)

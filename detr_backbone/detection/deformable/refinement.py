@@ -17,11 +17,11 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-def offset_reference(delta: Tensor, reference: Tensor) -> Tensor:
+def offset_reference(delta: Tensor, reference: Tensor, eps: float = 1e-5) -> Tensor:
     """Box logits (..., 4): ``delta`` (..., 4) plus the logit of ``reference``, a box (..., 4) or a centre
-    (..., 2); a centre moves the box's centre only, the size is ``delta``'s own."""
+    (..., 2); a centre moves the box's centre only, the size is ``delta``'s own. ``eps``: see ``inverse_sigmoid``."""
     if reference.shape[-1] == 4:
-        return delta + inverse_sigmoid(reference)
+        return delta + inverse_sigmoid(reference, eps)
     if reference.shape[-1] == 2:
-        return torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1)
+        return torch.cat([delta[..., :2] + inverse_sigmoid(reference, eps), delta[..., 2:]], -1)
     raise ValueError(f"reference must end in 2 (cx, cy) or 4 (cx, cy, w, h), got shape {tuple(reference.shape)}")

@@ -62,7 +62,8 @@ class DeformableTransformerDecoderLayer(ResidualLayer):
     """Self-attention among the queries, deformable cross-attention to the memory, feed-forward.
 
     The norms keep Deformable-DETR's numbering: ``norm2`` after the self-attention, ``norm1``
-    after the cross-attention.
+    after the cross-attention. ``self_attn_mask`` (Q, Q), True where a query may not look (DINO's
+    denoising groups).
     """
 
     def __init__(
@@ -95,10 +96,11 @@ class DeformableTransformerDecoderLayer(ResidualLayer):
         memory: Tensor,
         spatial_shapes: SpatialShapes,
         memory_padding_mask: Tensor | None = None,
+        self_attn_mask: Tensor | None = None,
     ) -> Tensor:
         def attend_queries(x: Tensor) -> Tensor:
             query = key = with_position(x, query_pos)
-            return self.self_attn(query, key, x, need_weights=False)[0]
+            return self.self_attn(query, key, x, attn_mask=self_attn_mask, need_weights=False)[0]
 
         def attend_memory(x: Tensor) -> Tensor:
             query = with_position(x, query_pos)
@@ -171,6 +173,31 @@ class DeformableTransformerDecoder(nn.Module):
                 outputs.append(output)
                 references.append(reference_points)
         return torch.stack(outputs), torch.stack(references)
+
+
+class FlatLevels(NamedTuple):
+    """The levels as one sequence: maps (B, S, C), padding masks (B, S), positions with their level's
+    embedding (B, S, C), each level's (h, w) and valid ratios (B, L, 2)."""
+
+    srcs: Tensor
+    masks: Tensor
+    positions: Tensor
+    spatial_shapes: SpatialShapes
+    ratios: Tensor
+
+
+def flatten_levels(
+    srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor], level_embed: Tensor
+) -> FlatLevels:
+    """Per level a map (B, C, h, w), its padding mask (B, h, w) and positional map (B, C, h, w), as one sequence."""
+    # which level a position comes from is told by adding the level's embedding to its position
+    return FlatLevels(
+        torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1),
+        torch.cat([mask.flatten(1) for mask in masks], 1),
+        torch.cat([pos.flatten(2).transpose(1, 2) + level_embed[level] for level, pos in enumerate(pos_embeds)], 1),
+        [(src.shape[-2], src.shape[-1]) for src in srcs],
+        torch.stack([valid_ratios(mask) for mask in masks], 1),
+    )
 
 
 class TransformerOutput(NamedTuple):
@@ -264,15 +291,9 @@ class DeformableTransformer(nn.Module):
             )
         if (query_embed is None) != self.two_stage:
             raise ValueError("query_embed must be given without two_stage and None with two_stage")
-        spatial_shapes = [(src.shape[-2], src.shape[-1]) for src in srcs]
-        src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
-        mask_flatten = torch.cat([mask.flatten(1) for mask in masks], 1)
-        # which level a position comes from is told by adding the level's embedding to its position
-        pos_flatten = torch.cat(
-            [pos.flatten(2).transpose(1, 2) + self.level_embed[level] for level, pos in enumerate(pos_embeds)], 1
-        )
-        ratios = torch.stack([valid_ratios(mask) for mask in masks], 1)
-        memory = self.encoder(src_flatten, spatial_shapes, ratios, pos_flatten, mask_flatten)
+        levels = flatten_levels(srcs, masks, pos_embeds, self.level_embed)
+        spatial_shapes, mask_flatten, ratios = levels.spatial_shapes, levels.masks, levels.ratios
+        memory = self.encoder(levels.srcs, spatial_shapes, ratios, levels.positions, mask_flatten)
 
         enc_outputs_class = enc_outputs_coord_unact = None
         if self.two_stage:

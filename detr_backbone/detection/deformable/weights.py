@@ -23,14 +23,16 @@ from ..published import DetectorWeights, backbone_of_state, count_layers, publis
 
 if TYPE_CHECKING:
     from ..building import DetectorConfig
+    from .config import MultiScaleHeadConfig
 
 SOURCE = "Deformable-DETR checkpoint"
 PUBLISHED_HEADS = 8  # Deformable-DETR's attention heads: the shapes hold heads x points, not each
 
 
 @dataclass(frozen=True)
-class DeformableArchitecture:
-    """The Deformable DETR a set of weights fits, as far as its source tells; None where it does not."""
+class MultiScaleArchitecture:
+    """What weights of a head on multi-scale deformable attention show of the network; None where they do not.
+    Subclasses (a head's) add their own fields and build their detector."""
 
     backbone_kind: str | None = None
     backbone_name: str | None = None
@@ -44,11 +46,8 @@ class DeformableArchitecture:
     nheads: int | None = None
     enc_n_points: int | None = None
     dec_n_points: int | None = None
-    with_box_refine: bool | None = None
-    two_stage: bool | None = None
     num_queries: int | None = None
 
-    HEAD: ClassVar[str] = "deformable_detr"
     NO_OBJECT_ROWS: ClassVar[int] = 0
     # num_queries is absent: a checkpoint may have more queries than the run keeps
     OVERRIDES: ClassVar[Mapping[str, str]] = {
@@ -64,78 +63,116 @@ class DeformableArchitecture:
         "nheads": "model.nheads",
         "enc_n_points": "model.enc_n_points",
         "dec_n_points": "model.dec_n_points",
-        "with_box_refine": "model.with_box_refine",
-        "two_stage": "model.two_stage",
     }
     UNSEEN_IN_SHAPES: ClassVar[tuple[str, ...]] = ("dilation", "nheads", "enc_n_points", "dec_n_points")
 
     def __str__(self) -> str:
-        parts = [
+        return ", ".join(self.described())
+
+    def described(self) -> list[str]:
+        return [
             self.backbone_name or "unknown backbone",
             f"hidden_dim {self.hidden_dim}",
             f"{self.num_feature_levels} levels",
             f"{self.enc_layers} encoder + {self.dec_layers} decoder layers",
             f"{self.num_queries} queries" if self.num_queries is not None else "queries from proposals",
         ]
-        parts += ["box refinement"] * bool(self.with_box_refine) + ["two-stage"] * bool(self.two_stage)
-        return ", ".join(parts)
 
     @classmethod
-    def configured(cls, config: DetectorConfig) -> DeformableArchitecture:
+    def configured(cls, config: DetectorConfig) -> MultiScaleArchitecture:
+        return cls(**cls.configured_fields(config))
+
+    @classmethod
+    def configured_fields(cls, config: DetectorConfig) -> dict[str, Any]:
         backbone, head = config.joiner.backbone, config.head
         levels = getattr(backbone, "levels", None)
-        return cls(
-            backbone_kind=backbone.kind,
-            backbone_name=getattr(backbone, "name", None),  # a backbone of the user's own has no name of ours
-            levels=None if levels is None else tuple(levels),
-            dilation=getattr(backbone, "dilation", False),
-            hidden_dim=config.joiner.hidden_dim,
-            num_feature_levels=head.num_feature_levels,
-            enc_layers=head.enc_layers,
-            dec_layers=head.dec_layers,
-            dim_feedforward=head.dim_feedforward,
-            nheads=head.nheads,
-            enc_n_points=head.enc_n_points,
-            dec_n_points=head.dec_n_points,
-            with_box_refine=head.with_box_refine,
-            two_stage=head.two_stage,
-            num_queries=head.num_queries,
+        return {
+            "backbone_kind": backbone.kind,
+            "backbone_name": getattr(backbone, "name", None),  # a backbone of the user's own has no name of ours
+            "levels": None if levels is None else tuple(levels),
+            "dilation": getattr(backbone, "dilation", False),
+            "hidden_dim": config.joiner.hidden_dim,
+            "num_feature_levels": head.num_feature_levels,
+            "enc_layers": head.enc_layers,
+            "dec_layers": head.dec_layers,
+            "dim_feedforward": head.dim_feedforward,
+            "nheads": head.nheads,
+            "enc_n_points": head.enc_n_points,
+            "dec_n_points": head.dec_n_points,
+            "num_queries": head.num_queries,
+        }
+
+    def backbone_config(self, dilation: bool | None) -> BackboneConfig:
+        return BackboneConfig(
+            _target_=BACKBONE_TARGETS[self.backbone_kind or "torchvision"],
+            name=self.backbone_name or "resnet50",
+            dilation=bool(self.dilation if dilation is None else dilation),
+            levels=list(self.levels or (2, 3, 4)),
         )
+
+    def head_fields(self, defaults: MultiScaleHeadConfig) -> dict[str, Any]:
+        """The head's fields these weights decide (the schema's ``defaults`` where they do not), dropout 0."""
+        return {
+            "num_queries": self.num_queries or defaults.num_queries,
+            "enc_layers": self.enc_layers,
+            "dec_layers": self.dec_layers,
+            "nheads": self.nheads or defaults.nheads,
+            "dim_feedforward": self.dim_feedforward or defaults.dim_feedforward,
+            "num_feature_levels": self.num_feature_levels,
+            "enc_n_points": self.enc_n_points or defaults.enc_n_points,
+            "dec_n_points": self.dec_n_points or defaults.dec_n_points,
+            "dropout": 0.0,
+        }
+
+
+@dataclass(frozen=True)
+class DeformableArchitecture(MultiScaleArchitecture):
+    """The Deformable DETR a set of weights fits, as far as its source tells; None where it does not."""
+
+    with_box_refine: bool | None = None
+    two_stage: bool | None = None
+
+    HEAD: ClassVar[str] = "deformable_detr"
+    OVERRIDES: ClassVar[Mapping[str, str]] = {
+        **MultiScaleArchitecture.OVERRIDES,
+        "with_box_refine": "model.with_box_refine",
+        "two_stage": "model.two_stage",
+    }
+
+    def described(self) -> list[str]:
+        extra = ["box refinement"] * bool(self.with_box_refine) + ["two-stage"] * bool(self.two_stage)
+        return super().described() + extra
+
+    @classmethod
+    def configured_fields(cls, config: DetectorConfig) -> dict[str, Any]:
+        head = config.head
+        return {
+            **super().configured_fields(config),
+            "with_box_refine": head.with_box_refine,
+            "two_stage": head.two_stage,
+        }
 
     def detector_config(self, num_classes: int, class_names: list[str] | None, dilation: bool | None) -> DetectorConfig:
         """The Deformable DETR these weights describe, with Deformable-DETR's offset sine encoding."""
         from ..building import DetectorConfig  # the schema imports this layout, so it is imported when used
         from .config import DeformableDetrConfig
 
-        backbone = BackboneConfig(
-            _target_=BACKBONE_TARGETS[self.backbone_kind or "torchvision"],
-            name=self.backbone_name or "resnet50",
-            dilation=bool(self.dilation if dilation is None else dilation),
-            levels=list(self.levels or (2, 3, 4)),
-        )
         position = PositionConfig(_target_=POSITION_TARGETS["sine"], normalize=True, offset=-0.5)
-        defaults = DeformableDetrConfig()
         head = DeformableDetrConfig(
-            num_queries=self.num_queries or defaults.num_queries,
-            enc_layers=self.enc_layers,
-            dec_layers=self.dec_layers,
-            nheads=self.nheads or defaults.nheads,
-            dim_feedforward=self.dim_feedforward or defaults.dim_feedforward,
-            num_feature_levels=self.num_feature_levels,
-            enc_n_points=self.enc_n_points or defaults.enc_n_points,
-            dec_n_points=self.dec_n_points or defaults.dec_n_points,
+            **self.head_fields(DeformableDetrConfig()),
             with_box_refine=bool(self.with_box_refine),
             two_stage=bool(self.two_stage),
-            dropout=0.0,
         )
-        joiner = JoinerConfig(backbone, position, hidden_dim=self.hidden_dim)
+        joiner = JoinerConfig(self.backbone_config(dilation), position, hidden_dim=self.hidden_dim)
         return DetectorConfig(joiner, head, num_classes, class_names)
 
 
 def is_deformable_state(state: Mapping[str, object]) -> bool:
     """Whether ``state`` is a whole Deformable DETR under Deformable-DETR's names."""
     heads = ("transformer.level_embed", "class_embed.0.weight", "input_proj.0.0.weight")
-    return all(key in state for key in heads) and any(key.startswith(BODY_KEY) for key in state)
+    # its queries are learned (query_embed) or made from proposals (pos_trans); DINO's, with the same keys, are neither
+    queries = "query_embed.weight" in state or "transformer.pos_trans.weight" in state
+    return all(key in state for key in heads) and queries and any(key.startswith(BODY_KEY) for key in state)
 
 
 def points_per_head(state: Mapping[str, Tensor], side: str, levels: int) -> int | None:
@@ -148,8 +185,8 @@ def points_per_head(state: Mapping[str, Tensor], side: str, levels: int) -> int 
     return weights.shape[0] // (levels * PUBLISHED_HEADS)
 
 
-def architecture_of_state(state: Mapping[str, Tensor]) -> DeformableArchitecture:
-    """What the keys and shapes of a Deformable DETR state dict show about the network."""
+def multi_scale_fields(state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """What the keys and shapes of a multi-scale head's state dict (Deformable-DETR's and DINO's names) show."""
     level_embed = state["transformer.level_embed"]
     num_levels = level_embed.shape[0]
     backbone_levels = sum(
@@ -158,23 +195,30 @@ def architecture_of_state(state: Mapping[str, Tensor]) -> DeformableArchitecture
         if key.startswith("input_proj.") and key.endswith(".0.weight") and value.shape[-1] == 1
     )
     kind, name, _ = backbone_of_state(state)
-    queries = state.get("query_embed.weight")
     enc_points, dec_points = (
         points_per_head(state, "encoder", num_levels),
         points_per_head(state, "decoder", num_levels),
     )
+    return {
+        "backbone_kind": kind,
+        "backbone_name": name,
+        "levels": tuple(range(5 - backbone_levels, 5)),
+        "hidden_dim": level_embed.shape[1],
+        "num_feature_levels": num_levels,
+        "enc_layers": count_layers(state, "transformer.encoder.layers."),
+        "dec_layers": count_layers(state, "transformer.decoder.layers."),
+        "dim_feedforward": next((v.shape[0] for k, v in state.items() if k.endswith(".linear1.weight")), None),
+        "nheads": PUBLISHED_HEADS if enc_points and dec_points else None,
+        "enc_n_points": enc_points,
+        "dec_n_points": dec_points,
+    }
+
+
+def architecture_of_state(state: Mapping[str, Tensor]) -> DeformableArchitecture:
+    """What the keys and shapes of a Deformable DETR state dict show about the network."""
+    queries = state.get("query_embed.weight")
     return DeformableArchitecture(
-        backbone_kind=kind,
-        backbone_name=name,
-        levels=tuple(range(5 - backbone_levels, 5)),
-        hidden_dim=level_embed.shape[1],
-        num_feature_levels=num_levels,
-        enc_layers=count_layers(state, "transformer.encoder.layers."),
-        dec_layers=count_layers(state, "transformer.decoder.layers."),
-        dim_feedforward=next((v.shape[0] for k, v in state.items() if k.endswith(".linear1.weight")), None),
-        nheads=PUBLISHED_HEADS if enc_points and dec_points else None,
-        enc_n_points=enc_points,
-        dec_n_points=dec_points,
+        **multi_scale_fields(state),
         with_box_refine=any(key.startswith("transformer.decoder.bbox_embed.") for key in state),
         two_stage="transformer.enc_output.weight" in state,
         num_queries=None if queries is None else queries.shape[0],

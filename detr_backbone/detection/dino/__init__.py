@@ -1,0 +1,22 @@
+"""DINO (Zhang et al., 2023) on the Joiner, with IDEA-Research/DINO's module names so its checkpoints load strictly.
+
+Deformable DETR's encoder and attention, mixed query selection, an anchor-box decoder with
+look-forward-twice refinement, contrastive denoising training, its criterion and schema.
+"""
+
+from .config import DinoConfig
+from .criterion import DinoCriterion, build_dino_criterion
+from .denoising import DenoisingQueries, contrastive_denoising
+from .dino import DINO, build_dino
+from .transformer import DinoTransformer
+
+__all__ = [
+    "DINO",
+    "DenoisingQueries",
+    "DinoConfig",
+    "DinoCriterion",
+    "DinoTransformer",
+    "build_dino",
+    "build_dino_criterion",
+    "contrastive_denoising",
+]
