@@ -105,10 +105,12 @@ def test_validation_logs_each_classs_map_as_cocoeval_computes_it(tmp_path, one_t
     predictions = [prediction for predictions, _ in seen for prediction in predictions]
     # pycocotools' COCOeval of the same detections written as COCO files, per class from its precision array
     expected = coco_metrics(*coco_files(tmp_path, truths, predictions, CLASS_NAMES)).per_class
-    assert {key for key in logged if key.startswith("val/map/")} == {f"val/map/{name}" for name in CLASS_NAMES}
+    assert {key for key in logged if key.startswith("val/map_per_class/")} == {
+        f"val/map_per_class/{name}" for name in CLASS_NAMES
+    }
     assert any(expected[name]["AP"] > 0 for name in CLASS_NAMES)  # the tiny detector finds something
     for name in CLASS_NAMES:
-        assert logged[f"val/map/{name}"] == pytest.approx(expected[name]["AP"], abs=1e-6), name
+        assert logged[f"val/map_per_class/{name}"] == pytest.approx(expected[name]["AP"], abs=1e-6), name
 
 
 def test_class_metrics_off_logs_no_class_and_evaluate_takes_either_backend(tmp_path):

@@ -190,7 +190,9 @@ class EvaluationConfig:
     """COCO mAP of validation and test (torchmetrics' MeanAveragePrecision)."""
 
     backend: str = "pycocotools"  # pycocotools | faster_coco_eval: the COCOeval implementation, same numbers
-    class_metrics: bool = True  # <stage>/map/<class name> per class: the metric's compute costs 2.5-3x as much
+    class_metrics: bool = (
+        True  # <stage>/map_per_class/<class name> per class: the metric's compute costs 2.5-3x as much
+    )
 
     def __post_init__(self) -> None:
         check_coco_backend(self.backend, "evaluation.backend")

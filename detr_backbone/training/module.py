@@ -138,10 +138,10 @@ class DetrModule(pl.LightningModule):
         metric.reset()
 
     def per_class_map(self, stage: str, results: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``<stage>/map/<class name>`` of every class with ground truth (COCOeval's -1 marks one without)."""
+        """``<stage>/map_per_class/<class name>`` of every class with ground truth (COCOeval's -1 marks one without)."""
         names = self.config.class_names or [f"class {label}" for label in range(self.config.num_classes)]
         classes, values = results["classes"].reshape(-1).tolist(), results["map_per_class"].reshape(-1)
-        return {f"{stage}/map/{names[label]}": value for label, value in zip(classes, values) if value > -1}
+        return {f"{stage}/map_per_class/{names[label]}": value for label, value in zip(classes, values) if value > -1}
 
     def fused_optimizer_allowed(self) -> bool:
         """The fused AdamW kernel (several times faster on a CPU) wherever Lightning can clip its gradients.
