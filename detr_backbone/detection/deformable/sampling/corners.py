@@ -32,9 +32,8 @@ class Layout:
     highest: tuple[Tensor, Tensor]  # (L, P) each: w, h
     bordered_width: Tensor  # (L, P): w + 4
     first_rows: Tensor  # (N, 1, M, L, P) int: the row of each image's, head's and level's pixel (0, 0)
-    corner_steps: (
-        Tensor  # (4, L, P) int: rows from the top-left corner to the corners (y, x) = (0, 0), (0, 1), (1, 0), (1, 1)
-    )
+    # (4, L, P) int: rows from the top-left corner to the corners (y, x) = (0, 0), (0, 1), (1, 0), (1, 1)
+    corner_steps: Tensor
     heads: int
     rows: int  # the table's rows: the bordered maps', then zero rows for the corners of a clamped NaN point
     last_top_left: int
