@@ -40,6 +40,7 @@ class MultiScaleHeadConfig(HeadConfig):
         "enc_n_points",
         "dec_n_points",
     )
+    BUILD_CRITERION: ClassVar[Callable[..., FocalSetCriterion]]  # the head's focal criterion builder
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -48,6 +49,15 @@ class MultiScaleHeadConfig(HeadConfig):
         require(
             self.attention_impl in ATTENTION_IMPLS,
             f"model.attention_impl={self.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}",
+        )
+
+    def criterion(self, num_classes: int, num_boxes_reduce: Callable[[Tensor], Tensor]) -> FocalSetCriterion:
+        return self.BUILD_CRITERION(
+            num_classes,
+            **self.costs,
+            **self.loss_weights,
+            focal_alpha=self.focal_alpha,
+            num_boxes_reduce=num_boxes_reduce,
         )
 
     def backbone_levels(self) -> list[int]:
@@ -73,21 +83,13 @@ class DeformableDetrConfig(MultiScaleHeadConfig):
     two_stage: bool = False  # queries from the encoder's best proposals (needs with_box_refine)
 
     ARCHITECTURE: ClassVar[type[DeformableArchitecture]] = DeformableArchitecture
+    BUILD_CRITERION = staticmethod(build_deformable_criterion)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(
             not self.two_stage or self.with_box_refine,
             "model.two_stage=true needs model.with_box_refine=true (as Deformable-DETR's two-stage checkpoints)",
-        )
-
-    def criterion(self, num_classes: int, num_boxes_reduce: Callable[[Tensor], Tensor]) -> FocalSetCriterion:
-        return build_deformable_criterion(
-            num_classes,
-            **self.costs,
-            **self.loss_weights,
-            focal_alpha=self.focal_alpha,
-            num_boxes_reduce=num_boxes_reduce,
         )
 
     @classmethod

@@ -4,16 +4,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
-
-from torch import Tensor
 
 from ...config import require
 from ..deformable.config import MultiScaleHeadConfig
 from ..published import DetectorWeights
-from .criterion import DinoCriterion, build_dino_criterion
+from .criterion import build_dino_criterion
 from .dino import NUM_SELECT
 from .weights import DinoArchitecture, official_dino_weights
 
@@ -35,6 +32,7 @@ class DinoConfig(MultiScaleHeadConfig):
     num_select: int = NUM_SELECT  # detections kept per image: the best (query, class) pairs
 
     ARCHITECTURE: ClassVar[type[DinoArchitecture]] = DinoArchitecture
+    BUILD_CRITERION = staticmethod(build_dino_criterion)
     POSITIVE: ClassVar[tuple[str, ...]] = (*MultiScaleHeadConfig.POSITIVE, "num_select")
 
     def __post_init__(self) -> None:
@@ -45,15 +43,6 @@ class DinoConfig(MultiScaleHeadConfig):
             f"model.dn_label_noise_ratio={self.dn_label_noise_ratio} must be in [0, 1]",
         )
         require(self.dn_box_noise_scale >= 0, f"model.dn_box_noise_scale={self.dn_box_noise_scale} must be >= 0")
-
-    def criterion(self, num_classes: int, num_boxes_reduce: Callable[[Tensor], Tensor]) -> DinoCriterion:
-        return build_dino_criterion(
-            num_classes,
-            **self.costs,
-            **self.loss_weights,
-            focal_alpha=self.focal_alpha,
-            num_boxes_reduce=num_boxes_reduce,
-        )
 
     @classmethod
     def published_weights(cls, content: Any, path: str | os.PathLike) -> DetectorWeights | None:
