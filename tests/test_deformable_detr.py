@@ -636,8 +636,13 @@ def test_forward_backward(joiner, option, dtype):
     assert transformer_out.init_reference.requires_grad == (option != "two_stage")
     if option == "plain":  # no refinement: every layer keeps the initial reference points
         assert all(torch.equal(layer, transformer_out.init_reference) for layer in transformer_out.inter_references)
-    else:  # each layer's step is its own: the next layer starts from a detached box
-        assert transformer_out.inter_references.shape[-1] == 4 and not transformer_out.inter_references.requires_grad
+    else:  # the decoder's refined boxes are the detector's; each layer's step is its own (the next starts detached)
+        assert transformer_out.inter_references.shape[-1] == 4
+        assert torch.equal(out["pred_boxes"], transformer_out.inter_references[-1])
+        assert torch.equal(out["aux_outputs"][0]["pred_boxes"], transformer_out.inter_references[0])
+        first_head = list(model.bbox_embed[0].parameters())
+        reached = torch.autograd.grad(out["pred_boxes"].sum(), first_head, retain_graph=True, allow_unused=True)
+        assert all(grad is None or not grad.any() for grad in reached)
     if dtype == torch.float32:  # the last layer's boxes move from the reference the previous layer left
         reference = transformer_out.inter_references[0]
         delta = model.bbox_embed[1](transformer_out.hs[1])

@@ -1,4 +1,4 @@
-"""init_from for the default head, Deformable DETR: our own checkpoints onto other classes, Deformable-DETR's
+"""init_from for Deformable DETR: our own checkpoints onto other classes, Deformable-DETR's
 official layout (plain, box refinement, two-stage), and the one-line refusals of another head's weights."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from detr_backbone.weights import CheckpointMismatchError
 
 from .jobs import TINY, compose_config
 from .test_init_from import coco_folder, one_line, randomized  # noqa: F401 (coco_folder: a fixture)
-from .tiny_checkpoint import DEFAULT_HEAD, TINY_RUN, train_tiny_checkpoint
+from .tiny_checkpoint import DEFORMABLE_HEAD, TINY_RUN, train_tiny_checkpoint
 
 FOUR_CLASSES = "data.classes=[rectangle,ellipse,triangle,star]"
 PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)  # a fresh focal head's class bias
@@ -37,15 +37,15 @@ def class_keys(state: dict[str, torch.Tensor]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def default_head_checkpoint(tmp_path_factory):
-    return train_tiny_checkpoint(tmp_path_factory.mktemp("default_head"), *DEFAULT_HEAD)
+def deformable_checkpoint(tmp_path_factory):
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("deformable"), *DEFORMABLE_HEAD)
 
 
-def test_our_deformable_checkpoint_onto_other_classes(default_head_checkpoint, tmp_path):
-    source = torch.load(default_head_checkpoint, weights_only=True)
+def test_our_deformable_checkpoint_onto_other_classes(deformable_checkpoint, tmp_path):
+    source = torch.load(deformable_checkpoint, weights_only=True)
     saved = {k.removeprefix("detector."): v for k, v in source["state_dict"].items() if k.startswith("detector.")}
-    run = job(tmp_path / "run", *TINY_RUN, *DEFAULT_HEAD, f"init_from={default_head_checkpoint}", FOUR_CLASSES)
-    fresh = job(tmp_path / "fresh", *TINY_RUN, *DEFAULT_HEAD, FOUR_CLASSES).module.detector.state_dict()
+    run = job(tmp_path / "run", *TINY_RUN, *DEFORMABLE_HEAD, f"init_from={deformable_checkpoint}", FOUR_CLASSES)
+    fresh = job(tmp_path / "fresh", *TINY_RUN, *DEFORMABLE_HEAD, FOUR_CLASSES).module.detector.state_dict()
     state = run.module.detector.state_dict()
     heads = class_keys(state)
     assert heads == [
@@ -87,7 +87,7 @@ def official_checkpoint(path: Path, **options) -> dict[str, torch.Tensor]:
 
 OFFICIAL_RUN = [
     *TINY,
-    *DEFAULT_HEAD,
+    *DEFORMABLE_HEAD,
     "model.num_queries=6",
     "trainer.max_steps=1",
     "callbacks.predictions.enabled=false",
@@ -129,11 +129,11 @@ def test_a_two_stage_checkpoint_into_a_plain_config_names_the_switches(tmp_path)
     assert message.endswith("a config that fits: model.with_box_refine=true model.two_stage=true")
 
 
-def test_another_heads_weights_are_refused_in_one_line(default_head_checkpoint, tmp_path):
+def test_another_heads_weights_are_refused_in_one_line(deformable_checkpoint, tmp_path):
     with pytest.raises(CheckpointMismatchError) as error:
-        job(tmp_path / "detr", *TINY_RUN, "model=detr_small", f"init_from={default_head_checkpoint}")
+        job(tmp_path / "detr", *TINY_RUN, "model=detr_small", f"init_from={deformable_checkpoint}")
     assert one_line(error) == (
-        f"init_from='{default_head_checkpoint}' holds a deformable_detr detector (train.py checkpoint) but the run's "
+        f"init_from='{deformable_checkpoint}' holds a deformable_detr detector (train.py checkpoint) but the run's "
         "model is detr: set model=deformable_detr (or a preset of it, e.g. model=deformable_detr_small)"
     )
     detr_file = tmp_path / "detr.pth"
@@ -225,7 +225,7 @@ def test_a_hugging_face_deformable_detr_gives_hugging_faces_outputs(tmp_path, op
 
 HF_RUN = [
     *TINY,
-    *DEFAULT_HEAD,
+    *DEFORMABLE_HEAD,
     "model.num_queries=6",
     "model.nheads=2",
     "data.classes=[rectangle,ellipse,star]",

@@ -17,7 +17,7 @@ from detr_backbone.inference.export import traced_detector, write_exported
 from detr_backbone.training.job import Job, validated
 
 from .jobs import compose_config
-from .tiny_checkpoint import TINY_RUN
+from .tiny_checkpoint import DINO_HEAD, TINY_RUN
 
 DATA = Path(__file__).parent / "data"
 TARGETS = [
@@ -191,13 +191,10 @@ def test_training_adds_denoising_outputs_that_the_matching_queries_cannot_see():
     assert all(torch.isfinite(value) for value in losses.values())
 
 
-DINO_SMALL = ["model=dino_small", "model.num_queries=5", "model.enc_layers=1", "model.dec_layers=2"]
-
-
 @pytest.fixture(scope="module")
 def dino_checkpoint(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("dino")
-    overrides = [*TINY_RUN, *DINO_SMALL, "model.dim_feedforward=64", "trainer.max_steps=4"]
+    overrides = [*TINY_RUN, *DINO_HEAD, "trainer.max_steps=4"]
     job = Job(validated(compose_config(*overrides)), folder)
     assert isinstance(job.module.detector, DINO)
     images, targets = next(iter(job.datamodule.train_dataloader()))
@@ -218,3 +215,29 @@ def test_a_trained_dino_predicts_and_exports_without_denoising_queries(dino_chec
     traced = traced_detector(loaded, postprocess=True, trace_size=(48, 40))
     report = write_exported(traced, "torch_export", tmp_path / "dino.pt2", (40, 48))
     assert max(report.max_abs_diff.values()) <= Tolerance().atol
+
+
+def test_our_dino_checkpoint_onto_other_classes(dino_checkpoint, tmp_path):
+    source = torch.load(dino_checkpoint, weights_only=True)
+    saved = {k.removeprefix("detector."): v for k, v in source["state_dict"].items() if k.startswith("detector.")}
+    four_classes = "data.classes=[rectangle,ellipse,triangle,star]"
+    run = Job(validated(compose_config(*TINY_RUN, *DINO_HEAD, f"init_from={dino_checkpoint}", four_classes)), tmp_path)
+    fresh = Job(validated(compose_config(*TINY_RUN, *DINO_HEAD, four_classes)), tmp_path / "fresh")
+    state, fresh_state = run.module.detector.state_dict(), fresh.module.detector.state_dict()
+    heads = [
+        key for key in state if "class_embed" in key
+    ]  # the decoder's per layer, under both names, and the proposals'
+    assert len(heads) == 2 * (2 + 2 + 1)
+    for key in [*heads, "label_enc.weight"]:
+        assert torch.equal(state[key][:3], saved[key][:3])  # rectangle, ellipse, triangle: the checkpoint's rows
+        assert torch.equal(state[key][3], fresh_state[key][3])  # star: a fresh row
+    assert state["class_embed.0.bias"][3].item() == pytest.approx(-math.log((1 - 0.01) / 0.01))
+    assert torch.equal(state["label_enc.weight"][4], saved["label_enc.weight"][3])  # the extra row, carried
+    assert all(torch.equal(state[key], saved[key]) for key in state if key not in [*heads, "label_enc.weight"])
+    report = (tmp_path / "init_from.txt").read_text()
+    assert "classes carried over (3): rectangle <- row 0, ellipse <- row 1, triangle <- row 2" in report
+    assert (
+        "class_embed.1 .weight and .bias (3 class rows carried over); label_enc.weight (3 class rows carried " in report
+    )
+    assert "over, its 1 extra row kept); transformer.tgt_embed.weight (all 5 queries)" in report
+    assert "new classes (1): star" in report

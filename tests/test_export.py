@@ -19,7 +19,7 @@ from detr_backbone.inference.export import traced_detector, write_exported
 from detr_backbone.nested_tensor import nested_tensor_from_tensor_list
 from detr_backbone.training import DetrModule
 
-from .tiny_checkpoint import CLASS_NAMES, DEFAULT_HEAD, NUM_QUERIES, train_tiny_checkpoint
+from .tiny_checkpoint import CLASS_NAMES, DEFORMABLE_HEAD, DINO_HEAD, NUM_QUERIES, train_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,27 +138,30 @@ def test_export_command_writes_and_checks_the_file(checkpoint, tmp_path, capsys)
     assert sorted(p.name for p in output.parent.iterdir()) == ["detector.pt2"]
 
 
-# --- the default job's head: Deformable DETR's sigmoid classes and top-k detections ----------------
+# --- the multi-scale heads (DINO's, the default job's, and Deformable DETR's): sigmoid classes, top-k detections ---
+
+# Deformable DETR with box refinement: its decoder's boxes are the detector's (the plain head's path is DINO's)
+MULTI_SCALE_HEADS = {"dino": DINO_HEAD, "deformable_detr": [*DEFORMABLE_HEAD, "model.with_box_refine=true"]}
+
+
+@pytest.fixture(scope="module", params=list(MULTI_SCALE_HEADS))
+def multi_scale_checkpoint(request, tmp_path_factory):
+    return train_tiny_checkpoint(tmp_path_factory.mktemp(request.param), *MULTI_SCALE_HEADS[request.param])
 
 
 @pytest.fixture(scope="module")
-def default_head_checkpoint(tmp_path_factory):
-    return train_tiny_checkpoint(tmp_path_factory.mktemp("default_head"), *DEFAULT_HEAD)
-
-
-@pytest.fixture(scope="module")
-def default_head_traced(default_head_checkpoint):
-    return traced_detector(load_detector(default_head_checkpoint), postprocess=True, trace_size=TRACE)
+def multi_scale_traced(multi_scale_checkpoint):
+    return traced_detector(load_detector(multi_scale_checkpoint), postprocess=True, trace_size=TRACE)
 
 
 @pytest.mark.parametrize("format, suffix", [("onnx", "onnx"), ("torch_export", "pt2")])
-def test_the_default_heads_export_matches_eager_on_sizes_never_traced(
-    default_head_checkpoint, default_head_traced, format, suffix, tmp_path
+def test_a_multi_scale_heads_export_matches_eager_on_sizes_never_traced(
+    multi_scale_checkpoint, multi_scale_traced, format, suffix, tmp_path
 ):
-    report = write_exported(default_head_traced, format, tmp_path / f"detector.{suffix}", CHECK)
+    report = write_exported(multi_scale_traced, format, tmp_path / f"detector.{suffix}", CHECK)
     assert max(report.max_abs_diff.values()) <= Tolerance().atol
     exported = load_exported(report.path)
-    module = DetrModule.load_from_checkpoint(default_head_checkpoint, map_location="cpu", weights_only=True)
+    module = DetrModule.load_from_checkpoint(multi_scale_checkpoint, map_location="cpu", weights_only=True)
     eager = ExportableDetector(module.detector, postprocess=True).eval()
     pairs = NUM_QUERIES * len(CLASS_NAMES)  # fewer (query, class) pairs than the 100 kept: all of them, ranked
     tolerance = Tolerance()
@@ -194,20 +197,30 @@ def test_the_default_heads_export_matches_eager_on_sizes_never_traced(
 TINY_DATA = ["data.val_size=16", "data.min_size=32", "data.max_size=48", "progress=false"]  # the tiny runs' sizes
 
 
-def test_an_exported_file_is_evaluated_as_its_checkpoint_and_compared_with_it(checkpoint, traced, tmp_path, capsys):
-    report = write_exported(traced, "onnx", tmp_path / "detector.onnx", CHECK)
-    metrics = evaluate_main([f"ckpt_path={report.path}", *TINY_DATA, f"output_dir={tmp_path / 'exported'}"])
+def assert_evaluated_as_its_checkpoint(checkpoint, traced, folder, capsys) -> None:
+    """``evaluate`` on an ONNX export of ``checkpoint``: its metrics, and their difference to the checkpoint's."""
+    report = write_exported(traced, "onnx", folder / "detector.onnx", CHECK)
+    metrics = evaluate_main([f"ckpt_path={report.path}", *TINY_DATA, f"output_dir={folder / 'exported'}"])
     printed = capsys.readouterr().out
-    saved = json.loads((tmp_path / "exported" / "metrics.json").read_text())
+    saved = json.loads((folder / "exported" / "metrics.json").read_text())
     source = saved["source"]
     assert source["path"] == str(checkpoint.resolve()) and source["found"]
-    reference = json.loads((tmp_path / "exported" / "source" / "metrics.json").read_text())
+    reference = json.loads((folder / "exported" / "source" / "metrics.json").read_text())
     assert source["summary"] == reference["summary"] and saved["summary"] == metrics.summary
     for name in ("AP", "AP50", "AP75"):
         assert source["difference"][name] == pytest.approx(metrics.summary[name] - reference["summary"][name])
         assert abs(source["difference"][name]) <= 1e-3  # the file's detections are the checkpoint's, within 1e-4
     assert max(reference["summary"].values()) > 0  # not a comparison of zeros
     assert f"against its checkpoint {checkpoint.resolve()}: AP " in printed
+
+
+def test_an_exported_file_is_evaluated_as_its_checkpoint_and_compared_with_it(checkpoint, traced, tmp_path, capsys):
+    assert_evaluated_as_its_checkpoint(checkpoint, traced, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("multi_scale_checkpoint", ["dino"], indirect=True)  # the default job's head
+def test_an_exported_dino_is_evaluated_as_its_checkpoint(multi_scale_checkpoint, multi_scale_traced, tmp_path, capsys):
+    assert_evaluated_as_its_checkpoint(multi_scale_checkpoint, multi_scale_traced, tmp_path, capsys)
 
 
 def test_an_exported_file_without_detections_or_metadata_is_refused_in_one_line(tmp_path):

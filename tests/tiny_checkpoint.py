@@ -27,18 +27,20 @@ TINY_RUN = [
 ]
 
 
-# the default job's head (Deformable DETR on layers 2-4, three levels), as small as the DETR head above
-DEFAULT_HEAD = [
-    "model=deformable_detr_small",
+# the multi-scale heads on layers 2-4 (three levels), as small as the DETR head above
+MULTI_SCALE = [
     f"model.num_queries={NUM_QUERIES}",
     "model.enc_layers=1",
     "model.dec_layers=2",
     "model.dim_feedforward=64",
 ]
+DINO_HEAD = ["model=dino_small", *MULTI_SCALE]  # the default job's head
+DEFORMABLE_HEAD = ["model=deformable_detr_small", *MULTI_SCALE]
+DEFAULT_HEAD = DINO_HEAD
 
 
 def train_tiny_checkpoint(folder: Path, *overrides: str) -> Path:
-    """``overrides`` after TINY_RUN's: DEFAULT_HEAD trains the default job's head instead of DETR's."""
+    """``overrides`` after TINY_RUN's: DINO_HEAD or DEFORMABLE_HEAD trains that head instead of DETR's."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the one_thread fixture: other test processes may share the two cores
     try:

@@ -158,10 +158,12 @@ def adapted_state(
             for key in keys:
                 state[key] = carry_class_rows(expected[key], state[key], carried, class_names, no_object)
             adapted += keys
+    class_tables = {}
     for key, extra_rows in getattr(weights.architecture, "CLASS_TABLES", {}).items():
         if key in expected and key in state and state[key].shape[1:] == expected[key].shape[1:]:
             state[key] = carry_class_rows(expected[key], state[key], carried, class_names, extra_rows)
             adapted.append(key)
+            class_tables[key] = extra_rows
     queries, query_key = None, getattr(weights.architecture, "QUERIES", QUERIES)
     if query_key in state and query_key in expected:
         state[query_key] = kept_queries(weights, config.head.num_queries, query_key)
@@ -187,6 +189,8 @@ def adapted_state(
         loaded=sum(key not in adapted for key in fitting),
         class_heads=[head for head in weights.class_heads if f"{head}.weight" in adapted],
         queries=queries,
+        query_key=query_key,
+        class_tables=class_tables,
         carried=carried,
         new_classes=[str(name) for name in class_names if str(name) not in carried_names],
         skipped=weights.skipped,

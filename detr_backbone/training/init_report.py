@@ -34,6 +34,8 @@ class InitReport:
     loaded: int  # tensors copied as they are
     class_heads: list[str]  # the class heads whose rows were adapted (one per decoder layer in Deformable DETR)
     queries: tuple[int, int] | None  # (kept, in the checkpoint); None: the head has no learned queries (two-stage)
+    query_key: str = "query_embed.weight"
+    class_tables: dict[str, int] = field(default_factory=dict)  # tables with a row per class and these extra rows
     carried: list[CarriedClass] = field(default_factory=list)
     new_classes: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # keys of the file that are not the detector's
@@ -45,10 +47,14 @@ class InitReport:
         carried = f"{len(self.carried)} class rows" + (" and the no-object row" if no_object else "")
         heads = f"{self.class_heads[0]}." if len(self.class_heads) == 1 else f"{first_keys(self.class_heads)} ."
         adapted = [f"{heads}weight and .bias ({carried} carried over)"]
+        for table, extra in self.class_tables.items():
+            adapted.append(
+                f"{table} ({len(self.carried)} class rows carried over, its {plural(extra, 'extra row')} kept)"
+            )
         if self.queries is not None:
             kept, available = self.queries
             adapted.append(
-                f"query_embed.weight ({f'all {kept}' if kept == available else f'the first {kept} of {available}'} queries)"
+                f"{self.query_key} ({f'all {kept}' if kept == available else f'the first {kept} of {available}'} queries)"
             )
         lines = [
             f"init_from: {self.path}",

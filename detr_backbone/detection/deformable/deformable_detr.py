@@ -203,16 +203,19 @@ class DeformableDETR(nn.Module):
         hs, init_reference, inter_references, enc_class, enc_coord = self.transformer(
             srcs, masks, positions, query_embed
         )
-        # layer i predicts relative to the reference it was given: the initial one, then each layer's refinement
-        # (indexed one by one: unbinding an empty slice, with one decoder layer, breaks torch.export's files)
-        references = [init_reference] + [inter_references[layer] for layer in range(len(hs) - 1)]
         logits = torch.stack([self.class_embed[layer](hs[layer]) for layer in range(len(hs))])
-        boxes = torch.stack(
-            [
-                offset_reference(self.bbox_embed[layer](hs[layer]), references[layer]).sigmoid()
-                for layer in range(len(hs))
-            ]
-        )
+        if self.with_box_refine:  # the decoder's refined boxes are the detector's
+            boxes = inter_references
+        else:
+            # layer i predicts relative to the reference it was given: the initial one, then each layer's
+            # (indexed one by one: unbinding an empty slice, with one decoder layer, breaks torch.export's files)
+            references = [init_reference] + [inter_references[layer] for layer in range(len(hs) - 1)]
+            boxes = torch.stack(
+                [
+                    offset_reference(self.bbox_embed[layer](hs[layer]), references[layer]).sigmoid()
+                    for layer in range(len(hs))
+                ]
+            )
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [

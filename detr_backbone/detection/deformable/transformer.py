@@ -136,7 +136,9 @@ class DeformableTransformerDecoder(nn.Module):
     each layer leaves for the next (same leading shape; boxes after refinement, else the input points).
 
     With ``bbox_embed`` set (one box head per layer), each layer moves the reference by its head's
-    prediction (iterative refinement); the move is detached, so each layer learns its own step.
+    prediction (iterative refinement) and the references returned are those boxes, with their gradient:
+    they are the detector's boxes, computed once. The next layer gets them detached, so each layer
+    learns its own step.
     """
 
     def __init__(
@@ -167,11 +169,13 @@ class DeformableTransformerDecoder(nn.Module):
             scale = ratios if reference_points.shape[-1] == 2 else torch.cat([ratios, ratios], -1)
             sampling_reference = reference_points[:, :, None] * scale[:, None]
             output = layer(output, query_pos, sampling_reference, memory, spatial_shapes, memory_padding_mask)
+            refined = reference_points
             if self.bbox_embed is not None:
-                reference_points = offset_reference(self.bbox_embed[index](output), reference_points).sigmoid().detach()
+                refined = offset_reference(self.bbox_embed[index](output), reference_points).sigmoid()
+                reference_points = refined.detach()
             if self.return_intermediate or index == self.num_layers - 1:
                 outputs.append(output)
-                references.append(reference_points)
+                references.append(refined)
         return torch.stack(outputs), torch.stack(references)
 
 
@@ -202,7 +206,7 @@ def flatten_levels(
 
 class TransformerOutput(NamedTuple):
     """``hs`` (layers, B, Q, C); ``init_reference`` (B, Q, 2 or 4) and ``inter_references`` (layers, B, Q, 2 or 4)
-    in [0, 1] of the valid image; for two-stage, the encoder's proposal logits (B, S, num_classes) and
+    in [0, 1] of the valid image (with box refinement, each layer's refined boxes, not detached); for two-stage, the encoder's proposal logits (B, S, num_classes) and
     box logits (B, S, 4) (None otherwise)."""
 
     hs: Tensor

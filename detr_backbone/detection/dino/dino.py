@@ -22,7 +22,7 @@ from ..deformable.deformable_detr import (
     project_levels,
 )
 from ..deformable.postprocess import topk_detections
-from ..deformable.refinement import inverse_sigmoid, offset_reference
+from ..deformable.refinement import inverse_sigmoid
 from ..mlp import MLP
 from ..postprocess import Detections
 from .denoising import DenoisingQueries, contrastive_denoising
@@ -128,7 +128,7 @@ class DINO(nn.Module):
             dn_content = self.label_enc(dn.labels) * dn.valid[..., None]
             dn_box_logits = inverse_sigmoid(dn.boxes, LOGIT_EPS) * dn.valid[..., None]
             attn_mask = dn.attn_mask
-        hs, references, interm_class, interm_boxes = self.transformer(
+        hs, anchor_logits, interm_class, interm_boxes = self.transformer(
             srcs, masks, positions, dn_content, dn_box_logits, attn_mask
         )
         if self.training:
@@ -137,10 +137,7 @@ class DINO(nn.Module):
         # layer i's boxes move the anchor it was given (indexed one by one, as torch.export wants)
         logits = torch.stack([self.class_embed[layer](hs[layer]) for layer in range(len(hs))])
         boxes = torch.stack(
-            [
-                offset_reference(self.bbox_embed[layer](hs[layer]), references[layer], LOGIT_EPS).sigmoid()
-                for layer in range(len(hs))
-            ]
+            [(self.bbox_embed[layer](hs[layer]) + anchor_logits[layer]).sigmoid() for layer in range(len(hs))]
         )
         denoised = 0 if dn is None else dn.num_queries
         out = self.layer_outputs(logits[:, :, denoised:], boxes[:, :, denoised:])

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..deformable.attention import MSDeformAttn, SpatialShapes
 from ..deformable.proposals import coordinate_sine_embedding, encoder_proposals
-from ..deformable.refinement import offset_reference
+from ..deformable.refinement import inverse_sigmoid
 from ..deformable.transformer import (
     DeformableTransformerDecoderLayer,
     DeformableTransformerEncoder,
@@ -38,9 +38,10 @@ def anchor_sine_embedding(boxes: Tensor, d_model: int) -> Tensor:
 class DinoDecoder(nn.Module):
     """Decoder layers over anchor boxes; ``norm`` is applied to each layer's output for the heads.
 
-    Returns the normed outputs (layers, B, Q, C) and the anchors (layers + 1, B, Q, 4): the input ones
-    then each layer's refined ones, not detached, so a layer's box loss reaches the previous layer's
-    box head through its anchor ("look forward twice").
+    Returns the normed outputs (layers, B, Q, C) and the inverse sigmoid of each layer's anchors (layers of
+    (B, Q, 4)): the input ones, then each layer's refined ones, not detached, so a layer's box loss reaches
+    the previous layer's box head through its anchor ("look forward twice"). Each anchor's logit is
+    computed once and serves both its layer's refinement (detached) and the detector's boxes.
     """
 
     def __init__(self, decoder_layer: DeformableTransformerDecoderLayer, num_layers: int, d_model: int):
@@ -68,7 +69,7 @@ class DinoDecoder(nn.Module):
             raise ValueError(
                 "the decoder refines its anchors with decoder.bbox_embed, which is unset: build it in DINO"
             )
-        output, outputs, references = tgt, [], [anchors]
+        output, outputs, anchor_logits = tgt, [], [inverse_sigmoid(anchors, LOGIT_EPS)]
         for index, layer in enumerate(self.layers):
             # anchors are relative to the valid image; the attention samples on the padded maps
             sampling_anchors = anchors[:, :, None] * torch.cat([ratios, ratios], -1)[:, None]
@@ -76,19 +77,20 @@ class DinoDecoder(nn.Module):
             output = layer(
                 output, query_pos, sampling_anchors, memory, spatial_shapes, memory_padding_mask, self_attn_mask
             )
-            refined = offset_reference(self.bbox_embed[index](output), anchors, LOGIT_EPS).sigmoid()
-            anchors = refined.detach()
-            references.append(refined)
             outputs.append(self.norm(output))
-        return torch.stack(outputs), references
+            if index + 1 < self.num_layers:
+                refined = (self.bbox_embed[index](output) + anchor_logits[-1].detach()).sigmoid()
+                anchors = refined.detach()
+                anchor_logits.append(inverse_sigmoid(refined, LOGIT_EPS))
+        return torch.stack(outputs), anchor_logits
 
 
 class DinoTransformerOutput(NamedTuple):
-    """``hs`` (layers, B, D + Q, C); ``references`` the anchors before each layer and after the last
-    (layers + 1 of (B, D + Q, 4)); the selected proposals' class logits (B, Q, num_classes) and boxes (B, Q, 4)."""
+    """``hs`` (layers, B, D + Q, C); ``anchor_logits`` the inverse sigmoid of the anchors before each layer
+    (layers of (B, D + Q, 4)); the selected proposals' class logits (B, Q, num_classes) and boxes (B, Q, 4)."""
 
     hs: Tensor
-    references: list[Tensor]
+    anchor_logits: list[Tensor]
     interm_class: Tensor
     interm_boxes: Tensor
 
@@ -176,10 +178,10 @@ class DinoTransformer(nn.Module):
         if dn_content is not None and dn_box_logits is not None:
             anchors = torch.cat([dn_box_logits.to(anchors.dtype), anchors], 1)
             tgt = torch.cat([dn_content.to(tgt.dtype), tgt], 1)
-        hs, references = self.decoder(
+        hs, anchor_logits = self.decoder(
             tgt, anchors.sigmoid(), memory, levels.spatial_shapes, levels.ratios, levels.masks, attn_mask
         )
-        return DinoTransformerOutput(hs, references, interm_class, box_logits.sigmoid())
+        return DinoTransformerOutput(hs, anchor_logits, interm_class, box_logits.sigmoid())
 
     def select_queries(
         self, memory: Tensor, padding_mask: Tensor, spatial_shapes: SpatialShapes
