@@ -60,7 +60,7 @@ def training_batches(cfg: Config, count: int) -> list:
 def plain_step(module: DetrModule, optimizer: torch.optim.Optimizer, batch, clip_max_norm: float) -> None:
     """What Lightning's automatic optimisation does for this module, written out."""
     images, targets = batch
-    loss = module.criterion.weighted_total(module.criterion(module(images), targets))
+    loss = module.criterion.weighted_total(module.criterion(module(images, targets), targets))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], clip_max_norm)
