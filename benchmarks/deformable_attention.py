@@ -8,7 +8,7 @@ Sections (``--sections``, all by default):
 - ``forward``: Deformable DETR R50 (300 queries, 6 + 6 layers) on one 800x1066 image, inference;
 - ``train``: its training step (loss, backward, AdamW) on a batch of two at 480x640, the second
   image 7/8 the size and padded, and the memory that step adds at its peak;
-- ``job``: the CPU default job's training step (``python train.py`` as configured).
+- ``job``: the Deformable shapes job's training step (``python train.py experiment=shapes_deformable``).
 
 Variants of a section run once per round, rounds interleaved (one warm-up round), medians
 reported; ratios are against Hugging Face's model (or core) where it takes part, else against
@@ -163,7 +163,7 @@ def train_section(args) -> dict:
 
 
 def job_section(args) -> dict:
-    cfg = job_config([])
+    cfg = job_config(["experiment=shapes_deformable"])
     batches = [to_device(batch, CPU) for batch in training_batches(cfg, 8)]
     calls = {}
     for impl in CORES:
@@ -223,7 +223,7 @@ def main() -> None:
         )
     if "job" in sections:
         results["job"] = job_section(args)
-        print_table("default job's training step", results["job"]["time"], "grid_sample")
+        print_table("Deformable shapes job's training step", results["job"]["time"], "grid_sample")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2))
     print(f"\nwritten: {args.output}")

@@ -3,6 +3,7 @@ focal matching and loss, top-k post-processing, and training steps in float32 an
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -665,3 +666,15 @@ def test_forward_backward(joiner, option, dtype):
     missing = [name for name, p in head.items() if p.grad is None]
     assert not missing, f"no gradient for {missing}"
     assert all(torch.isfinite(p.grad).all() for p in head.values())
+
+
+def test_a_bfloat16_two_stage_model_predicts_in_bfloat16(joiner):
+    # the chosen proposals stay float32; their position embedding must follow the weights
+    model = build_deformable_detr(copy.deepcopy(joiner), 4, **SMALL, num_feature_levels=5, **OPTIONS["two_stage"])
+    model = model.eval().to(torch.bfloat16)
+    images = nested_tensor_from_tensor_list([torch.randn(3, 64, 96), torch.randn(3, 48, 80)]).to(torch.bfloat16)
+    with torch.inference_mode():
+        out = model(images)
+    assert out["pred_logits"].dtype == torch.bfloat16 and out["pred_logits"].shape == (2, 10, 4)
+    assert torch.isfinite(out["pred_logits"]).all()
+    assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()

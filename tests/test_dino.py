@@ -241,3 +241,14 @@ def test_our_dino_checkpoint_onto_other_classes(dino_checkpoint, tmp_path):
     )
     assert "over, its 1 extra row kept); transformer.tgt_embed.weight (all 5 queries)" in report
     assert "new classes (1): star" in report
+
+
+def test_a_bfloat16_dino_predicts_in_bfloat16():
+    # the anchors stay float32 (their logits mix with float32 proposals); their embedding must follow the weights
+    detector = small_dino().eval().to(torch.bfloat16)
+    images = [torch.randn(3, 64, 96, dtype=torch.bfloat16), torch.randn(3, 48, 80, dtype=torch.bfloat16)]
+    with torch.inference_mode():
+        out = detector(images)
+    assert out["pred_logits"].dtype == torch.bfloat16 and out["pred_logits"].shape == (2, 6, 3)
+    assert torch.isfinite(out["pred_logits"]).all()
+    assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()

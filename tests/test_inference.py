@@ -182,7 +182,8 @@ needs_fusion = pytest.mark.skipif(
 
 
 def frozen_bn_detector(backbone: str, *overrides: str, seed: int = 0) -> torch.nn.Module:
-    """A small random DETR on a torchvision ResNet with frozen BatchNorm whose buffers are far from identity."""
+    """A small random detector of the default head (DINO's) on a torchvision ResNet with frozen BatchNorm
+    whose buffers are far from identity."""
     torch.manual_seed(seed)
     cfg = compose_config(
         f"backbone={backbone}",

@@ -9,7 +9,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from .config import Config
 
 COCO_SIZED_HIDDEN_DIM, COCO_SIZED_QUERIES = 256, 100  # DETR's published sizes; Deformable DETR has 300 queries
-PRESETS = "experiment=deformable_detr_r50_coco or experiment=detr_r50_coco"
+PRESETS = "experiment=dino_r50_coco, experiment=deformable_detr_r50_coco or experiment=detr_r50_coco"
 
 
 class RecipeWarning(UserWarning):
@@ -29,7 +29,8 @@ def recipe_mismatch(config: Config) -> str | None:
     if config.data.kind == "shapes" and sized:
         return (
             f"{' and '.join(sized)} on data=shapes: a COCO-sized model on the embedded shapes data (a few shapes "
-            "on 96-128 px images), sized for the default job's model (model=deformable_detr_small, hidden_dim=128); "
+            f"on {config.data.min_size}-{config.data.max_size} px images), sized for the default job's model "
+            "(model=dino_small, hidden_dim=128); "
             f"for COCO-format data give data=coco with its folders, or {PRESETS}"
         )
     if config.data.kind == "coco" and not sized:

@@ -340,6 +340,8 @@ class DeformableTransformer(nn.Module):
         chosen = torch.topk(class_logits[..., 0], count, dim=1)[1]
         # the decoder starts from the chosen boxes but does not train the encoder's heads through them
         boxes = torch.gather(box_logits, 1, chosen[..., None].expand(-1, -1, 4)).detach()
-        embedding = self.pos_trans_norm(self.pos_trans(proposal_position_embedding(boxes, self.d_model // 2)))
+        # the proposals stay float32 in a bfloat16 model; their embedding takes the layer's dtype
+        encoded = proposal_position_embedding(boxes, self.d_model // 2).to(self.pos_trans.weight.dtype)
+        embedding = self.pos_trans_norm(self.pos_trans(encoded))
         query_pos, tgt = embedding.split(self.d_model, dim=2)
         return query_pos, tgt, boxes.sigmoid()

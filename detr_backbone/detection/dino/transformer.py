@@ -73,7 +73,9 @@ class DinoDecoder(nn.Module):
         for index, layer in enumerate(self.layers):
             # anchors are relative to the valid image; the attention samples on the padded maps
             sampling_anchors = anchors[:, :, None] * torch.cat([ratios, ratios], -1)[:, None]
-            query_pos = self.ref_point_head(anchor_sine_embedding(sampling_anchors[:, :, 0], self.d_model))
+            # the anchors stay float32 in a bfloat16 model; their embedding takes the queries' dtype
+            embedding = anchor_sine_embedding(sampling_anchors[:, :, 0], self.d_model).to(output.dtype)
+            query_pos = self.ref_point_head(embedding)
             output = layer(
                 output, query_pos, sampling_anchors, memory, spatial_shapes, memory_padding_mask, self_attn_mask
             )
