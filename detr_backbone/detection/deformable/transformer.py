@@ -206,8 +206,8 @@ def flatten_levels(
 
 class TransformerOutput(NamedTuple):
     """``hs`` (layers, B, Q, C); ``init_reference`` (B, Q, 2 or 4) and ``inter_references`` (layers, B, Q, 2 or 4)
-    in [0, 1] of the valid image (with box refinement, each layer's refined boxes, not detached); for two-stage, the encoder's proposal logits (B, S, num_classes) and
-    box logits (B, S, 4) (None otherwise)."""
+    in [0, 1] of the valid image (with box refinement, each layer's refined boxes, not detached); for
+    two-stage, the encoder's proposal logits (B, S, num_classes) and box logits (B, S, 4) (None otherwise)."""
 
     hs: Tensor
     init_reference: Tensor
