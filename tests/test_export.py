@@ -44,6 +44,21 @@ def eager(checkpoint) -> ExportableDetector:
     return ExportableDetector(module.detector, postprocess=True).eval()
 
 
+@pytest.fixture(scope="module")
+def onnx_export(tmp_path_factory):
+    """``onnx_export(traced)``: the report of its ONNX file, written once per checkpoint for the tests that read it."""
+    reports = {}
+
+    def export(traced):
+        source = traced.metadata["source"]["path"]
+        if source not in reports:
+            folder = tmp_path_factory.mktemp("onnx")
+            reports[source] = write_exported(traced, "onnx", folder / "detector.onnx", CHECK)
+        return reports[source]
+
+    return export
+
+
 def unseen_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Real images at sizes neither traced nor checked: one alone, then two of different sizes padded together."""
     dataset = ShapesDataset(3, min_size=50, max_size=100, split="test")
@@ -69,9 +84,9 @@ def assert_within_tolerance(got: list[torch.Tensor], expected: tuple[torch.Tenso
         assert ((have - want).abs() <= tolerance.atol + tolerance.rtol * want.abs()).all(), name
 
 
-def test_onnx_in_onnxruntime_matches_eager_on_sizes_never_traced(traced, eager, tmp_path):
-    report = write_exported(traced, "onnx", tmp_path / "detector.onnx", CHECK)
-    assert report.path.is_file() and [p.name for p in tmp_path.iterdir()] == ["detector.onnx"]
+def test_onnx_in_onnxruntime_matches_eager_on_sizes_never_traced(traced, eager, onnx_export):
+    report = onnx_export(traced)
+    assert report.path.is_file() and [p.name for p in report.path.parent.iterdir()] == ["detector.onnx"]
     assert set(report.max_abs_diff) == {"pred_logits", "pred_boxes", "scores", "boxes"}
     assert max(report.max_abs_diff.values()) <= Tolerance().atol
     session = onnxruntime.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
@@ -156,9 +171,12 @@ def multi_scale_traced(multi_scale_checkpoint):
 
 @pytest.mark.parametrize("format, suffix", [("onnx", "onnx"), ("torch_export", "pt2")])
 def test_a_multi_scale_heads_export_matches_eager_on_sizes_never_traced(
-    multi_scale_checkpoint, multi_scale_traced, format, suffix, tmp_path
+    multi_scale_checkpoint, multi_scale_traced, format, suffix, onnx_export, tmp_path
 ):
-    report = write_exported(multi_scale_traced, format, tmp_path / f"detector.{suffix}", CHECK)
+    if format == "onnx":
+        report = onnx_export(multi_scale_traced)
+    else:
+        report = write_exported(multi_scale_traced, format, tmp_path / f"detector.{suffix}", CHECK)
     assert max(report.max_abs_diff.values()) <= Tolerance().atol
     exported = load_exported(report.path)
     module = DetrModule.load_from_checkpoint(multi_scale_checkpoint, map_location="cpu", weights_only=True)
@@ -197,10 +215,10 @@ def test_a_multi_scale_heads_export_matches_eager_on_sizes_never_traced(
 TINY_DATA = ["data.val_size=16", "data.min_size=32", "data.max_size=48", "progress=false"]  # the tiny runs' sizes
 
 
-def assert_evaluated_as_its_checkpoint(checkpoint, traced, folder, capsys) -> None:
-    """``evaluate`` on an ONNX export of ``checkpoint``: its metrics, and their difference to the checkpoint's."""
-    report = write_exported(traced, "onnx", folder / "detector.onnx", CHECK)
-    metrics = evaluate_main([f"ckpt_path={report.path}", *TINY_DATA, f"output_dir={folder / 'exported'}"])
+def assert_evaluated_as_its_checkpoint(checkpoint, exported, folder, capsys) -> None:
+    """``evaluate`` on ``exported``, an ONNX export of ``checkpoint``: its metrics, and their difference to the
+    checkpoint's."""
+    metrics = evaluate_main([f"ckpt_path={exported}", *TINY_DATA, f"output_dir={folder / 'exported'}"])
     printed = capsys.readouterr().out
     saved = json.loads((folder / "exported" / "metrics.json").read_text())
     source = saved["source"]
@@ -214,13 +232,17 @@ def assert_evaluated_as_its_checkpoint(checkpoint, traced, folder, capsys) -> No
     assert f"against its checkpoint {checkpoint.resolve()}: AP " in printed
 
 
-def test_an_exported_file_is_evaluated_as_its_checkpoint_and_compared_with_it(checkpoint, traced, tmp_path, capsys):
-    assert_evaluated_as_its_checkpoint(checkpoint, traced, tmp_path, capsys)
+def test_an_exported_file_is_evaluated_as_its_checkpoint_and_compared_with_it(
+    checkpoint, traced, onnx_export, tmp_path, capsys
+):
+    assert_evaluated_as_its_checkpoint(checkpoint, onnx_export(traced).path, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("multi_scale_checkpoint", ["dino"], indirect=True)  # the default job's head
-def test_an_exported_dino_is_evaluated_as_its_checkpoint(multi_scale_checkpoint, multi_scale_traced, tmp_path, capsys):
-    assert_evaluated_as_its_checkpoint(multi_scale_checkpoint, multi_scale_traced, tmp_path, capsys)
+def test_an_exported_dino_is_evaluated_as_its_checkpoint(
+    multi_scale_checkpoint, multi_scale_traced, onnx_export, tmp_path, capsys
+):
+    assert_evaluated_as_its_checkpoint(multi_scale_checkpoint, onnx_export(multi_scale_traced).path, tmp_path, capsys)
 
 
 def test_an_exported_file_without_detections_or_metadata_is_refused_in_one_line(tmp_path):
