@@ -5,10 +5,10 @@ The package is layered, each layer importing only those listed before it: this b
 LightningModule, the job and its callbacks) and ``commands``.
 """
 
-from .backbone import Backbone, BackboneBase, GroupNorm32, GroupNormBackbone, TimmBackbone, downsample_mask
+from .backbones.backbone import Backbone, BackboneBase, GroupNorm32, GroupNormBackbone, TimmBackbone, downsample_mask
+from .backbones.freezing import freeze_stages, parameter_stages
+from .backbones.frozen_batch_norm import FrozenBatchNorm2d
 from .config import BackboneConfig, JoinerConfig, PositionConfig
-from .freezing import freeze_stages, parameter_stages
-from .frozen_batch_norm import FrozenBatchNorm2d
 from .joiner import Joiner, build_backbone, build_position_encoding
 from .nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 from .param_groups import joiner_parameter_groups

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from .freezing import NUM_STAGES
+from .backbones.freezing import NUM_STAGES
 from .targets import is_own
+from .validation import require, structured
 
 # Our own targets, by the kind names DETR-style args and older checkpoints use
 BACKBONE_TARGETS = {
@@ -27,19 +27,11 @@ POSITION_TARGETS = {"sine": "detr_backbone.PositionEmbeddingSine", "learned": "d
 DETR_POSITION_NAMES = {"sine": "sine", "v2": "sine", "learned": "learned", "v3": "learned"}
 
 
-def require(condition: bool, message: str) -> None:
-    """Raise ValueError(message) unless condition: the checks of every config schema."""
-    if not condition:
-        raise ValueError(message)
-
-
 def own_kind(target: str, targets: Mapping[str, str]) -> str | None:
-    """The kind of one of our targets, by its public path or its module's (``detr_backbone.backbone.Backbone``)."""
+    """The kind of one of our targets, by its public path or a module's of ours (``detr_backbone.backbone.Backbone``
+    as earlier checkpoints saved it, ``detr_backbone.backbones.backbone.Backbone``)."""
     for kind, public in targets.items():
-        package, name = public.split(".")
-        if target == public or (
-            target.startswith(f"{package}.") and target.count(".") == 2 and target.endswith(f".{name}")
-        ):
+        if target == public or (is_own(target) and target.rpartition(".")[2] == public.rpartition(".")[2]):
             return kind
     return None
 
@@ -307,21 +299,3 @@ class JoinerConfig:
             _target_=POSITION_TARGETS[DETR_POSITION_NAMES[encoding]], normalize=True, offset=-0.5 if deformable else 0.0
         )
         return cls(backbone, position, hidden_dim=get("hidden_dim", 256), lr_backbone=get("lr_backbone", 1e-5))
-
-
-Schema = TypeVar("Schema")
-
-
-def structured(schema: type[Schema], values: Any, where: str) -> Schema:
-    """``values`` checked against ``schema``: unknown keys and wrong types fail with the key's name."""
-    if isinstance(values, schema):
-        return values
-    if isinstance(values, DictConfig):
-        values = OmegaConf.to_container(values, resolve=True)
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), values)
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as error:
-        valid = ", ".join(sorted((f.name for f in fields(schema)), key=lambda name: name != "_target_"))
-        message = str(error).splitlines()[0]
-        raise ValueError(f"invalid {where} config: {message} (valid keys: {valid})") from None

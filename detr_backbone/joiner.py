@@ -8,11 +8,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .backbone import BackboneBase
-from .bn_folding import fold_frozen_batch_norm
+from .backbones.backbone import BackboneBase
+from .backbones.bn_folding import fold_frozen_batch_norm
+from .backbones.declared_backbone import DeclaredBackbone
 from .compilation import compile_in_place
 from .config import CustomBackboneConfig, CustomPositionConfig, JoinerConfig
-from .declared_backbone import DeclaredBackbone
 from .nested_tensor import MaskedImages, NestedTensor
 from .targets import instantiate_target, resolve
 from .weights import load_checkpoint

@@ -16,10 +16,10 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .backbone import TimmBackbone
+from .backbones.backbone import TimmBackbone
+from .backbones.layer_decay import layer_decay_groups
 from .config import JoinerConfig
 from .joiner import Joiner
-from .layer_decay import layer_decay_groups
 
 
 def trainable(parameters: Iterable[nn.Parameter]) -> list[nn.Parameter]:

@@ -14,6 +14,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 PACKAGE = "detr_backbone"
+# modules that moved, so targets saved under their earlier paths still resolve
+MOVED_MODULES = {
+    f"{PACKAGE}.{name}": f"{PACKAGE}.backbones.{name}"
+    for name in ("backbone", "declared_backbone", "feature_pyramid", "freezing", "frozen_batch_norm", "layer_decay")
+}
 
 
 class TargetNotAllowedError(ValueError):
@@ -41,7 +46,8 @@ def resolve(target: str, where: str) -> Callable[..., Any]:
         raise ValueError(
             f"{where}={target!r} is not a dotted path to a class or function, e.g. my_pkg.backbones.make_backbone"
         )
-    parts = target.split(".")
+    module_path, _, name = target.rpartition(".")
+    parts = f"{MOVED_MODULES.get(module_path, module_path)}.{name}".split(".")
     module, depth = None, len(parts)
     while depth > 0:
         try:
@@ -75,9 +81,9 @@ def instantiate_target(target: str, arguments: Mapping[str, Any], where: str, **
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    resolve(target, f"{where}._target_")  # the import and callability errors, in one line each
+    built = resolve(target, f"{where}._target_")  # the import and callability errors, in one line each
     try:
-        return instantiate({"_target_": target, **arguments}, _convert_="all", **injected)
+        return instantiate({"_target_": built, **arguments}, _convert_="all", **injected)
     except InstantiationException as error:
         cause = error.__cause__ or error
         if isinstance(cause, ValueError) or is_own(target):  # the part's own error, already one line

@@ -13,11 +13,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from detr_backbone import NestedTensor, build_backbone, nested_tensor_from_tensor_list
-from detr_backbone.bn_folding import FoldedConv2d, fold_frozen_batch_norm
+from detr_backbone.backbones.bn_folding import FoldedConv2d, fold_frozen_batch_norm
+from detr_backbone.backbones.frozen_batch_norm import FrozenBatchNorm2d
 from detr_backbone.config import BackboneConfig, JoinerConfig, PositionConfig
 from detr_backbone.data import build_datamodule
 from detr_backbone.detection import DetrConfig, build_detector
-from detr_backbone.frozen_batch_norm import FrozenBatchNorm2d
 from detr_backbone.position_encoding import PositionEmbeddingSine
 from detr_backbone.weights import load_checkpoint
 

@@ -17,8 +17,8 @@ from detr_backbone import (
     load_checkpoint,
     nested_tensor_from_tensor_list,
 )
+from detr_backbone.backbones.feature_pyramid import SimpleFeaturePyramid
 from detr_backbone.config import JoinerConfig
-from detr_backbone.feature_pyramid import SimpleFeaturePyramid
 from detr_backbone.training.job import Job, validated
 
 from .jobs import TINY, compose_config

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from detr_backbone import build_backbone, downsample_mask, nested_tensor_from_tensor_list
+from detr_backbone.backbones.declared_backbone import DeclaredBackbone
 from detr_backbone.commands.export import main as export_main
-from detr_backbone.declared_backbone import DeclaredBackbone
 from detr_backbone.inference.checkpoint import load_detector
 from detr_backbone.targets import TargetNotAllowedError
 from detr_backbone.training.job import Job, validated
@@ -233,3 +233,21 @@ def test_own_parts_train_in_bfloat16(tmp_path):
     run.run()
     assert torch.isfinite(run.trainer.callback_metrics["train/loss"])
     assert run.module.detector.backbone[0].body.stage3[0].weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "saved, built",
+    [
+        ("detr_backbone.backbone.Backbone", "Backbone"),  # the module before the backbones moved into backbones/
+        ("detr_backbone.backbone.GroupNormBackbone", "GroupNormBackbone"),
+        ("detr_backbone.backbones.backbone.TimmBackbone", "TimmBackbone"),
+        ("detr_backbone.Backbone", "Backbone"),
+    ],
+)
+def test_targets_saved_under_a_moved_module_still_build_our_backbones(saved, built):
+    import detr_backbone
+    from detr_backbone.config import BACKBONE_TARGETS, own_kind
+    from detr_backbone.targets import resolve
+
+    assert resolve(saved, "backbone._target_") is getattr(detr_backbone, built)
+    assert own_kind(saved, BACKBONE_TARGETS) == own_kind(f"detr_backbone.{built}", BACKBONE_TARGETS)

@@ -34,7 +34,6 @@ from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from ..config import require
 from ..data import CocoDetection, ShapesDataset, build_datamodule
 from ..inference.checkpoint import load_detector, saved_run_config
 from ..inference.coco_files import category_ids_by_name, detection_rows, instances, write_json
@@ -42,6 +41,7 @@ from ..inference.coco_metrics import CocoMetrics, check_coco_backend, coco_metri
 from ..inference.exported import SUFFIX_FORMATS, ExportedPredictor
 from ..inference.predictor import DTYPES, Predictor
 from ..training.config import DataConfig
+from ..validation import require
 from .cli import compose_command, override_key, reported
 
 DETECTIONS_FILE, GROUND_TRUTH_FILE, METRICS_FILE = "detections.json", "ground_truth.json", "metrics.json"

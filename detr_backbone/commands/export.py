@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..config import require
 from ..inference.checkpoint import load_detector
 from ..inference.export import FORMATS, ExportCheckError, ExportReport, Tolerance, export_detector
+from ..validation import require
 from .cli import compose_command, reported
 
 

@@ -20,7 +20,6 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from ..config import require
 from ..data.coco import load_coco, load_rgb_image, open_image
 from ..data.images import upright_size
 from ..data.visualize import PREDICTION_COLOR, draw_boxes
@@ -28,6 +27,7 @@ from ..file_writes import atomic_write
 from ..inference.coco_files import category_ids_by_name, detection_rows, write_json
 from ..inference.image_files import common_root, find_images
 from ..inference.predictor import DTYPES, Detections, Predictor, size_groups
+from ..validation import require
 from .cli import compose_command, reported
 
 ON_ERROR = ("skip", "stop")

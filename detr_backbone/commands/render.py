@@ -24,7 +24,7 @@ from hydra import compose
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from ..config import JoinerConfig, require
+from ..config import JoinerConfig
 from ..data import build_datamodule
 from ..data.coco import load_rgb_image
 from ..data.visualize import caption, denormalize, heatmap, resize_longer_side, save_png, tile_grid, valid_size
@@ -35,6 +35,7 @@ from ..position_encoding import PositionEmbeddingSine
 from ..training.config import Config, register_configs
 from ..training.job import validated
 from ..training.module import load_training_module
+from ..validation import require
 from .cli import configs, override_key, reported, split_config_dir
 
 # overrides that shape the model; with ckpt_path the checkpoint's own saved config decides those

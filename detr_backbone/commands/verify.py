@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import require
 from ..data.coco_check import check_coco_folder
+from ..validation import require
 from .cli import compose_command, reported
 
 

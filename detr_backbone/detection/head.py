@@ -17,9 +17,9 @@ from typing import Any, ClassVar, Protocol
 
 from torch import Tensor, nn
 
-from ..config import require
 from ..joiner import Joiner
 from ..nested_tensor import NestedTensor
+from ..validation import require
 from .criterion import BaseSetCriterion
 from .postprocess import Detections
 from .published import Architecture, DetectorWeights

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import require, structured
+from ..validation import require, structured
 from .deformable.config import DeformableDetrConfig
 from .detr.config import DetrConfig
 from .dino.config import DinoConfig

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
-from ..bn_folding import folded_weight_and_bias, sharing_parameters
-from ..frozen_batch_norm import FoldedFrozenBatchNorm2d, as_folded
+from ..backbones.bn_folding import folded_weight_and_bias, sharing_parameters
+from ..backbones.frozen_batch_norm import FoldedFrozenBatchNorm2d, as_folded
 
 
 def fusion_supported(device: torch.device, dtype: torch.dtype) -> bool:

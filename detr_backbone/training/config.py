@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..config import BackboneConfig, PositionConfig, backbone_config, position_config, require
+from ..config import BackboneConfig, PositionConfig, backbone_config, position_config
 from ..detection import HEADS, head_config
 from ..inference.coco_metrics import check_coco_backend
+from ..validation import require
 
 MONITOR_MODES = ("max", "min")
 

@@ -30,13 +30,7 @@ from ..detection import HEADS, DetectorConfig, DetectorWeights, published_folder
 from ..detection.coco_names import UNUSED
 from ..detection.published import fitting_overrides
 from ..inference.checkpoint import TRAINING_PREFIX, detector_state, saved_detector_config
-from ..weights import (
-    CheckpointMismatchError,
-    LoadReport,
-    first_keys,
-    load_weights_file,
-    match_keys,
-)
+from ..weights import CheckpointMismatchError, LoadReport, first_keys, load_weights_file, match_keys
 from .config import Config
 from .init_report import CarriedClass, InitReport
 

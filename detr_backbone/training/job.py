@@ -19,9 +19,10 @@ from pytorch_lightning.callbacks import (
 from pytorch_lightning.profilers import AdvancedProfiler, Profiler, SimpleProfiler
 from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
 
-from ..config import JoinerConfig, require
+from ..config import JoinerConfig
 from ..data import build_datamodule
 from ..detection import HEADS
+from ..validation import require
 from .callbacks.ema import EmaWeights
 from .callbacks.last_checkpoint import LastCheckpoint
 from .callbacks.loss_guard import NON_FINITE_ACTIONS, NonFiniteLossGuard

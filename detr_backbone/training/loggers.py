@@ -22,7 +22,7 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 
-from ..config import require
+from ..validation import require
 from .config import Config, LoggerConfig, MLflowConfig, WandbConfig
 
 if TYPE_CHECKING:

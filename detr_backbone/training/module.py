@@ -20,13 +20,13 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 
-from ..config import structured
 from ..detection import DetectorConfig
 from ..detection.boxes import per_image, target_boxes_in_pixels
 from ..detection.criterion import AUX_SUFFIX
 from ..inference.checkpoint import TRAINING_CHECKPOINT, buildable_config, key_mismatch, read_checkpoint
 from ..nested_tensor import NestedTensor
 from ..param_groups import joiner_parameter_groups, make_group
+from ..validation import structured
 from .config import EvaluationConfig, OptimConfig
 
 Batch = tuple[NestedTensor, Sequence[Mapping[str, Tensor]]]

@@ -10,8 +10,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from ...config import require
 from ...param_groups import make_group
+from ...validation import require
 from ..head import HeadConfig
 from ..published import DetectorWeights
 from .criterion import FocalSetCriterion, build_deformable_criterion

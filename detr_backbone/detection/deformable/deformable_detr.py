@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ...backbone import downsample_mask
+from ...backbones.backbone import downsample_mask
 from ...joiner import Joiner
 from ...nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 from ..mlp import MLP

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ...config import require
+from ...validation import require
 from ..deformable.config import MultiScaleHeadConfig
 from ..published import DetectorWeights
 from .criterion import build_dino_criterion

@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ....backbone import TORCHVISION_RESNETS
+from ....backbones.backbone import TORCHVISION_RESNETS
 from ....weights import BODY_KEY, POSITION_KEY
 from ...hugging_face import HuggingFaceLayout, Renames, same_in_encoder_and_decoder, timm_backbone_name
 from .source import Architecture

@@ -20,11 +20,12 @@ from timm.utils.model import freeze_batch_norm_2d
 from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 
+from ..nested_tensor import MaskedImages, NestedTensor, padding_mask
+from ..weights import explain_download_errors
 from .feature_pyramid import PYRAMID_LEVELS, SimpleFeaturePyramid
 from .freezing import NUM_STAGES, detr_trainable_layers, freeze_stages
 from .frozen_batch_norm import FrozenBatchNorm2d
 from .layer_decay import transformer_blocks
-from .nested_tensor import MaskedImages, NestedTensor, padding_mask
 from .timm_image_size import (
     any_size_options,
     is_single_stride,
@@ -34,7 +35,6 @@ from .timm_image_size import (
     takes_attention_mask,
     token_attention_mask,
 )
-from .weights import explain_download_errors
 
 TORCHVISION_RESNETS = (
     "resnet18",
