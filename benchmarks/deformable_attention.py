@@ -32,7 +32,7 @@ import pytorch_lightning as pl
 import torch
 
 from detr_backbone import nested_tensor_from_tensor_list
-from detr_backbone.detection.deformable.sampling import multi_scale_deformable_attention
+from detr_backbone.detection.multiscale.sampling import multi_scale_deformable_attention
 
 from .loop import job_config, num_classes, plain_step, to_device, training_batches
 from .machine import cpu_model_name, peak_memory_mb

@@ -9,12 +9,12 @@ import torch
 
 from detr_backbone import build_backbone
 from detr_backbone.detection.deformable import MSDeformAttn, build_deformable_detr
-from detr_backbone.detection.deformable.sampling import (
+from detr_backbone.detection.multiscale.sampling import (
     ATTENTION_IMPLS,
     multi_scale_deformable_attention,
     resolve_attention_impl,
 )
-from detr_backbone.detection.deformable.sampling.gather import GatherAttention
+from detr_backbone.detection.multiscale.sampling.gather import GatherAttention
 
 FAST = ["gather"]
 # Levels of very different sizes: a wide map, a tall one, a 1x1 map; 4 points per head and level.

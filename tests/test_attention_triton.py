@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from detr_backbone.detection.deformable import sampling
-from detr_backbone.detection.deformable.sampling import multi_scale_deformable_attention, resolve_attention_impl
-from detr_backbone.detection.deformable.sampling.grid_sample import grid_sample_attention
-from detr_backbone.detection.deformable.sampling.triton_kernel import triton_attention, triton_usable
+from detr_backbone.detection.multiscale.sampling import multi_scale_deformable_attention, resolve_attention_impl
+from detr_backbone.detection.multiscale.sampling.grid_sample import grid_sample_attention
+from detr_backbone.detection.multiscale.sampling.triton_kernel import triton_attention, triton_usable
 
 # name: (level shapes (h, w), batch, queries, heads, channels, points, dtype, where the points lie)
 CASES = {
@@ -197,7 +197,7 @@ def test_the_programs_compile_for_a_gpu_without_one(value_type, compute):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from detr_backbone.detection.deformable.sampling import triton_jit
+    from detr_backbone.detection.multiscale.sampling import triton_jit
 
     constants = {"LEVELS": 4, "POINTS": 4, "BLOCK_Q": 8, "BLOCK_D": 32, "COMPUTE": getattr(triton.language, compute)}
     for kernel in (triton_jit.forward_kernel, triton_jit.backward_kernel):

@@ -25,11 +25,11 @@ from detr_backbone.detection.deformable import (
     multi_scale_deformable_attention,
     topk_detections,
 )
-from detr_backbone.detection.deformable.levels import encoder_reference_points, valid_ratios
-from detr_backbone.detection.deformable.proposals import encoder_proposals, proposal_position_embedding
-from detr_backbone.detection.deformable.refinement import offset_reference
 from detr_backbone.detection.detr import softmax_detections
 from detr_backbone.detection.detr.transformer import Transformer
+from detr_backbone.detection.multiscale.levels import encoder_reference_points, valid_ratios
+from detr_backbone.detection.multiscale.proposals import encoder_proposals, proposal_position_embedding
+from detr_backbone.detection.multiscale.refinement import offset_reference
 
 D = 32
 OPTIONS = {

@@ -1,26 +1,21 @@
-"""A detector from its config: the Joiner, a head and the classes, typed once and built by any head.
+"""A detector from its config: the Joiner, a head and the classes, built by any head.
 
 The training job, the inference loaders and published weights all describe a detector as a
 ``DetectorConfig``; what a checkpoint keeps is its ``hyperparameters()``, plain values that
-``from_values`` types again, once, on load.
+``registry.detector_config`` types again, once, on load (it knows the heads; this container does not).
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
-
-from torch import Tensor
 
 from ..compilation import compile_in_place
 from ..config import BackboneConfig, JoinerConfig
 from ..joiner import build_backbone
-from ..targets import check_allowed, instantiate_target, resolve
-from .criterion import BaseSetCriterion
+from ..targets import check_allowed, instantiate_target
 from .head import Detector, HeadConfig
-from .registry import head_config
 
 
 def with_head_levels(joiner: JoinerConfig, head: HeadConfig) -> JoinerConfig:
@@ -52,14 +47,6 @@ class DetectorConfig:
             raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes: {self.class_names}")
         self.joiner = with_head_levels(self.joiner, self.head)
 
-    @classmethod
-    def from_values(
-        cls, joiner: Any, head: Any, num_classes: int, class_names: Sequence[str] | None = None
-    ) -> DetectorConfig:
-        """From plain values (a checkpoint's hyperparameters, a composed config's nodes) or schemas."""
-        names = None if class_names is None else [str(name) for name in class_names]
-        return cls(JoinerConfig.from_args(joiner), head_config(head), num_classes, names)
-
     def check_targets(self, allowed: Sequence[str], source: str) -> None:
         """Refuse to build what a config from ``source`` names unless it is ours or in ``allowed``."""
         for where, target in (
@@ -75,14 +62,10 @@ class DetectorConfig:
         return replace(self, joiner=replace(self.joiner, backbone=backbone), head=replace(self.head, compile=False))
 
     def build(self) -> Detector:
-        """The detector ``head._target_`` builds around the Joiner, from the head fields its signature names."""
-        accepted = inspect.signature(resolve(self.head._target_, "model._target_")).parameters
-        arguments = {
-            name: value for name, value in asdict(self.head).items() if name in accepted and name != "_target_"
-        }
+        """The detector ``head._target_`` builds around the Joiner, from the head's fields its builder takes."""
         detector = instantiate_target(
             self.head._target_,
-            arguments,
+            self.head.builder_arguments(),
             "model",
             backbone=build_backbone(self.joiner),
             num_classes=self.num_classes,
@@ -91,9 +74,6 @@ class DetectorConfig:
         if self.head.compile:
             compile_in_place(detector)  # state dict keys unchanged
         return detector
-
-    def criterion(self, num_boxes_reduce: Callable[[Tensor], Tensor]) -> BaseSetCriterion:
-        return self.head.criterion(self.num_classes, num_boxes_reduce)
 
     def hyperparameters(self) -> dict[str, Any]:
         """Plain values that rebuild this detector, without the sources of its initial weights (pretrained,
@@ -108,8 +88,3 @@ class DetectorConfig:
             "num_classes": self.num_classes,
             "class_names": self.class_names,
         }
-
-
-def build_detector(joiner: Any, head: Any, num_classes: int) -> Detector:
-    """The detector of a Joiner config and a head config (schemas or plain values), untrained."""
-    return DetectorConfig.from_values(joiner, head, num_classes).build()

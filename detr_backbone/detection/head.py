@@ -1,18 +1,16 @@
 """The detector interface: what every head gives the code that trains, runs, exports and loads it.
 
-A head is a folder (``detection/detr/``, ``detection/deformable/``) with its detector module and a
-schema, a subclass of ``HeadConfig``, registered in ``detection/registry.py``. The schema holds the
-head's config (conf/model/) and answers everything that differs between heads: its criterion,
-the backbone levels it reads, its extra parameter groups, the published weights it reads and the
-``Architecture`` that describes them. The detector it builds follows ``Detector``. Nothing above
-this layer asks which head it holds.
+A head is a folder (``detection/detr/``, ``detection/dino/``, ...) with its detector module, its
+schema (a subclass of ``HeadConfig``: conf/model/'s fields and the hooks that differ between heads)
+and the readers of its published weights, tied together by one ``HeadRecord`` in
+``detection/registry.py``. The detector it builds follows ``Detector``. Nothing above this layer
+asks which head it holds.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Protocol
 
 from torch import Tensor, nn
@@ -20,9 +18,7 @@ from torch import Tensor, nn
 from ..joiner import Joiner
 from ..nested_tensor import NestedTensor
 from ..validation import require
-from .criterion import BaseSetCriterion
 from .postprocess import Detections
-from .published import Architecture, DetectorWeights
 
 
 class Detector(Protocol):
@@ -31,34 +27,42 @@ class Detector(Protocol):
     ``forward`` takes a NestedTensor or a list of (3, H, W) images and returns at least ``pred_logits``
     (B, Q, C) and ``pred_boxes`` (B, Q, 4) as normalised (cx, cy, w, h), plus what its criterion reads
     (``aux_outputs`` for earlier decoder layers while ``aux_loss``). A head whose ``TRAINS_ON_TARGETS``
-    is True (DINO) also takes the batch's targets in training: ``forward(samples, targets)``. ``detections`` turns those
-    outputs into scores, labels and XYXY boxes in pixels, by the head's own rule; ``OUTPUTS`` says in
-    words what the raw and post-processed outputs are (written into exported files).
+    is True (DINO) also takes the batch's targets in training: ``forward(samples, targets)``.
+    ``detections`` turns those outputs into scores, labels and XYXY boxes in pixels, by the head's own
+    rule; ``OUTPUTS`` says in words what the raw and post-processed outputs are (written into exported files).
     """
 
     backbone: Joiner
     num_classes: int
     aux_loss: bool
     OUTPUTS: ClassVar[Mapping[str, str]]
+    TRAINS_ON_TARGETS: ClassVar[bool]
 
     def __call__(self, samples: NestedTensor | Sequence[Tensor]) -> dict[str, Any]: ...
 
     def detections(self, outputs: Mapping[str, Tensor], target_sizes: Tensor) -> Detections: ...
 
 
+def layer_outputs(logits: Tensor, boxes: Tensor, aux_loss: bool) -> dict[str, Any]:
+    """A decoder's outputs from every layer's (layers, B, Q, ...) logits and boxes: the last layer's, and with
+    ``aux_loss`` the earlier layers' in ``aux_outputs`` (what the criterion's auxiliary losses read)."""
+    out: dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+    if aux_loss:
+        out["aux_outputs"] = [
+            {"pred_logits": layer_logits, "pred_boxes": layer_boxes}
+            for layer_logits, layer_boxes in zip(logits[:-1], boxes[:-1])
+        ]
+    return out
+
+
 @dataclass
 class HeadConfig:
-    """What every head's schema holds (conf/model/): ``_target_`` builds the detector from the fields its
-    signature names; the costs and loss weights set the criterion. Subclasses add their fields and
-    override the hooks below."""
+    """What every head's schema holds (conf/model/): ``_target_`` builds the detector from the schema's fields
+    less ``TRAINING_FIELDS`` (each one a keyword of the builder: ``registry`` checks both ways); the costs and
+    loss weights set the criterion. A schema's field defaults are the head's defaults, written nowhere else."""
 
     _target_: str = ""
     num_queries: int = 100
-    enc_layers: int = 6
-    dec_layers: int = 6
-    nheads: int = 8
-    dim_feedforward: int = 2048
-    dropout: float = 0.1
     aux_loss: bool = True
     cost_class: float = 1.0  # Hungarian matching costs
     cost_bbox: float = 5.0
@@ -69,15 +73,21 @@ class HeadConfig:
     # torch.compile the whole detector in place (backbone.compile: the Joiner only); off: no CPU gain measured
     compile: bool = False
 
-    POSITIVE: ClassVar[tuple[str, ...]] = ("num_queries", "dec_layers", "nheads", "dim_feedforward")
-    # how the head describes the network weights fit (init_from's checks and overrides); None: no init_from
-    ARCHITECTURE: ClassVar[type[Architecture] | None] = None
+    POSITIVE: ClassVar[tuple[str, ...]] = ("num_queries",)
+    # fields the criterion, the optimizer or the job read, which the builder does not take
+    TRAINING_FIELDS: ClassVar[tuple[str, ...]] = (
+        "cost_class",
+        "cost_bbox",
+        "cost_giou",
+        "loss_ce",
+        "loss_bbox",
+        "loss_giou",
+        "compile",
+    )
 
     def __post_init__(self) -> None:
         for name in self.POSITIVE:
             require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be > 0")
-        require(self.enc_layers >= 0, f"model.enc_layers={self.enc_layers} must be >= 0")
-        require(0 <= self.dropout < 1, f"model.dropout={self.dropout} must be in [0, 1)")
 
     @property
     def costs(self) -> dict[str, float]:
@@ -87,9 +97,10 @@ class HeadConfig:
     def loss_weights(self) -> dict[str, float]:
         return {"loss_ce": self.loss_ce, "loss_bbox": self.loss_bbox, "loss_giou": self.loss_giou}
 
-    def criterion(self, num_classes: int, num_boxes_reduce: Callable[[Tensor], Tensor]) -> BaseSetCriterion:
-        """The head's set loss; ``num_boxes_reduce``: see ``BaseSetCriterion``."""
-        raise NotImplementedError
+    def builder_arguments(self) -> dict[str, Any]:
+        """The fields the builder takes, by name."""
+        excluded = {"_target_", *self.TRAINING_FIELDS}
+        return {field.name: getattr(self, field.name) for field in fields(self) if field.name not in excluded}
 
     def backbone_levels(self) -> list[int] | None:
         """The levels the head reads from one of our backbones whose config sets none (None: its own knobs)."""
@@ -99,12 +110,20 @@ class HeadConfig:
         """Optimizer groups of the head's parameters that do not train at ``lr`` (the rest of the head does)."""
         return []
 
-    @classmethod
-    def published_weights(cls, content: Any, path: str | os.PathLike) -> DetectorWeights | None:
-        """The weights of a file's content if it is in one of the head's published layouts, else None."""
-        return None
 
-    @classmethod
-    def published_folder(cls, folder: str | os.PathLike) -> DetectorWeights | None:
-        """The weights of a folder (Hugging Face's layout) if it holds this head's model, else None."""
-        return None
+@dataclass
+class TransformerHeadConfig(HeadConfig):
+    """A head with an encoder-decoder transformer (DETR and its descendants)."""
+
+    enc_layers: int = 6
+    dec_layers: int = 6
+    nheads: int = 8
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+
+    POSITIVE: ClassVar[tuple[str, ...]] = (*HeadConfig.POSITIVE, "dec_layers", "nheads", "dim_feedforward")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.enc_layers >= 0, f"model.enc_layers={self.enc_layers} must be >= 0")
+        require(0 <= self.dropout < 1, f"model.dropout={self.dropout} must be in [0, 1)")

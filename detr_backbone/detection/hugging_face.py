@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..weights import load_weights_file
-from .published import Architecture, DetectorWeights
+from .published import DetectorWeights, PublishedArchitecture
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 CONFIG_FILE = "config.json"
@@ -39,7 +39,7 @@ def hugging_face_files(folder: Path) -> tuple[Path, Path]:
     if missing:
         raise ValueError(
             f"{os.fspath(folder)!r} is a folder without {' and '.join(missing)}: "
-            "give a Hugging Face DETR or Deformable DETR folder, or a checkpoint file"
+            "give a Hugging Face model folder (config.json beside its weights) or a checkpoint file"
         )
     return weights, config
 
@@ -144,7 +144,7 @@ def same_in_encoder_and_decoder(config: Mapping[str, Any], config_file: str | os
         )
 
 
-def keep(state: dict[str, Tensor], architecture: Architecture) -> dict[str, Tensor]:
+def keep(state: dict[str, Tensor], architecture: PublishedArchitecture) -> dict[str, Tensor]:
     return state
 
 
@@ -158,9 +158,15 @@ class HuggingFaceLayout:
     recognised: Callable[[Mapping[str, Any]], bool]  # whether a state dict is this model's (either naming)
     markers: str  # the keys that recognise it, in words, for the error of a folder without them
     renames: Renames
-    architecture: Callable[[Mapping[str, Any], str | os.PathLike], Architecture]  # of config.json
+    architecture: Callable[[Mapping[str, Any], str | os.PathLike], PublishedArchitecture]  # of config.json
     class_weight: str  # the key (under our names) whose rows are the classes
-    completed: Callable[[dict[str, Tensor], Architecture], dict[str, Tensor]] = keep  # tensors stored once, named again
+    completed: Callable[[dict[str, Tensor], PublishedArchitecture], dict[str, Tensor]] = (
+        keep  # tensors stored once, named again
+    )
+
+    @property
+    def described(self) -> str:
+        return f"a Hugging Face {self.model} folder or weights file"
 
     def read_folder(self, folder: str | os.PathLike) -> DetectorWeights | None:
         """The weights of a folder holding this model, None if it holds another."""
@@ -172,9 +178,11 @@ class HuggingFaceLayout:
             raise ValueError(f"{os.fspath(folder)!r} holds no Hugging Face {self.model} weights (no {self.markers})")
         return self.weights(state, folder, config)
 
-    def read_file(self, state: Mapping[str, Tensor], path: str | os.PathLike) -> DetectorWeights:
-        """A weights file given alone, read with the config.json beside it."""
-        return self.weights(state, path, config_beside(path, self.model))
+    def read(self, content: Any, path: str | os.PathLike) -> DetectorWeights | None:
+        """A weights file given alone, read with the config.json beside it; None if it holds another model."""
+        if not isinstance(content, Mapping) or not self.recognised(content):
+            return None
+        return self.weights(content, path, config_beside(path, self.model))
 
     def weights(self, state: Mapping[str, Tensor], path: str | os.PathLike, config: dict[str, Any]) -> DetectorWeights:
         """A state dict in either naming and its config.json, under our names."""

@@ -1,26 +1,27 @@
 """A whole detector's weights under our names, from any source, with what the source says of the network.
 
 Every reader (a head's published layouts, this package's own checkpoints) returns ``DetectorWeights``.
-Its ``architecture`` is the head's own description (``detr.weights.Architecture``,
-``deformable.weights.DeformableArchitecture``): what the tensors' shapes show, and what only the
-source records (dilation, the number of attention heads) where it does.
+Its ``architecture`` is the head's own ``PublishedArchitecture`` (``DetrArchitecture``,
+``DeformableArchitecture``, ...): what the tensors' shapes show, and what only the source records
+(dilation, the number of attention heads) where it does. A head's readers depend on its schema and
+on this module; ``registry`` ties them to the head.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from torch import Tensor
 
-from ..config import BACKBONE_TARGETS
+from ..config import BACKBONE_TARGETS, BackboneConfig
 from ..weights import BODY_KEY, DDP_PREFIX
-
-if TYPE_CHECKING:
-    from .building import DetectorConfig
+from .building import DetectorConfig
+from .coco_names import COCO_NAMES
 
 # a linear layer with one row per class (DINO's proposals have their own, enc_out_class_embed)
 CLASS_HEAD = re.compile(r"(?:.+\.)?(?:enc_out_)?class_embed(?:\.\d+)?")
@@ -35,17 +36,20 @@ RESNET_BLOCKS: dict[tuple[tuple[int, ...], bool], str] = {
 STAGE_BLOCK = re.compile(re.escape(BODY_KEY) + r"layer(\d)\.(\d+)\.")
 
 
-class Architecture(Protocol):
+class PublishedArchitecture(Protocol):
     """A head's description of the network a set of weights fits; None where the source does not tell."""
 
     HEAD: ClassVar[str]  # the head's name in ``registry.HEADS`` (and conf/model/)
     NO_OBJECT_ROWS: ClassVar[int]  # class rows after the real classes ("no object")
+    QUERIES: ClassVar[str]  # the key of the learned object queries (init_from keeps the first model.num_queries)
+    CLASS_TABLES: ClassVar[Mapping[str, int]]  # other keys with a row per class, and their extra rows
     OVERRIDES: ClassVar[Mapping[str, str]]  # field -> the override that sets it
     UNSEEN_IN_SHAPES: ClassVar[tuple[str, ...]]  # fields the tensors cannot show, checked where the source records them
     num_queries: int | None
+    dilation: bool | None  # DC5; None: the source does not record it
 
     @classmethod
-    def configured(cls, config: DetectorConfig) -> Architecture:
+    def configured(cls, config: DetectorConfig) -> PublishedArchitecture:
         """The description of the detector ``config`` builds."""
         ...
 
@@ -62,7 +66,7 @@ class DetectorWeights:
     path: str
     state: dict[str, Tensor]
     class_names: list[str] | None  # one per class row in row order, "no object" excluded; None: not recorded
-    architecture: Architecture
+    architecture: PublishedArchitecture
     skipped: list[str] = field(default_factory=list)  # keys of the file that hold no detector weights
 
     @property
@@ -78,7 +82,7 @@ class DetectorWeights:
     def detector_config(self, dilation: bool | None = None) -> DetectorConfig:
         """The config of the detector these weights fit; ``dilation`` where the source does not record it
         (None: without, with a warning)."""
-        if dilation is None and getattr(self.architecture, "dilation", False) is None:
+        if dilation is None and self.architecture.dilation is None:
             warnings.warn(
                 f"{self.path}: {self.source}s do not record dilation; built without it (set dilation=true for DC5 weights)",
                 stacklevel=3,
@@ -86,7 +90,9 @@ class DetectorWeights:
         return self.architecture.detector_config(self.num_class_rows, self.class_names, dilation)
 
 
-def fitting_overrides(found: Architecture, configured: Architecture, names: tuple[str, ...] | None = None) -> list[str]:
+def fitting_overrides(
+    found: PublishedArchitecture, configured: PublishedArchitecture, names: tuple[str, ...] | None = None
+) -> list[str]:
     """``key=value`` overrides that make the configured detector the one ``found`` describes, where it says."""
     overrides = []
     for name in names or tuple(found.OVERRIDES):
@@ -132,3 +138,46 @@ def published_state(content: Any) -> tuple[dict[str, Tensor], list[str]] | None:
         return None
     others = [key for key in content if key != "model"] if state is not content else []
     return {key.removeprefix(DDP_PREFIX): value for key, value in state.items()}, others
+
+
+def configured_backbone(config: DetectorConfig) -> dict[str, Any]:
+    """The backbone fields every architecture describes, of the detector ``config`` builds."""
+    backbone = config.joiner.backbone
+    return {
+        "backbone_kind": backbone.kind,
+        "backbone_name": getattr(backbone, "name", None),  # a backbone of the user's own has no name of ours
+        "dilation": getattr(backbone, "dilation", False),
+    }
+
+
+def published_backbone(kind: str | None, name: str | None, dilation: bool, **levels: Any) -> BackboneConfig:
+    """One of our backbones as published weights describe it (a ResNet-50 where they do not say)."""
+    return BackboneConfig(
+        _target_=BACKBONE_TARGETS[kind or "torchvision"], name=name or "resnet50", dilation=dilation, **levels
+    )
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """A head's own published checkpoints (``{"model": state, ...}`` or the bare state, under our module names):
+    how they are recognised, what their shapes say, and the key whose rows are the classes."""
+
+    source: str  # what the file is, in words
+    recognised: Callable[[Mapping[str, Any]], bool]
+    architecture: Callable[[Mapping[str, Tensor]], PublishedArchitecture]
+    class_weight: str
+
+    @property
+    def described(self) -> str:
+        return f"a {self.source}"
+
+    def read(self, content: Any, path: str | os.PathLike) -> DetectorWeights | None:
+        """The weights of a file's content in this layout, None if it is in another."""
+        found = published_state(content)
+        if found is None or not self.recognised(found[0]):
+            return None
+        state, skipped = found
+        architecture = self.architecture(state)
+        rows = state[self.class_weight].shape[0] - architecture.NO_OBJECT_ROWS
+        names = list(COCO_NAMES) if rows == len(COCO_NAMES) else None  # row i is COCO id i
+        return DetectorWeights(self.source, os.fspath(path), state, names, architecture, skipped=skipped)

@@ -1,31 +1,135 @@
-"""The heads this package knows: adding a head is adding its folder and one line here."""
+"""The heads this package knows, one ``HeadRecord`` each: adding a head is adding its folder, its record here and
+its conf/model/ file. Every list of heads (schemas for Hydra, published layouts for ``init_from`` and the
+loaders, the sources named in their messages) is derived from these records.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 
+from ..config import JoinerConfig
 from ..validation import require, structured
-from .deformable.config import DeformableDetrConfig
-from .detr.config import DetrConfig
-from .dino.config import DinoConfig
-from .head import HeadConfig
-from .published import DetectorWeights
+from .building import DetectorConfig
+from .criterion import BaseSetCriterion
+from .deformable import DeformableDetrConfig, build_deformable_detr
+from .deformable.hugging_face import HUGGING_FACE_DEFORMABLE_DETR
+from .deformable.weights import DEFORMABLE_DETR_CHECKPOINT, DeformableArchitecture
+from .detr import DetrConfig, build_detr
+from .detr.criterion import detr_criterion
+from .detr.weights import DETR_CHECKPOINT, HUGGING_FACE_DETR, DetrArchitecture
+from .dino import DinoConfig, build_dino, dino_criterion
+from .dino.weights import DINO_CHECKPOINT, DinoArchitecture
+from .head import Detector, HeadConfig
+from .hugging_face import HuggingFaceLayout
+from .multiscale.criterion import focal_criterion
+from .published import DetectorWeights, PublishedArchitecture
 
-# conf/model/'s schema name (`/schema/<name>`) -> the head's schema
-HEADS: dict[str, type[HeadConfig]] = {
-    "detr": DetrConfig,
-    "deformable_detr": DeformableDetrConfig,
-    "dino": DinoConfig,
+# what the package gives every builder besides the schema's fields
+INJECTED = ("backbone", "num_classes", "hidden_dim")
+
+
+class FileLayout(Protocol):
+    """A published file layout: its content read as a detector's weights, None when it is another layout's."""
+
+    @property
+    def described(self) -> str: ...
+
+    def read(self, content: Any, path: str | os.PathLike) -> DetectorWeights | None: ...
+
+
+@dataclass(frozen=True)
+class HeadRecord:
+    """One head: its schema (conf/model/'s ``/schema/<name>``), the builder its ``_target_`` names, its criterion
+    (built from the schema), its conf/model/ presets, and the published weights it reads, if any: the
+    ``architecture`` they are described with, file layouts and a folder layout (Hugging Face's)."""
+
+    name: str
+    schema: type[HeadConfig]
+    builder: Callable[..., Detector]
+    criterion: Callable[[Any, int, Callable[[Tensor], Tensor]], BaseSetCriterion]
+    presets: tuple[str, ...]
+    architecture: type[PublishedArchitecture] | None = None
+    files: tuple[FileLayout, ...] = ()
+    folder: HuggingFaceLayout | None = None
+
+    def __post_init__(self) -> None:
+        check_builder(self.schema, self.builder)
+
+    @property
+    def sources(self) -> list[str]:
+        """The published weights the head reads, in words."""
+        return [layout.described for layout in self.files] + ([self.folder.described] if self.folder else [])
+
+
+def check_builder(schema: type[HeadConfig], builder: Callable[..., Any]) -> None:
+    """The builder takes exactly the schema's fields (less its training fields) and what the package injects:
+    a field it does not take, or a parameter the schema does not give, is a TypeError here, not a field dropped."""
+    parameters = inspect.signature(builder).parameters
+    taken = set(parameters) - set(INJECTED)
+    given = {field.name for field in dataclasses.fields(schema)} - {"_target_", *schema.TRAINING_FIELDS}
+    missing_injected = [name for name in INJECTED if name not in parameters]
+    if taken != given or missing_injected:
+        raise TypeError(
+            f"{schema.__name__} and its builder {builder.__qualname__} disagree: fields the builder does not take: "
+            f"{sorted(given - taken) or 'none'}; parameters no field gives: {sorted(taken - given) or 'none'}; "
+            f"injected parameters it lacks: {missing_injected or 'none'}"
+        )
+
+
+HEADS: dict[str, HeadRecord] = {
+    record.name: record
+    for record in (
+        HeadRecord(
+            name="detr",
+            schema=DetrConfig,
+            builder=build_detr,
+            criterion=detr_criterion,
+            presets=("detr", "detr_small"),
+            architecture=DetrArchitecture,
+            files=(DETR_CHECKPOINT, HUGGING_FACE_DETR),
+            folder=HUGGING_FACE_DETR,
+        ),
+        HeadRecord(
+            name="deformable_detr",
+            schema=DeformableDetrConfig,
+            builder=build_deformable_detr,
+            criterion=focal_criterion,
+            presets=("deformable_detr", "deformable_detr_small"),
+            architecture=DeformableArchitecture,
+            files=(DEFORMABLE_DETR_CHECKPOINT, HUGGING_FACE_DEFORMABLE_DETR),
+            folder=HUGGING_FACE_DEFORMABLE_DETR,
+        ),
+        HeadRecord(
+            name="dino",
+            schema=DinoConfig,
+            builder=build_dino,
+            criterion=dino_criterion,
+            presets=("dino", "dino_small"),
+            architecture=DinoArchitecture,
+            files=(DINO_CHECKPOINT,),
+        ),
+    )
 }
+
+
+def record_of(head: HeadConfig) -> HeadRecord:
+    """The record of a head's schema."""
+    found = next((record for record in HEADS.values() if type(head) is record.schema), None)
+    require(found is not None, f"{type(head).__name__} is not the schema of a registered head ({', '.join(HEADS)})")
+    return found
 
 
 def head_config(values: Any) -> HeadConfig:
     """A model node as the schema of its ``_target_`` (DETR's when it names none: older checkpoints)."""
-    schemas = {schema._target_: schema for schema in HEADS.values()}  # by the _target_ each builds with
+    schemas = {record.schema._target_: record.schema for record in HEADS.values()}  # by the _target_ each builds with
     if isinstance(values, HeadConfig) and type(values) is schemas.get(values._target_):
         return values
     if dataclasses.is_dataclass(values):
@@ -38,17 +142,43 @@ def head_config(values: Any) -> HeadConfig:
     return structured(schemas[target], values, "model")
 
 
+def detector_config(
+    joiner: Any, head: Any, num_classes: int, class_names: Sequence[str] | None = None
+) -> DetectorConfig:
+    """A ``DetectorConfig`` from plain values (a checkpoint's hyperparameters, a composed config's nodes) or
+    schemas, each part typed once."""
+    names = None if class_names is None else [str(name) for name in class_names]
+    return DetectorConfig(JoinerConfig.from_args(joiner), head_config(head), num_classes, names)
+
+
+def build_detector(joiner: Any, head: Any, num_classes: int) -> Detector:
+    """The detector of a Joiner config and a head config (schemas or plain values), untrained."""
+    return detector_config(joiner, head, num_classes).build()
+
+
+def build_criterion(config: DetectorConfig, num_boxes_reduce: Callable[[Tensor], Tensor]) -> BaseSetCriterion:
+    """The set loss of a detector's head; ``num_boxes_reduce``: see ``BaseSetCriterion``."""
+    return record_of(config.head).criterion(config.head, config.num_classes, num_boxes_reduce)
+
+
+def published_sources() -> str:
+    """Every published layout the heads read, in words."""
+    return ", ".join(source for record in HEADS.values() for source in record.sources)
+
+
 def published_weights(content: Any, path: str | os.PathLike) -> DetectorWeights | None:
     """The weights of a file's content in any head's published layout, None if it is in none."""
-    return next((w for head in HEADS.values() if (w := head.published_weights(content, path)) is not None), None)
+    layouts = (layout for record in HEADS.values() for layout in record.files)
+    return next((weights for layout in layouts if (weights := layout.read(content, path)) is not None), None)
 
 
 def published_folder(folder: str | os.PathLike) -> DetectorWeights:
     """The weights of a published model's folder (Hugging Face's layout) for any head."""
-    weights = next((w for head in HEADS.values() if (w := head.published_folder(folder)) is not None), None)
+    layouts = [record.folder for record in HEADS.values() if record.folder is not None]
+    weights = next((weights for layout in layouts if (weights := layout.read_folder(folder)) is not None), None)
     require(
         weights is not None,
         f"{os.fspath(folder)!r} holds no model this package reads: its config.json names another model_type than "
-        "detr or deformable_detr",
+        + " or ".join(layout.model_type for layout in layouts),
     )
     return weights

@@ -17,14 +17,22 @@ from typing import Any
 
 import torch
 
-from ..detection import Detector, DetectorConfig, DetectorWeights, published_folder, published_weights
+from ..detection import (
+    Detector,
+    DetectorConfig,
+    DetectorWeights,
+    detector_config,
+    published_folder,
+    published_sources,
+    published_weights,
+)
 from ..weights import first_keys, load_weights_file
 
 TRAINING_SOURCE = "train.py checkpoint"
 TRAINING_CHECKPOINT = "a Lightning checkpoint of train.py's DetrModule"
 TRAINING_PREFIX = "detector."  # the training module's attribute: its detector's keys in a train.py checkpoint
 RUN_CONFIG_KEY = "config"  # a train.py checkpoint's copy of its run's composed config (data included)
-ANY_CHECKPOINT = "a train.py checkpoint, a DETR checkpoint or Hugging Face DETR weights"
+ANY_CHECKPOINT = f"a train.py checkpoint, {published_sources()}"
 DETR_EVAL_SIZE, DETR_EVAL_MAX_SIZE = 800, 1333  # DETR's evaluation resize: shorter side, longer side at most
 
 
@@ -96,9 +104,7 @@ def saved_detector_config(content: Any) -> DetectorConfig | None:
     hparams, state = content.get("hyper_parameters"), content.get("state_dict")
     if not isinstance(hparams, Mapping) or not isinstance(state, Mapping) or "joiner" not in hparams:
         return None
-    config = DetectorConfig.from_values(
-        hparams["joiner"], hparams["head"], hparams["num_classes"], hparams.get("class_names")
-    )
+    config = detector_config(hparams["joiner"], hparams["head"], hparams["num_classes"], hparams.get("class_names"))
     return config.uncompiled()
 
 

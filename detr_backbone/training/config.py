@@ -279,7 +279,11 @@ class Config:
         )
 
 
-GROUP_SCHEMAS = {"backbone": BackboneConfig, "position": PositionConfig, **HEADS}
+GROUP_SCHEMAS = {
+    "backbone": BackboneConfig,
+    "position": PositionConfig,
+    **{name: head.schema for name, head in HEADS.items()},
+}
 
 
 def register_configs() -> None:

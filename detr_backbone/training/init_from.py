@@ -26,7 +26,14 @@ from typing import Any
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor, nn
 
-from ..detection import HEADS, DetectorConfig, DetectorWeights, published_folder, published_weights
+from ..detection import (
+    DetectorConfig,
+    DetectorWeights,
+    published_folder,
+    published_sources,
+    published_weights,
+    record_of,
+)
 from ..detection.coco_names import UNUSED
 from ..detection.published import fitting_overrides
 from ..inference.checkpoint import TRAINING_PREFIX, detector_state, saved_detector_config
@@ -36,7 +43,6 @@ from .init_report import CarriedClass, InitReport
 
 REPORT_FILE = "init_from.txt"
 OWN_SOURCE = "train.py checkpoint"
-QUERIES = "query_embed.weight"
 
 
 def read_init_weights(path: str | os.PathLike) -> DetectorWeights:
@@ -49,9 +55,8 @@ def read_init_weights(path: str | os.PathLike) -> DetectorWeights:
     weights = own_checkpoint_weights(content, path) or published_weights(content, path)
     if weights is None:
         raise ValueError(
-            f"init_from={os.fspath(path)!r} is not a detector checkpoint: expected DETR's ({{'model': ...}} with "
-            "backbone.0.body.*, transformer.*, class_embed.*), a Hugging Face DETR (model.backbone.*, "
-            "class_labels_classifier.*, with its config.json) or a train.py checkpoint"
+            f"init_from={os.fspath(path)!r} is not a detector checkpoint: expected a train.py checkpoint, "
+            f"{published_sources()}"
         )
     return weights
 
@@ -61,7 +66,7 @@ def own_checkpoint_weights(content: Any, path: str | os.PathLike) -> DetectorWei
     config = saved_detector_config(content)
     if config is None:
         return None
-    architecture = type(config.head).ARCHITECTURE
+    architecture = record_of(config.head).architecture
     if architecture is None:
         raise ValueError(
             f"init_from={os.fspath(path)!r} holds a {head_name(config)} detector, which init_from cannot read"
@@ -75,7 +80,7 @@ def own_checkpoint_weights(content: Any, path: str | os.PathLike) -> DetectorWei
 
 def head_name(config: DetectorConfig) -> str:
     """The conf/model/ name of a config's head."""
-    return next(name for name, schema in HEADS.items() if type(config.head) is schema)
+    return record_of(config.head).name
 
 
 def class_key(name: object) -> str:
@@ -110,7 +115,7 @@ def carry_class_rows(
     return rows
 
 
-def kept_queries(weights: DetectorWeights, wanted: int, key: str = QUERIES) -> Tensor:
+def kept_queries(weights: DetectorWeights, wanted: int, key: str) -> Tensor:
     """The first ``wanted`` object queries; a checkpoint with fewer is an error that says what to set."""
     queries = weights.state[key]
     if queries.shape[0] < wanted:
@@ -123,7 +128,7 @@ def kept_queries(weights: DetectorWeights, wanted: int, key: str = QUERIES) -> T
 
 def check_head(weights: DetectorWeights, config: DetectorConfig) -> None:
     """Weights of another head than the run's are one line naming the head that reads them."""
-    if type(weights.architecture) is not type(config.head).ARCHITECTURE:
+    if type(weights.architecture) is not record_of(config.head).architecture:
         found = weights.architecture.HEAD
         raise CheckpointMismatchError(
             f"init_from={weights.path!r} holds a {found} detector ({weights.source}) but the run's model is "
@@ -153,12 +158,12 @@ def adapted_state(
                 state[key] = carry_class_rows(expected[key], state[key], carried, class_names, no_object)
             adapted += keys
     class_tables = {}
-    for key, extra_rows in getattr(weights.architecture, "CLASS_TABLES", {}).items():
+    for key, extra_rows in weights.architecture.CLASS_TABLES.items():
         if key in expected and key in state and state[key].shape[1:] == expected[key].shape[1:]:
             state[key] = carry_class_rows(expected[key], state[key], carried, class_names, extra_rows)
             adapted.append(key)
             class_tables[key] = extra_rows
-    queries, query_key = None, getattr(weights.architecture, "QUERIES", QUERIES)
+    queries, query_key = None, weights.architecture.QUERIES
     if query_key in state and query_key in expected:
         state[query_key] = kept_queries(weights, config.head.num_queries, query_key)
         queries, adapted = (config.head.num_queries, weights.state[query_key].shape[0]), [*adapted, query_key]
@@ -206,7 +211,7 @@ def notes(weights: DetectorWeights, cfg: Config) -> list[str]:
     found = []
     if weights.class_names is None:
         found.append(f"the checkpoint does not name its {weights.num_class_rows} classes: every class row starts fresh")
-    if getattr(weights.architecture, "dilation", False) is None:
+    if weights.architecture.dilation is None:
         found.append(
             f"{weights.source}s do not record dilation: this run uses dilation={str(cfg.backbone.dilation).lower()}, "
             "which must match the checkpoint's (DC5 weights need dilation=true)"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..detection.published import Architecture
+from ..detection.published import PublishedArchitecture
 from ..weights import first_keys
 
 
@@ -29,7 +29,7 @@ class CarriedClass:
 class InitReport:
     path: str
     source: str
-    architecture: Architecture
+    architecture: PublishedArchitecture
     class_rows: int  # the checkpoint's, "no object" excluded
     loaded: int  # tensors copied as they are
     class_heads: list[str]  # the class heads whose rows were adapted (one per decoder layer in Deformable DETR)

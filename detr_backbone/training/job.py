@@ -21,7 +21,7 @@ from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
 
 from ..config import JoinerConfig
 from ..data import build_datamodule
-from ..detection import HEADS
+from ..detection import HEADS, record_of
 from ..validation import require
 from .callbacks.ema import EmaWeights
 from .callbacks.last_checkpoint import LastCheckpoint
@@ -76,9 +76,9 @@ def validated(cfg: DictConfig | Config, run_dir: Path | None = None) -> Config:
         f"init_from={config.init_from!r} and ckpt_path={config.ckpt_path!r} exclude each other: ckpt_path resumes "
         "a run (step, optimizer, schedule), init_from starts a new one from a detector's weights; set one",
     )
-    readers = [name for name, head in HEADS.items() if head.ARCHITECTURE is not None]
+    readers = [name for name, head in HEADS.items() if head.architecture is not None]
     require(
-        config.init_from is None or config.model.ARCHITECTURE is not None,
+        config.init_from is None or record_of(config.model).architecture is not None,
         f"init_from={config.init_from!r}: model._target_={config.model._target_!r} is a head that reads no "
         f"published weights yet; heads that do: {', '.join(readers)} (model=<name>)",
     )

@@ -20,7 +20,7 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 
-from ..detection import DetectorConfig
+from ..detection import build_criterion, detector_config
 from ..detection.boxes import per_image, target_boxes_in_pixels
 from ..detection.criterion import AUX_SUFFIX
 from ..inference.checkpoint import TRAINING_CHECKPOINT, buildable_config, key_mismatch, read_checkpoint
@@ -49,11 +49,11 @@ class DetrModule(pl.LightningModule):
     ):
         super().__init__()
         # typed once; hyperparameters may come from a checkpoint (load_from_checkpoint): build only what is ours or allowed
-        self.config = DetectorConfig.from_values(joiner, head, num_classes, class_names)
+        self.config = detector_config(joiner, head, num_classes, class_names)
         self.config.check_targets(allowed_targets, "the config of this DetrModule")
         self.optim_cfg = structured(OptimConfig, optim, "optim")
         self.detector = self.config.build()
-        self.criterion = self.config.criterion(self.mean_over_processes)
+        self.criterion = build_criterion(self.config, self.mean_over_processes)
         self.evaluation = structured(EvaluationConfig, evaluation or {}, "evaluation")
         self.val_map, self.test_map = self.mean_average_precision(), self.mean_average_precision()
         self.save_hyperparameters(
@@ -83,7 +83,7 @@ class DetrModule(pl.LightningModule):
         """The detector's outputs; ``targets`` reach a head that trains on them (DINO's denoising queries)."""
         # NestedTensor is not a Tensor, so "-true" precisions do not cast it; follow the weights.
         images = images.to(self.dtype)
-        if targets is not None and getattr(self.detector, "TRAINS_ON_TARGETS", False):
+        if targets is not None and self.detector.TRAINS_ON_TARGETS:
             return self.detector(images, targets)
         return self.detector(images)
 

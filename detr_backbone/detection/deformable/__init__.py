@@ -1,16 +1,20 @@
 """Deformable DETR (Zhu et al., 2021) on the Joiner, with its module names so its checkpoints load strictly.
 
-Multi-scale deformable attention in plain PyTorch, the deformable transformer (iterative box
-refinement and two-stage as options), the detector, its focal-loss matcher and criterion, and the
-top-k post-processing of a sigmoid head, and its schema.
+Its transformer (iterative box refinement and two-stage as options), the detector, its schema and the
+published layouts it reads; the attention, levels, focal criterion and top-k post-processing it shares
+with the other multi-scale heads are in ``detection.multiscale``, and importable from here too.
 """
 
-from .attention import MSDeformAttn, multi_scale_deformable_attention
+from ..multiscale import (
+    FocalHungarianMatcher,
+    FocalSetCriterion,
+    MSDeformAttn,
+    TopKPostProcess,
+    multi_scale_deformable_attention,
+    topk_detections,
+)
 from .config import DeformableDetrConfig
-from .criterion import FocalSetCriterion, build_deformable_criterion
 from .deformable_detr import DeformableDETR, build_deformable_detr
-from .matcher import FocalHungarianMatcher
-from .postprocess import TopKPostProcess, topk_detections
 from .transformer import DeformableTransformer
 
 __all__ = [
@@ -21,7 +25,6 @@ __all__ = [
     "FocalSetCriterion",
     "MSDeformAttn",
     "TopKPostProcess",
-    "build_deformable_criterion",
     "build_deformable_detr",
     "multi_scale_deformable_attention",
     "topk_detections",

@@ -3,73 +3,22 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ...backbones.backbone import downsample_mask
 from ...joiner import Joiner
 from ...nested_tensor import NestedTensor, nested_tensor_from_tensor_list
+from ..head import layer_outputs
 from ..mlp import MLP
+from ..multiscale.criterion import set_prior_bias
+from ..multiscale.levels import check_levels, level_projections, linear_projection_parameters, project_levels
+from ..multiscale.postprocess import topk_detections
+from ..multiscale.refinement import offset_reference
 from ..postprocess import Detections
-from .postprocess import topk_detections
-from .refinement import offset_reference
 from .transformer import DeformableTransformer
-
-PRIOR_PROBABILITY = 0.01  # every class starts this likely everywhere: the focal loss is not swamped by easy negatives
-GROUP_NORM_GROUPS = 32
-LINEAR_PROJECTION_NAMES = ("reference_points", "sampling_offsets")
-
-
-def level_projection(in_channels: int, hidden_dim: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
-    conv = nn.Conv2d(in_channels, hidden_dim, kernel_size, stride=stride, padding=kernel_size // 2)
-    nn.init.xavier_uniform_(conv.weight, gain=1)
-    nn.init.constant_(conv.bias, 0)
-    return nn.Sequential(conv, nn.GroupNorm(GROUP_NORM_GROUPS, hidden_dim))
-
-
-def level_projections(backbone_channels: list[int], hidden_dim: int, num_feature_levels: int) -> nn.ModuleList:
-    """One 1x1 projection per Joiner level, then 3x3 stride-2 projections up to ``num_feature_levels`` (the
-    first reads the deepest backbone map, the next the previous extra level)."""
-    projections = [level_projection(channels, hidden_dim, 1) for channels in backbone_channels]
-    in_channels = backbone_channels[-1]
-    for _ in range(num_feature_levels - len(backbone_channels)):
-        projections.append(level_projection(in_channels, hidden_dim, 3, stride=2))
-        in_channels = hidden_dim
-    return nn.ModuleList(projections)
-
-
-def project_levels(
-    input_proj: nn.ModuleList,
-    joiner: Joiner,
-    samples: NestedTensor,
-    features: list[NestedTensor],
-    positions: list[Tensor],
-) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """Every level's projected map, padding mask and positional map, extra levels computed here."""
-    srcs = [projection(feature.tensors) for projection, feature in zip(input_proj, features)]
-    masks = [feature.mask for feature in features]
-    positions = list(positions)
-    for projection in input_proj[len(features) :]:
-        src = projection(features[-1].tensors if len(srcs) == len(features) else srcs[-1])
-        mask = downsample_mask(samples.mask, src.shape[-2:])
-        positions.append(joiner[1](NestedTensor(src, mask)).to(src.dtype))
-        srcs.append(src)
-        masks.append(mask)
-    return srcs, masks, positions
-
-
-def linear_projection_parameters(detector: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) of the linear layers that place sampling points and references, which
-    Deformable-DETR and DINO train at ``lr * lr_linear_proj_mult`` (0.1): a large step moves where every query looks."""
-    return [
-        (name, parameter)
-        for name, parameter in detector.named_parameters()
-        if any(keyword in name for keyword in LINEAR_PROJECTION_NAMES) and not name.startswith("backbone.")
-    ]
 
 
 class DeformableDETR(nn.Module):
@@ -88,6 +37,7 @@ class DeformableDETR(nn.Module):
     ``with_box_refine``, which the decoder also uses to refine its reference boxes.
     """
 
+    TRAINS_ON_TARGETS: ClassVar[bool] = False
     OUTPUTS: ClassVar[Mapping[str, str]] = {
         "pred_logits": "(batch, queries, classes) sigmoid class logits, one per class, no 'no object' class",
         "pred_boxes": "(batch, queries, 4) boxes as (cx, cy, w, h) relative to each unpadded image",
@@ -133,7 +83,7 @@ class DeformableDETR(nn.Module):
         """One class and one box head per prediction (decoder layers, + the proposals with two-stage),
         initialised as Deformable-DETR's; shared without refinement, copies with it."""
         class_embed, bbox_embed, decoder = self.class_embed, self.bbox_embed, self.transformer.decoder
-        nn.init.constant_(class_embed.bias, -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
+        set_prior_bias(class_embed)
         # boxes start at their reference: no move, and a small size (sigmoid(-2) = 0.12) where the reference is a point
         nn.init.constant_(bbox_embed.layers[-1].weight, 0)
         nn.init.constant_(bbox_embed.layers[-1].bias, 0)
@@ -162,20 +112,7 @@ class DeformableDETR(nn.Module):
         with_box_refine: bool,
         two_stage: bool,
     ) -> None:
-        if transformer.d_model % GROUP_NORM_GROUPS:
-            raise ValueError(
-                f"the level projections use GroupNorm(32, hidden_dim): hidden_dim must be a multiple of 32, "
-                f"got {transformer.d_model}"
-            )
-        if num_feature_levels != transformer.num_feature_levels:
-            raise ValueError(
-                f"num_feature_levels={num_feature_levels} but the transformer was built for {transformer.num_feature_levels}"
-            )
-        if num_feature_levels < backbone_levels:
-            raise ValueError(
-                f"num_feature_levels={num_feature_levels} is fewer than the Joiner's {backbone_levels} levels; "
-                f"use num_feature_levels >= {backbone_levels} or a Joiner with fewer levels"
-            )
+        check_levels(transformer.d_model, transformer.num_feature_levels, backbone_levels, num_feature_levels)
         if aux_loss and not transformer.decoder.return_intermediate:
             raise ValueError(
                 "aux_loss=True needs every decoder layer: build the transformer with return_intermediate_dec=True"
@@ -216,12 +153,7 @@ class DeformableDETR(nn.Module):
                     for layer in range(len(hs))
                 ]
             )
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.aux_loss:
-            out["aux_outputs"] = [
-                {"pred_logits": layer_logits, "pred_boxes": layer_boxes}
-                for layer_logits, layer_boxes in zip(logits[:-1], boxes[:-1])
-            ]
+        out = layer_outputs(logits, boxes, self.aux_loss)
         if self.two_stage:
             out["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord.sigmoid()}
         return out
@@ -241,37 +173,27 @@ class DeformableDETR(nn.Module):
         return linear_projection_parameters(self)
 
 
-def positional_width(joiner: Joiner) -> int:
-    """Channels of the maps the Joiner's positional encoding makes (read from a 1x1 probe)."""
-    device = next(joiner.parameters()).device
-    probe = NestedTensor(torch.zeros(1, 1, 1, 1, device=device), torch.zeros(1, 1, 1, dtype=torch.bool, device=device))
-    with torch.no_grad():
-        return joiner[1](probe).shape[1]
-
-
 def build_deformable_detr(
+    *,
     backbone: Joiner,
     num_classes: int,
-    *,
-    num_queries: int = 300,
-    enc_layers: int = 6,
-    dec_layers: int = 6,
-    nheads: int = 8,
-    dim_feedforward: int = 1024,
-    dropout: float = 0.1,
-    num_feature_levels: int = 4,
-    enc_n_points: int = 4,
-    dec_n_points: int = 4,
-    aux_loss: bool = True,
-    with_box_refine: bool = False,
-    two_stage: bool = False,
-    hidden_dim: int | None = None,
-    attention_impl: str = "auto",
+    hidden_dim: int,
+    num_queries: int,
+    enc_layers: int,
+    dec_layers: int,
+    nheads: int,
+    dim_feedforward: int,
+    dropout: float,
+    num_feature_levels: int,
+    enc_n_points: int,
+    dec_n_points: int,
+    aux_loss: bool,
+    with_box_refine: bool,
+    two_stage: bool,
+    attention_impl: str,
 ) -> DeformableDETR:
-    """Deformable DETR on the Joiner ``backbone`` with Deformable-DETR's main.py defaults. ``hidden_dim`` None: the width
+    """Deformable DETR on the Joiner ``backbone`` (its defaults: ``DeformableDetrConfig``); ``hidden_dim`` is the width
     of the Joiner's positional maps, which are added to the transformer's inputs."""
-    if hidden_dim is None:
-        hidden_dim = positional_width(backbone)
     transformer = DeformableTransformer(
         d_model=hidden_dim,
         nhead=nheads,

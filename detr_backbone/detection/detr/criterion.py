@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..criterion import BaseSetCriterion, class_error, identity
+from .config import DetrConfig
 from .matcher import HungarianMatcher
 
 DEFAULT_LOSS_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
@@ -41,3 +42,10 @@ class SetCriterion(BaseSetCriterion):
         target_classes[matched] = target_labels
         loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, weight=self.empty_weight.float())
         return {"loss_ce": loss_ce, "class_error": class_error(logits[matched].detach(), target_labels)}
+
+
+def detr_criterion(
+    head: DetrConfig, num_classes: int, num_boxes_reduce: Callable[[Tensor], Tensor] = identity
+) -> SetCriterion:
+    """DETR's criterion from its schema: the matching costs, ``eos_coef`` and the loss weights."""
+    return SetCriterion(num_classes, HungarianMatcher(**head.costs), head.eos_coef, head.loss_weights, num_boxes_reduce)

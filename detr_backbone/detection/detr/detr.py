@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ...joiner import Joiner
 from ...nested_tensor import NestedTensor, nested_tensor_from_tensor_list
+from ..head import layer_outputs
 from ..mlp import MLP
 from ..postprocess import Detections
 from .postprocess import softmax_detections
@@ -23,6 +24,7 @@ class DETR(nn.Module):
     ``aux_loss`` the same pair for every earlier decoder layer in ``aux_outputs``.
     """
 
+    TRAINS_ON_TARGETS: ClassVar[bool] = False
     OUTPUTS: ClassVar[Mapping[str, str]] = {
         "pred_logits": "(batch, queries, classes + 1) class logits; the last class is 'no object'",
         "pred_boxes": "(batch, queries, 4) boxes as (cx, cy, w, h) relative to each unpadded image",
@@ -58,13 +60,7 @@ class DETR(nn.Module):
         hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, positions[-1])[0]
         logits = self.class_embed(hs)
         boxes = self.bbox_embed(hs).sigmoid()
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.aux_loss:
-            out["aux_outputs"] = [
-                {"pred_logits": layer_logits, "pred_boxes": layer_boxes}
-                for layer_logits, layer_boxes in zip(logits[:-1], boxes[:-1])
-            ]
-        return out
+        return layer_outputs(logits, boxes, self.aux_loss)
 
     def detections(self, outputs: Mapping[str, Tensor], target_sizes: Tensor) -> Detections:
         """Scores (B, Q), labels (B, Q) and XYXY boxes (B, Q, 4) in pixels of ``target_sizes`` (B, 2) as (h, w):
@@ -73,20 +69,20 @@ class DETR(nn.Module):
 
 
 def build_detr(
+    *,
     backbone: Joiner,
     num_classes: int,
     hidden_dim: int,
-    *,
-    num_queries: int = 100,
-    enc_layers: int = 6,
-    dec_layers: int = 6,
-    nheads: int = 8,
-    dim_feedforward: int = 2048,
-    dropout: float = 0.1,
-    pre_norm: bool = False,
-    aux_loss: bool = True,
+    num_queries: int,
+    enc_layers: int,
+    dec_layers: int,
+    nheads: int,
+    dim_feedforward: int,
+    dropout: float,
+    pre_norm: bool,
+    aux_loss: bool,
 ) -> DETR:
-    """DETR around ``backbone`` (the ``_target_`` of conf/model/detr.yaml); defaults are DETR's published ones."""
+    """DETR around ``backbone`` (the ``_target_`` of conf/model/detr.yaml; its defaults: ``DetrConfig``)."""
     transformer = build_transformer(
         d_model=hidden_dim,
         nhead=nheads,

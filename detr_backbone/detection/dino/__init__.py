@@ -1,11 +1,11 @@
 """DINO (Zhang et al., 2023) on the Joiner, with IDEA-Research/DINO's module names so its checkpoints load strictly.
 
-Deformable DETR's encoder and attention, mixed query selection, an anchor-box decoder with
-look-forward-twice refinement, contrastive denoising training, its criterion and schema.
+Mixed query selection, an anchor-box decoder with look-forward-twice refinement, contrastive denoising
+training, its criterion, schema and published layout, on the encoder and attention of ``detection.multiscale``.
 """
 
 from .config import DinoConfig
-from .criterion import DinoCriterion, build_dino_criterion
+from .criterion import DinoCriterion, dino_criterion
 from .denoising import DenoisingQueries, contrastive_denoising
 from .dino import DINO, build_dino
 from .transformer import DinoTransformer
@@ -17,6 +17,6 @@ __all__ = [
     "DinoCriterion",
     "DinoTransformer",
     "build_dino",
-    "build_dino_criterion",
     "contrastive_denoising",
+    "dino_criterion",
 ]

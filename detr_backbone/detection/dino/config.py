@@ -1,18 +1,13 @@
-"""DINO's head as a plugin (conf/model/dino*.yaml): its schema and criterion; defaults are DINO-4scale's
-(IDEA-Research/DINO, config/DINO/DINO_4scale.py)."""
+"""DINO's schema (conf/model/dino*.yaml); its defaults are DINO-4scale's (IDEA-Research/DINO,
+config/DINO/DINO_4scale.py)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ...validation import require
-from ..deformable.config import MultiScaleHeadConfig
-from ..published import DetectorWeights
-from .criterion import build_dino_criterion
-from .dino import NUM_SELECT
-from .weights import DinoArchitecture, official_dino_weights
+from ..multiscale.config import MultiScaleHeadConfig
 
 
 @dataclass
@@ -29,10 +24,8 @@ class DinoConfig(MultiScaleHeadConfig):
     dn_number: int = 100  # positive denoising queries a batch (as many negatives); 0: no denoising
     dn_label_noise_ratio: float = 0.5  # a denoising query's class is replaced with probability half this
     dn_box_noise_scale: float = 0.4  # box edges move by up to this times half the box's size (negatives: 1-2x)
-    num_select: int = NUM_SELECT  # detections kept per image: the best (query, class) pairs
+    num_select: int = 300  # detections kept per image: the best (query, class) pairs (DINO's PostProcess)
 
-    ARCHITECTURE: ClassVar[type[DinoArchitecture]] = DinoArchitecture
-    BUILD_CRITERION = staticmethod(build_dino_criterion)
     POSITIVE: ClassVar[tuple[str, ...]] = (*MultiScaleHeadConfig.POSITIVE, "num_select")
 
     def __post_init__(self) -> None:
@@ -43,7 +36,3 @@ class DinoConfig(MultiScaleHeadConfig):
             f"model.dn_label_noise_ratio={self.dn_label_noise_ratio} must be in [0, 1]",
         )
         require(self.dn_box_noise_scale >= 0, f"model.dn_box_noise_scale={self.dn_box_noise_scale} must be >= 0")
-
-    @classmethod
-    def published_weights(cls, content: Any, path: str | os.PathLike) -> DetectorWeights | None:
-        return official_dino_weights(content, path)

@@ -1,4 +1,4 @@
-"""DINO's set loss: Deformable DETR's focal criterion on the matching queries, their earlier layers and the
+"""DINO's set loss: the multi-scale heads' focal criterion on the matching queries, their earlier layers and the
 encoder's selected proposals (``_interm``, matched with their classes), plus the denoising queries' losses.
 
 A denoising query is assigned by construction, not matched: each group's positive copy of a target must
@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from torch import Tensor
 
 from ..criterion import identity
-from ..deformable.criterion import FocalSetCriterion
-from ..deformable.matcher import FOCAL_ALPHA, FocalHungarianMatcher
+from ..multiscale.criterion import FocalSetCriterion, focal_criterion
+from .config import DinoConfig
 
 
 class DinoCriterion(FocalSetCriterion):
@@ -38,20 +38,9 @@ class DinoCriterion(FocalSetCriterion):
         return losses
 
 
-def build_dino_criterion(
-    num_classes: int,
-    *,
-    cost_class: float = 2.0,
-    cost_bbox: float = 5.0,
-    cost_giou: float = 2.0,
-    loss_ce: float = 1.0,
-    loss_bbox: float = 5.0,
-    loss_giou: float = 2.0,
-    focal_alpha: float = FOCAL_ALPHA,
-    num_boxes_reduce: Callable[[Tensor], Tensor] = identity,
+def dino_criterion(
+    head: DinoConfig, num_classes: int, num_boxes_reduce: Callable[[Tensor], Tensor] = identity
 ) -> DinoCriterion:
-    """DINO-4scale's criterion: focal matching costs 2/5/2, loss weights 1/5/2 (the same for the denoising
-    and the encoder's losses)."""
-    matcher = FocalHungarianMatcher(cost_class, cost_bbox, cost_giou, alpha=focal_alpha)
-    weights = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
-    return DinoCriterion(num_classes, matcher, focal_alpha, loss_weights=weights, num_boxes_reduce=num_boxes_reduce)
+    """DINO's criterion from its schema (DINO-4scale's: focal matching costs 2/5/2, loss weights 1/5/2, the same for
+    the denoising and the encoder's losses)."""
+    return focal_criterion(head, num_classes, num_boxes_reduce, DinoCriterion)

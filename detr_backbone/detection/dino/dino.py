@@ -4,7 +4,6 @@ contrastive denoising queries while training."""
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -13,22 +12,15 @@ from torch import Tensor, nn
 
 from ...joiner import Joiner
 from ...nested_tensor import NestedTensor, nested_tensor_from_tensor_list
-from ..deformable.deformable_detr import (
-    GROUP_NORM_GROUPS,
-    PRIOR_PROBABILITY,
-    level_projections,
-    linear_projection_parameters,
-    positional_width,
-    project_levels,
-)
-from ..deformable.postprocess import topk_detections
-from ..deformable.refinement import inverse_sigmoid
+from ..head import layer_outputs
 from ..mlp import MLP
+from ..multiscale.criterion import set_prior_bias
+from ..multiscale.levels import check_levels, level_projections, linear_projection_parameters, project_levels
+from ..multiscale.postprocess import topk_detections
+from ..multiscale.refinement import inverse_sigmoid
 from ..postprocess import Detections
 from .denoising import DenoisingQueries, contrastive_denoising
 from .transformer import LOGIT_EPS, DinoTransformer
-
-NUM_SELECT = 300  # DINO's PostProcess keeps the 300 best (query, class) pairs
 
 
 class DINO(nn.Module):
@@ -60,16 +52,16 @@ class DINO(nn.Module):
         transformer: DinoTransformer,
         num_classes: int,
         num_feature_levels: int,
-        aux_loss: bool = True,
-        dn_number: int = 100,
-        dn_label_noise_ratio: float = 0.5,
-        dn_box_noise_scale: float = 0.4,
-        num_select: int = NUM_SELECT,
+        aux_loss: bool,
+        dn_number: int,
+        dn_label_noise_ratio: float,
+        dn_box_noise_scale: float,
+        num_select: int,
     ):
         super().__init__()
         hidden_dim = transformer.d_model
         backbone_channels = list(backbone[0].feature_channels)
-        self.check_options(transformer, len(backbone_channels), num_feature_levels)
+        check_levels(hidden_dim, transformer.num_feature_levels, len(backbone_channels), num_feature_levels)
         self.num_queries = transformer.num_queries
         self.num_classes = num_classes
         self.num_feature_levels = num_feature_levels
@@ -85,7 +77,7 @@ class DINO(nn.Module):
         self.backbone = backbone
         class_embed = nn.Linear(hidden_dim, num_classes)
         bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
-        nn.init.constant_(class_embed.bias, -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
+        set_prior_bias(class_embed)
         # boxes start at their anchor
         nn.init.constant_(bbox_embed.layers[-1].weight, 0)
         nn.init.constant_(bbox_embed.layers[-1].bias, 0)
@@ -96,23 +88,6 @@ class DINO(nn.Module):
         transformer.decoder.class_embed = self.class_embed
         transformer.enc_out_bbox_embed = copy.deepcopy(bbox_embed)
         transformer.enc_out_class_embed = copy.deepcopy(class_embed)
-
-    @staticmethod
-    def check_options(transformer: DinoTransformer, backbone_levels: int, num_feature_levels: int) -> None:
-        if transformer.d_model % GROUP_NORM_GROUPS:
-            raise ValueError(
-                f"the level projections use GroupNorm(32, hidden_dim): hidden_dim must be a multiple of 32, "
-                f"got {transformer.d_model}"
-            )
-        if num_feature_levels != transformer.num_feature_levels:
-            raise ValueError(
-                f"num_feature_levels={num_feature_levels} but the transformer was built for {transformer.num_feature_levels}"
-            )
-        if num_feature_levels < backbone_levels:
-            raise ValueError(
-                f"num_feature_levels={num_feature_levels} is fewer than the Joiner's {backbone_levels} levels; "
-                f"use num_feature_levels >= {backbone_levels} or a Joiner with fewer levels"
-            )
 
     def forward(
         self, samples: NestedTensor | Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None = None
@@ -140,21 +115,11 @@ class DINO(nn.Module):
             [(self.bbox_embed[layer](hs[layer]) + anchor_logits[layer]).sigmoid() for layer in range(len(hs))]
         )
         denoised = 0 if dn is None else dn.num_queries
-        out = self.layer_outputs(logits[:, :, denoised:], boxes[:, :, denoised:])
+        out = layer_outputs(logits[:, :, denoised:], boxes[:, :, denoised:], self.aux_loss)
         out["interm_outputs"] = {"pred_logits": interm_class, "pred_boxes": interm_boxes}
         if dn is not None:
-            out["dn_outputs"] = self.layer_outputs(logits[:, :, :denoised], boxes[:, :, :denoised])
+            out["dn_outputs"] = layer_outputs(logits[:, :, :denoised], boxes[:, :, :denoised], self.aux_loss)
             out["dn_meta"] = dn
-        return out
-
-    def layer_outputs(self, logits: Tensor, boxes: Tensor) -> dict[str, Any]:
-        """The last layer's logits and boxes, and with ``aux_loss`` the earlier layers' in ``aux_outputs``."""
-        out: dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.aux_loss:
-            out["aux_outputs"] = [
-                {"pred_logits": layer_logits, "pred_boxes": layer_boxes}
-                for layer_logits, layer_boxes in zip(logits[:-1], boxes[:-1])
-            ]
         return out
 
     def denoising_queries(self, targets: Sequence[Mapping[str, Tensor]] | None) -> DenoisingQueries | None:
@@ -179,30 +144,28 @@ class DINO(nn.Module):
 
 
 def build_dino(
+    *,
     backbone: Joiner,
     num_classes: int,
-    *,
-    num_queries: int = 900,
-    enc_layers: int = 6,
-    dec_layers: int = 6,
-    nheads: int = 8,
-    dim_feedforward: int = 2048,
-    dropout: float = 0.0,
-    num_feature_levels: int = 4,
-    enc_n_points: int = 4,
-    dec_n_points: int = 4,
-    aux_loss: bool = True,
-    dn_number: int = 100,
-    dn_label_noise_ratio: float = 0.5,
-    dn_box_noise_scale: float = 0.4,
-    num_select: int = NUM_SELECT,
-    hidden_dim: int | None = None,
-    attention_impl: str = "auto",
+    hidden_dim: int,
+    num_queries: int,
+    enc_layers: int,
+    dec_layers: int,
+    nheads: int,
+    dim_feedforward: int,
+    dropout: float,
+    num_feature_levels: int,
+    enc_n_points: int,
+    dec_n_points: int,
+    aux_loss: bool,
+    dn_number: int,
+    dn_label_noise_ratio: float,
+    dn_box_noise_scale: float,
+    num_select: int,
+    attention_impl: str,
 ) -> DINO:
-    """DINO on the Joiner ``backbone`` with DINO-4scale's defaults. ``hidden_dim`` None: the width of the
-    Joiner's positional maps, which are added to the transformer's inputs."""
-    if hidden_dim is None:
-        hidden_dim = positional_width(backbone)
+    """DINO on the Joiner ``backbone`` (its defaults: ``DinoConfig``); ``hidden_dim`` is the width of the Joiner's
+    positional maps, which are added to the transformer's inputs."""
     transformer = DinoTransformer(
         d_model=hidden_dim,
         nhead=nheads,

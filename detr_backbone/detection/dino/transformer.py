@@ -15,17 +15,17 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..deformable.attention import MSDeformAttn, SpatialShapes
-from ..deformable.proposals import coordinate_sine_embedding, encoder_proposals
-from ..deformable.refinement import inverse_sigmoid
-from ..deformable.transformer import (
+from ..layers import clones
+from ..mlp import MLP
+from ..multiscale.attention import MSDeformAttn, SpatialShapes
+from ..multiscale.proposals import coordinate_sine_embedding, encoder_proposals
+from ..multiscale.refinement import inverse_sigmoid
+from ..multiscale.transformer import (
     DeformableTransformerDecoderLayer,
     DeformableTransformerEncoder,
     DeformableTransformerEncoderLayer,
     flatten_levels,
 )
-from ..layers import clones
-from ..mlp import MLP
 
 LOGIT_EPS = 1e-3  # DINO's inverse sigmoid clamps boxes to [1e-3, 1 - 1e-3] before the logit
 

@@ -10,21 +10,19 @@ decoder layer, also under ``transformer.decoder.``). Its class head has one row 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import ClassVar
+
+from torch import Tensor
 
 from ...config import POSITION_TARGETS, JoinerConfig, PositionConfig
 from ...weights import BODY_KEY
-from ..coco_names import COCO_NAMES
-from ..deformable.weights import MultiScaleArchitecture, multi_scale_fields
-from ..published import DetectorWeights, published_state
+from ..building import DetectorConfig
+from ..multiscale.published import MultiScaleArchitecture, multi_scale_fields
+from ..published import CheckpointLayout
+from .config import DinoConfig
 
-if TYPE_CHECKING:
-    from ..building import DetectorConfig
-
-SOURCE = "DINO checkpoint"
 SINE_TEMPERATURE = 20  # DINO's pe_temperatureH and pe_temperatureW (DETR's is 10000)
 QUERIES = "transformer.tgt_embed.weight"
 
@@ -40,9 +38,6 @@ class DinoArchitecture(MultiScaleArchitecture):
 
     def detector_config(self, num_classes: int, class_names: list[str] | None, dilation: bool | None) -> DetectorConfig:
         """The DINO these weights describe, with DINO's sine encoding (temperature 20, no offset)."""
-        from ..building import DetectorConfig  # the schema imports this layout, so it is imported when used
-        from .config import DinoConfig
-
         position = PositionConfig(_target_=POSITION_TARGETS["sine"], normalize=True, temperature=SINE_TEMPERATURE)
         head = DinoConfig(**self.head_fields(DinoConfig()))
         joiner = JoinerConfig(self.backbone_config(dilation), position, hidden_dim=self.hidden_dim)
@@ -55,13 +50,14 @@ def is_dino_state(state: Mapping[str, object]) -> bool:
     return all(key in state for key in heads) and any(key.startswith(BODY_KEY) for key in state)
 
 
-def official_dino_weights(content: Any, path: str | os.PathLike) -> DetectorWeights | None:
-    """The weights of a DINO checkpoint's content (wrapped in ``"model"`` or bare), None if it is none."""
-    found = published_state(content)
-    if found is None or not is_dino_state(found[0]):
-        return None
-    state, skipped = found
-    architecture = DinoArchitecture(**multi_scale_fields(state), num_queries=state[QUERIES].shape[0])
-    rows = state["class_embed.0.weight"].shape[0]
-    names = list(COCO_NAMES) if rows == len(COCO_NAMES) else None  # row i is COCO id i
-    return DetectorWeights(SOURCE, os.fspath(path), state, names, architecture, skipped=skipped)
+def architecture_of_state(state: Mapping[str, Tensor]) -> DinoArchitecture:
+    """What the keys and shapes of a DINO state dict show about the network."""
+    return DinoArchitecture(**multi_scale_fields(state), num_queries=state[QUERIES].shape[0])
+
+
+DINO_CHECKPOINT = CheckpointLayout(
+    source="DINO checkpoint",
+    recognised=is_dino_state,
+    architecture=architecture_of_state,
+    class_weight="class_embed.0.weight",
+)

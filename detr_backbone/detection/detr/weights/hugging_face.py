@@ -14,7 +14,7 @@ from typing import Any
 from ....backbones.backbone import TORCHVISION_RESNETS
 from ....weights import BODY_KEY, POSITION_KEY
 from ...hugging_face import HuggingFaceLayout, Renames, same_in_encoder_and_decoder, timm_backbone_name
-from .source import Architecture
+from .source import DetrArchitecture
 
 RENAMES: Renames = (
     (r"^model\.backbone\.(conv_encoder\.)?model\.", BODY_KEY),
@@ -42,13 +42,13 @@ def is_hugging_face_state(state: Mapping[str, Any]) -> bool:
     return "class_labels_classifier.weight" in state and any(key.startswith("model.backbone.") for key in state)
 
 
-def architecture_of_config(config: Mapping[str, Any], path: str | os.PathLike) -> Architecture:
+def architecture_of_config(config: Mapping[str, Any], path: str | os.PathLike) -> DetrArchitecture:
     """What config.json says, with DetrConfig's defaults where a key is absent (older files omit some)."""
     name = timm_backbone_name(config, path)
     pairs = (("encoder_ffn_dim", "decoder_ffn_dim", 2048), ("encoder_attention_heads", "decoder_attention_heads", 8))
     same_in_encoder_and_decoder(config, path, "DETR", pairs)
     backbone = config.get("backbone_config") or {}
-    return Architecture(
+    return DetrArchitecture(
         backbone_kind="torchvision" if name in TORCHVISION_RESNETS else "timm",
         backbone_name=name,
         main_layer=-1,

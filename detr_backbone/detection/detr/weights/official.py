@@ -7,22 +7,12 @@ counts come from DETR trained elsewhere, whose class names the file does not hol
 
 from __future__ import annotations
 
-import os
-from typing import Any
-
-from ...coco_names import COCO_NAMES
-from ...published import DetectorWeights, published_state
+from ...published import CheckpointLayout
 from .source import architecture_of_state, is_detr_state
 
-SOURCE = "DETR checkpoint"
-
-
-def official_detr_weights(content: Any, path: str | os.PathLike) -> DetectorWeights | None:
-    """The weights of a DETR checkpoint's content (wrapped in ``"model"`` or bare), None if it is none."""
-    found = published_state(content)
-    if found is None or not is_detr_state(found[0]):
-        return None
-    state, skipped = found
-    rows = state["class_embed.weight"].shape[0] - 1
-    names = list(COCO_NAMES) if rows == len(COCO_NAMES) else None  # row i is COCO id i
-    return DetectorWeights(SOURCE, os.fspath(path), state, names, architecture_of_state(state), skipped=skipped)
+DETR_CHECKPOINT = CheckpointLayout(
+    source="DETR checkpoint",
+    recognised=is_detr_state,
+    architecture=architecture_of_state,
+    class_weight="class_embed.weight",
+)

@@ -1,4 +1,4 @@
-"""What a DETR's weights say about the network they fit: ``Architecture``, from the shapes of a state dict
+"""What a DETR's weights say about the network they fit: ``DetrArchitecture``, from the shapes of a state dict
 (DETR's own names) or from what a source records; what shapes cannot show (dilation, the number of
 heads) is only known where the source records it."""
 
@@ -6,16 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from torch import Tensor
 
-from ....config import BACKBONE_TARGETS, POSITION_TARGETS, BackboneConfig, JoinerConfig, PositionConfig
+from ....config import POSITION_TARGETS, JoinerConfig, PositionConfig
 from ....weights import BODY_KEY, POSITION_KEY
-from ...published import backbone_of_state, count_layers
-
-if TYPE_CHECKING:
-    from ...building import DetectorConfig
+from ...building import DetectorConfig
+from ...published import backbone_of_state, configured_backbone, count_layers, published_backbone
+from ..config import DetrConfig
 
 
 def last_level(main_layer: int | None) -> int | None:
@@ -24,7 +23,7 @@ def last_level(main_layer: int | None) -> int | None:
 
 
 @dataclass(frozen=True)
-class Architecture:
+class DetrArchitecture:
     """The DETR a set of weights fits, as far as its source tells; None where it does not."""
 
     backbone_kind: str | None = None  # torchvision | groupnorm | timm
@@ -42,6 +41,8 @@ class Architecture:
 
     HEAD: ClassVar[str] = "detr"
     NO_OBJECT_ROWS: ClassVar[int] = 1
+    QUERIES: ClassVar[str] = "query_embed.weight"
+    CLASS_TABLES: ClassVar[Mapping[str, int]] = {}
     # num_queries is absent: a checkpoint may have more queries than the run keeps
     OVERRIDES: ClassVar[Mapping[str, str]] = {
         "backbone_kind": "backbone._target_",
@@ -70,13 +71,11 @@ class Architecture:
         return ", ".join(parts)
 
     @classmethod
-    def configured(cls, config: DetectorConfig) -> Architecture:
+    def configured(cls, config: DetectorConfig) -> DetrArchitecture:
         backbone, head = config.joiner.backbone, config.head
         return cls(
-            backbone_kind=backbone.kind,
-            backbone_name=getattr(backbone, "name", None),  # a backbone of the user's own has no name of ours
+            **configured_backbone(config),
             main_layer=-1 if backbone.return_interm_layers else last_level(backbone.main_layer),
-            dilation=getattr(backbone, "dilation", False),
             position=config.joiner.position.kind,
             hidden_dim=config.joiner.hidden_dim,
             enc_layers=head.enc_layers,
@@ -89,13 +88,10 @@ class Architecture:
 
     def detector_config(self, num_classes: int, class_names: list[str] | None, dilation: bool | None) -> DetectorConfig:
         """The DETR these weights describe; ``dilation`` None: as recorded, else without."""
-        from ...building import DetectorConfig  # both import these layouts, so they are imported when used
-        from ..config import DetrConfig
-
-        backbone = BackboneConfig(
-            _target_=BACKBONE_TARGETS[self.backbone_kind or "torchvision"],
-            name=self.backbone_name or "resnet50",
-            dilation=bool(self.dilation if dilation is None else dilation),
+        backbone = published_backbone(
+            self.backbone_kind,
+            self.backbone_name,
+            bool(self.dilation if dilation is None else dilation),
             main_layer=-1 if self.main_layer is None else self.main_layer,
         )
         position = PositionConfig(_target_=POSITION_TARGETS[self.position or "sine"])
@@ -118,11 +114,11 @@ def is_detr_state(state: Mapping[str, object]) -> bool:
     return all(key in state for key in heads) and any(key.startswith(BODY_KEY) for key in state)
 
 
-def architecture_of_state(state: Mapping[str, Tensor]) -> Architecture:
+def architecture_of_state(state: Mapping[str, Tensor]) -> DetrArchitecture:
     """What the keys and shapes of a DETR state dict show about the network (dilation and heads they cannot)."""
     queries = state["query_embed.weight"]
     kind, name, main_layer = backbone_of_state(state)
-    return Architecture(
+    return DetrArchitecture(
         backbone_kind=kind,
         backbone_name=name,
         main_layer=main_layer,

@@ -1,17 +1,26 @@
-"""Deformable DETR's set loss: a sigmoid focal loss for the classes, without a "no object" class."""
+"""The multi-scale heads' set loss: a sigmoid focal loss for the classes, without a "no object" class, and the
+class heads' prior that goes with it."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 from ..criterion import BaseSetCriterion, class_error, identity
+from .config import MultiScaleHeadConfig
 from .matcher import FOCAL_ALPHA, FOCAL_GAMMA, FocalHungarianMatcher
 
-FOCAL_LOSS_WEIGHTS = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+FOCAL_LOSS_WEIGHTS = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}  # Deformable-DETR's
+PRIOR_PROBABILITY = 0.01  # every class starts this likely everywhere: the focal loss is not swamped by easy negatives
+
+
+def set_prior_bias(class_embed: nn.Linear) -> None:
+    """A class head's bias at the prior's logit (Deformable-DETR's and DINO's initialisation)."""
+    nn.init.constant_(class_embed.bias, -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
 
 
 class FocalSetCriterion(BaseSetCriterion):
@@ -53,20 +62,12 @@ class FocalSetCriterion(BaseSetCriterion):
         return {"loss_ce": loss / num_boxes, "class_error": class_error(logits[matched].detach(), target_labels)}
 
 
-def build_deformable_criterion(
+def focal_criterion(
+    head: MultiScaleHeadConfig,
     num_classes: int,
-    *,
-    cost_class: float = 2.0,
-    cost_bbox: float = 5.0,
-    cost_giou: float = 2.0,
-    loss_ce: float = 2.0,
-    loss_bbox: float = 5.0,
-    loss_giou: float = 2.0,
-    focal_alpha: float = FOCAL_ALPHA,
-    focal_gamma: float = FOCAL_GAMMA,
     num_boxes_reduce: Callable[[Tensor], Tensor] = identity,
+    kind: type[FocalSetCriterion] = FocalSetCriterion,
 ) -> FocalSetCriterion:
-    """The focal criterion with Deformable-DETR's main.py defaults: matching costs 2/5/2, loss weights 2/5/2."""
-    matcher = FocalHungarianMatcher(cost_class, cost_bbox, cost_giou, alpha=focal_alpha, gamma=focal_gamma)
-    weights = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
-    return FocalSetCriterion(num_classes, matcher, focal_alpha, focal_gamma, weights, num_boxes_reduce)
+    """The focal criterion of a multi-scale head's schema: its matching costs, loss weights and focal alpha."""
+    matcher = FocalHungarianMatcher(**head.costs, alpha=head.focal_alpha)
+    return kind(num_classes, matcher, head.focal_alpha, FOCAL_GAMMA, head.loss_weights, num_boxes_reduce)
