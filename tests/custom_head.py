@@ -10,7 +10,7 @@ from typing import ClassVar
 from torch import Tensor, nn
 
 from detr_backbone import NestedTensor, nested_tensor_from_tensor_list
-from detr_backbone.detection import DETR, MLP, HeadConfig, HungarianMatcher, SetCriterion
+from detr_backbone.detection import DETR, MLP, HeadConfig, HeadRecord, HungarianMatcher, SetCriterion
 from detr_backbone.detection.detr import softmax_detections
 from detr_backbone.param_groups import make_group
 
@@ -20,13 +20,16 @@ TARGET = "tests.custom_head.PooledDetector"
 class PooledDetector(nn.Module):
     """Each object query attends once to the deepest map, then DETR's class ("no object" last) and box heads."""
 
+    TRAINS_ON_TARGETS: ClassVar[bool] = False
     OUTPUTS: ClassVar[Mapping[str, str]] = DETR.OUTPUTS  # the same outputs and post-processing as DETR's
 
-    def __init__(self, backbone: nn.Module, num_classes: int, hidden_dim: int, num_queries: int, nheads: int):
+    def __init__(
+        self, backbone: nn.Module, num_classes: int, hidden_dim: int, num_queries: int, nheads: int, aux_loss: bool
+    ):
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
-        self.aux_loss = False  # one prediction: nothing auxiliary to switch off
+        self.aux_loss = aux_loss  # one prediction: no earlier layers to add
         self.input_proj = nn.Conv2d(backbone.feature_channels[-1], hidden_dim, kernel_size=1)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.attention = nn.MultiheadAttention(hidden_dim, nheads, batch_first=True)
@@ -51,14 +54,22 @@ class PooledDetector(nn.Module):
 class PooledHeadConfig(HeadConfig):
     _target_: str = TARGET
     num_queries: int = 5
+    aux_loss: bool = False  # one prediction: nothing auxiliary
     nheads: int = 2
     eos_coef: float = 0.1
     class_lr_mult: float = 0.5  # the class layer trains at lr times this: the hook's own parameter group
 
-    def criterion(self, num_classes: int, num_boxes_reduce: Callable[[Tensor], Tensor]) -> SetCriterion:
-        return SetCriterion(
-            num_classes, HungarianMatcher(**self.costs), self.eos_coef, self.loss_weights, num_boxes_reduce
-        )
+    TRAINING_FIELDS: ClassVar[tuple[str, ...]] = (*HeadConfig.TRAINING_FIELDS, "eos_coef", "class_lr_mult")
 
     def parameter_groups(self, detector: nn.Module, lr: float) -> list[dict]:
         return make_group("class", detector.class_embed.parameters(), lr * self.class_lr_mult)
+
+
+def pooled_criterion(head: PooledHeadConfig, num_classes: int, num_boxes_reduce: Callable[[Tensor], Tensor]):
+    return SetCriterion(num_classes, HungarianMatcher(**head.costs), head.eos_coef, head.loss_weights, num_boxes_reduce)
+
+
+# the one record a new head adds to the registry
+POOLED = HeadRecord(
+    name="pooled", schema=PooledHeadConfig, builder=PooledDetector, criterion=pooled_criterion, presets=()
+)

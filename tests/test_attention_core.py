@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from detr_backbone import build_backbone
-from detr_backbone.detection.deformable import MSDeformAttn, build_deformable_detr
+from detr_backbone.detection.deformable import DeformableDetrConfig, MSDeformAttn
 from detr_backbone.detection.multiscale.sampling import (
     ATTENTION_IMPLS,
     multi_scale_deformable_attention,
@@ -185,10 +185,11 @@ def test_a_detector_built_with_each_core_gives_the_same_detections_and_gradients
     detectors = {}
     for impl in ("grid_sample", "gather"):
         torch.manual_seed(1)
-        detectors[impl] = build_deformable_detr(
-            joiner_for_core, num_classes=3, num_queries=5, enc_layers=1, dec_layers=2, dim_feedforward=32, dropout=0.0,
-            num_feature_levels=4, hidden_dim=32, nheads=4, attention_impl=impl, with_box_refine=True,
+        head = DeformableDetrConfig(
+            num_queries=5, enc_layers=1, dec_layers=2, dim_feedforward=32, dropout=0.0, num_feature_levels=4, nheads=4,
+            attention_impl=impl, with_box_refine=True,
         )  # fmt: skip
+        detectors[impl] = head.build(joiner_for_core, num_classes=3, hidden_dim=32)
     attention = [m for m in detectors["gather"].modules() if isinstance(m, MSDeformAttn)]
     assert len(attention) == 3 and {m.attention_impl for m in attention} == {"gather"}
     results = {}

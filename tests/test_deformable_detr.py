@@ -15,18 +15,18 @@ from detr_backbone.detection import DETR, MLP, HungarianMatcher, PostProcess
 from detr_backbone.detection.boxes import per_image
 from detr_backbone.detection.deformable import (
     DeformableDETR,
+    DeformableDetrConfig,
     DeformableTransformer,
     FocalHungarianMatcher,
     FocalSetCriterion,
     MSDeformAttn,
     TopKPostProcess,
-    build_deformable_criterion,
-    build_deformable_detr,
     multi_scale_deformable_attention,
     topk_detections,
 )
 from detr_backbone.detection.detr import softmax_detections
 from detr_backbone.detection.detr.transformer import Transformer
+from detr_backbone.detection.multiscale.criterion import focal_criterion
 from detr_backbone.detection.multiscale.levels import encoder_reference_points, valid_ratios
 from detr_backbone.detection.multiscale.proposals import encoder_proposals, proposal_position_embedding
 from detr_backbone.detection.multiscale.refinement import offset_reference
@@ -46,6 +46,11 @@ SMALL = {
     "enc_n_points": 2,
     "dec_n_points": 3,
 }
+
+
+def deformable_detr(joiner, num_classes: int, **fields):
+    """A Deformable DETR of the schema's fields around a built Joiner ``D`` channels wide."""
+    return DeformableDetrConfig(**fields).build(joiner, num_classes, D)
 
 
 def small_joiner(**backbone):
@@ -284,7 +289,7 @@ def test_deformable_checkpoint_layout_loads_strictly(option):
     # layers 2-4 and one extra level: the official checkpoints' structure, at hidden 32 and two layers
     deformable_joiner = small_joiner(return_interm_layers=False, levels=[2, 3, 4])
     options = OPTIONS[option]
-    model = build_deformable_detr(deformable_joiner, 7, **{**SMALL, "dec_layers": 2}, num_feature_levels=4, **options)
+    model = deformable_detr(deformable_joiner, 7, **{**SMALL, "dec_layers": 2}, num_feature_levels=4, **options)
     flags = {"with_box_refine": False, "two_stage": False, **options}
     head = deformable_head_keys(D, 64, 2, 4, 4, 2, 3, 7, 10, [128, 256, 512], **flags)
     backbone = {f"backbone.{k}": tuple(v.shape) for k, v in deformable_joiner.state_dict().items()}
@@ -308,9 +313,9 @@ def test_deformable_checkpoint_layout_loads_strictly(option):
 
 
 def test_heads_are_shared_without_refinement_and_copies_with_it(joiner):
-    plain = build_deformable_detr(joiner, 3, **SMALL, num_feature_levels=5)
-    refine = build_deformable_detr(joiner, 3, **SMALL, num_feature_levels=5, with_box_refine=True)
-    two_stage = build_deformable_detr(joiner, 3, **SMALL, num_feature_levels=5, with_box_refine=True, two_stage=True)
+    plain = deformable_detr(joiner, 3, **SMALL, num_feature_levels=5)
+    refine = deformable_detr(joiner, 3, **SMALL, num_feature_levels=5, with_box_refine=True)
+    two_stage = deformable_detr(joiner, 3, **SMALL, num_feature_levels=5, with_box_refine=True, two_stage=True)
     assert plain.class_embed[0] is plain.class_embed[1] and plain.bbox_embed[0] is plain.bbox_embed[1]
     assert plain.transformer.decoder.bbox_embed is None and plain.transformer.decoder.class_embed is None
     assert refine.class_embed[0] is not refine.class_embed[1] and refine.bbox_embed[0] is not refine.bbox_embed[1]
@@ -328,7 +333,7 @@ def test_heads_are_shared_without_refinement_and_copies_with_it(joiner):
     assert [head.layers[-1].bias.tolist() for head in refine.bbox_embed] == [[0, 0, -2, -2], [0, 0, 0, 0]]
     assert all(head.layers[-1].bias.tolist() == [0, 0, 0, 0] for head in two_stage.bbox_embed)
     # the first extra level reads the deepest backbone map, the next ones the previous extra level
-    six = build_deformable_detr(joiner, 3, **SMALL, num_feature_levels=6)
+    six = deformable_detr(joiner, 3, **SMALL, num_feature_levels=6)
     assert [p[0].in_channels for p in six.input_proj] == [64, 128, 256, 512, 512, D]
     assert [p[0].kernel_size for p in six.input_proj] == [(1, 1)] * 4 + [(3, 3)] * 2 and six.input_proj[5][
         0
@@ -346,7 +351,7 @@ def test_heads_are_shared_without_refinement_and_copies_with_it(joiner):
 
 
 def test_linear_projection_parameters_are_the_sampling_offsets_and_reference_points(joiner):
-    model = build_deformable_detr(joiner, 3, **SMALL, num_feature_levels=5)
+    model = deformable_detr(joiner, 3, **SMALL, num_feature_levels=5)
     names = [name for name, _ in model.linear_projection_parameters()]
     attentions = ("encoder.layers.{}.self_attn", "decoder.layers.{}.cross_attn")
     sampling = [
@@ -361,10 +366,10 @@ def test_linear_projection_parameters_are_the_sampling_offsets_and_reference_poi
 
 
 def test_options_are_checked(joiner):
-    with pytest.raises(ValueError, match="two_stage=True needs with_box_refine=True"):
-        build_deformable_detr(joiner, 3, **SMALL, num_feature_levels=5, two_stage=True)
+    with pytest.raises(ValueError, match="model.two_stage=true needs model.with_box_refine=true"):
+        deformable_detr(joiner, 3, **SMALL, num_feature_levels=5, two_stage=True)
     with pytest.raises(ValueError, match="num_feature_levels=3 is fewer than the Joiner's 4 levels"):
-        build_deformable_detr(joiner, 3, **SMALL, num_feature_levels=3)
+        deformable_detr(joiner, 3, **SMALL, num_feature_levels=3)
     transformer = DeformableTransformer(D, 4, 1, 1, 64, num_feature_levels=4, return_intermediate_dec=True)
     with pytest.raises(ValueError, match="num_feature_levels=5 but the transformer was built for 4"):
         DeformableDETR(joiner, transformer, 3, 10, 5)
@@ -539,7 +544,7 @@ def test_focal_loss_by_hand_with_auxiliary_and_proposal_losses():
     proposals = {"pred_logits": torch.tensor([[[-0.2, 0.9, 0.1], [1.0, -2.0, 0.3]]]), "pred_boxes": boxes}
     aux = [{"pred_logits": logits, "pred_boxes": boxes}]
     outputs = {"pred_logits": logits, "pred_boxes": boxes, "aux_outputs": aux, "enc_outputs": proposals}
-    criterion = build_deformable_criterion(3)
+    criterion = focal_criterion(DeformableDetrConfig(), 3)
     losses = criterion(outputs, [target([1], [[0.5, 0.5, 0.4, 0.4]])])
     expected_ce = sum(focal_loss_by_hand(logits[0, q, c].item(), q == 0 and c == 1) for q in range(2) for c in range(3))
     # the proposals are matched as "object or not": the target counts as class 0
@@ -602,7 +607,7 @@ def test_each_detector_names_its_post_processing(joiner):
     detr = DETR(
         small_joiner(return_interm_layers=False), Transformer(D, 4, 1, 1, 64, return_intermediate_dec=True), 3, 10
     )
-    deformable = build_deformable_detr(joiner, 4, **SMALL, num_feature_levels=5)
+    deformable = deformable_detr(joiner, 4, **SMALL, num_feature_levels=5)
     for detector, rule, module in (
         (detr, softmax_detections, PostProcess()),
         (deformable, topk_detections, TopKPostProcess()),
@@ -621,10 +626,10 @@ def test_each_detector_names_its_post_processing(joiner):
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_forward_backward(joiner, option, dtype):
     torch.manual_seed(0)
-    model = build_deformable_detr(joiner, 4, **SMALL, num_feature_levels=5, **OPTIONS[option])
+    model = deformable_detr(joiner, 4, **SMALL, num_feature_levels=5, **OPTIONS[option])
     for head in model.bbox_embed:  # zero at first: boxes would not move from their references
         nn.init.normal_(head.layers[-1].weight, std=0.1)
-    criterion = build_deformable_criterion(4)
+    criterion = focal_criterion(DeformableDetrConfig(), 4)
     images = nested_tensor_from_tensor_list([torch.randn(3, 64, 96), torch.randn(3, 48, 80)])
     targets = [target([1, 3], [[0.5, 0.5, 0.3, 0.4], [0.2, 0.7, 0.2, 0.2]]), target([0], [[0.6, 0.4, 0.5, 0.5]])]
     seen = {}
@@ -670,7 +675,7 @@ def test_forward_backward(joiner, option, dtype):
 
 def test_a_bfloat16_two_stage_model_predicts_in_bfloat16(joiner):
     # the chosen proposals stay float32; their position embedding must follow the weights
-    model = build_deformable_detr(copy.deepcopy(joiner), 4, **SMALL, num_feature_levels=5, **OPTIONS["two_stage"])
+    model = deformable_detr(copy.deepcopy(joiner), 4, **SMALL, num_feature_levels=5, **OPTIONS["two_stage"])
     model = model.eval().to(torch.bfloat16)
     images = nested_tensor_from_tensor_list([torch.randn(3, 64, 96), torch.randn(3, 48, 80)]).to(torch.bfloat16)
     with torch.inference_mode():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from detr_backbone.detection import build_detector, published_weights
-from detr_backbone.detection.dino import DINO, DenoisingQueries, DinoConfig, build_dino_criterion, contrastive_denoising
+from detr_backbone.detection.dino import DINO, DenoisingQueries, DinoConfig, contrastive_denoising, dino_criterion
 from detr_backbone.detection.dino.weights import DinoArchitecture
 from detr_backbone.inference import Predictor, load_detector
 from detr_backbone.training.job import Job, validated
@@ -98,7 +98,7 @@ def test_the_denoising_loss_on_a_hand_computed_case():
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1], [0.55, 0.5, 0.2, 0.4], [0.9, 0.9, 0.1, 0.1]]])
     meta = DenoisingQueries(torch.zeros(1, 4), boxes, torch.ones(1, 4, dtype=torch.bool), torch.zeros(5, 5), 2, 1)
     outputs = {"dn_outputs": {"pred_logits": logits, "pred_boxes": boxes, "aux_outputs": []}, "dn_meta": meta}
-    criterion = build_dino_criterion(2)
+    criterion = dino_criterion(DinoConfig(), 2)
     losses = criterion.extra_losses(outputs, targets, torch.tensor(1.0))
     assert sorted(losses) == ["loss_bbox_dn", "loss_ce_dn", "loss_giou_dn"]
     positives = {0, 2}
@@ -184,7 +184,7 @@ def test_training_adds_denoising_outputs_that_the_matching_queries_cannot_see():
         torch.testing.assert_close(evaluated[key], plain[key], rtol=0, atol=1e-5)
     moved = (denoised["dn_outputs"]["pred_boxes"] - plain["pred_boxes"][:, :1]).abs().max()
     assert moved > 1e-3  # they do see the denoising queries' content
-    criterion = build_dino_criterion(3)
+    criterion = dino_criterion(DinoConfig(), 3)
     losses = criterion({**denoised, "pred_logits": denoised["pred_logits"]}, TARGETS)
     assert {"loss_ce_dn", "loss_bbox_dn_0", "loss_giou_interm", "loss_ce_0"} <= set(losses)
     assert all(torch.isfinite(value) for value in losses.values())

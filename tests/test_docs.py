@@ -24,7 +24,7 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 GROUP_SCHEMAS = {
     "backbone": [BackboneConfig, CustomBackboneConfig],
     "position": [PositionConfig, CustomPositionConfig],
-    "model": list(HEADS.values()),
+    "model": [head.schema for head in HEADS.values()],
 }
 
 

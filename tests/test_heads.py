@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+import yaml
 
 from detr_backbone import JoinerConfig, nested_tensor_from_tensor_list
 from detr_backbone.data import build_datamodule
@@ -17,7 +18,7 @@ from detr_backbone.detection.deformable import DeformableDETR
 from detr_backbone.inference import Predictor, load_detector
 from detr_backbone.training import DetrModule, Job, load_training_module, validated
 
-from .custom_head import TARGET, PooledDetector, PooledHeadConfig
+from .custom_head import POOLED, TARGET, PooledDetector, PooledHeadConfig
 from .jobs import SMALL, compose_config
 
 DATA = Path(__file__).parent / "data"
@@ -105,7 +106,7 @@ def test_a_loaded_checkpoint_is_typed_once(monkeypatch):
 
 
 def test_a_head_of_ones_own_trains_reloads_and_predicts_with_one_registration_line(monkeypatch, tmp_path):
-    monkeypatch.setitem(HEADS, "pooled", PooledHeadConfig)  # the one line a new head adds to the registry
+    monkeypatch.setitem(HEADS, "pooled", POOLED)  # the one record a new head adds to the registry
     cfg = validated(compose_config(*V01_RUN, "model=detr_small", "trainer.max_steps=4"))
     head = {"_target_": TARGET, "num_queries": 4}
     assert head_config(head) == PooledHeadConfig(num_queries=4)
@@ -149,7 +150,7 @@ def test_a_head_of_ones_own_trains_reloads_and_predicts_with_one_registration_li
 
 
 def test_init_from_is_refused_for_a_head_that_describes_no_weights(monkeypatch):
-    monkeypatch.setitem(HEADS, "pooled", PooledHeadConfig)
+    monkeypatch.setitem(HEADS, "pooled", POOLED)
     cfg = replace(validated(compose_config(*V01_RUN, "model=detr_small")), model=PooledHeadConfig(), init_from="x.pth")
     with pytest.raises(ValueError) as error:
         validated(cfg)
@@ -157,3 +158,40 @@ def test_init_from_is_refused_for_a_head_that_describes_no_weights(monkeypatch):
         f"init_from='x.pth': model._target_='{TARGET}' is a head that reads no published weights yet; "
         "heads that do: detr, deformable_detr, dino (model=<name>)"
     )
+
+
+def test_every_head_record_ties_its_schema_builder_and_presets():
+    """Each record's builder is what its schema's ``_target_`` names, its presets are exactly the conf/model/ files
+    that extend its schema, and the heads that read published weights describe them with their own class."""
+    from detr_backbone.targets import resolve
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "model"
+    presets = {path.stem: yaml.safe_load(path.read_text()) for path in conf.glob("*.yaml")}
+
+    def schema_of(preset: str) -> str:
+        parents = presets[preset]["defaults"]
+        own = next(entry for entry in parents if entry != "_self_")
+        return own.removeprefix("/schema/").removesuffix("@_here_") if own.startswith("/schema/") else schema_of(own)
+
+    for name, record in HEADS.items():
+        assert record.name == name
+        assert resolve(record.schema._target_, "model._target_") is record.builder
+        assert sorted(record.presets) == sorted(preset for preset in presets if schema_of(preset) == name)
+        if record.architecture is not None:
+            assert name == record.architecture.HEAD
+    assert sorted(preset for record in HEADS.values() for preset in record.presets) == sorted(presets)
+
+
+def test_a_builder_that_disagrees_with_its_schema_fails_at_registration():
+    """A builder parameter no field gives, or a field no parameter takes, is an error, not a value silently dropped."""
+    from detr_backbone.detection import DetrConfig, HeadRecord, build_detr
+    from detr_backbone.detection.detr.criterion import detr_criterion
+
+    def misspelt(*, backbone, num_classes, hidden_dim, num_queries, enc_layers, dec_layers, nheads, dim_feedforward,
+                 dropout, prenorm, aux_loss):  # fmt: skip
+        return build_detr(**locals())
+
+    with pytest.raises(TypeError) as error:
+        HeadRecord("detr", DetrConfig, misspelt, detr_criterion, presets=("detr",))
+    assert "fields the builder does not take: ['pre_norm']; parameters no field gives: ['prenorm']" in str(error.value)
+    assert HeadRecord("detr", DetrConfig, build_detr, detr_criterion, presets=("detr",)).builder is build_detr

@@ -14,7 +14,7 @@ from typing import Any
 from ..compilation import compile_in_place
 from ..config import BackboneConfig, JoinerConfig
 from ..joiner import build_backbone
-from ..targets import check_allowed, instantiate_target
+from ..targets import check_allowed
 from .head import Detector, HeadConfig
 
 
@@ -63,14 +63,7 @@ class DetectorConfig:
 
     def build(self) -> Detector:
         """The detector ``head._target_`` builds around the Joiner, from the head's fields its builder takes."""
-        detector = instantiate_target(
-            self.head._target_,
-            self.head.builder_arguments(),
-            "model",
-            backbone=build_backbone(self.joiner),
-            num_classes=self.num_classes,
-            hidden_dim=self.joiner.hidden_dim,
-        )
+        detector = self.head.build(build_backbone(self.joiner), self.num_classes, self.joiner.hidden_dim)
         if self.head.compile:
             compile_in_place(detector)  # state dict keys unchanged
         return detector

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..joiner import Joiner
 from ..nested_tensor import NestedTensor
+from ..targets import instantiate_target
 from ..validation import require
 from .postprocess import Detections
 
@@ -101,6 +102,13 @@ class HeadConfig:
         """The fields the builder takes, by name."""
         excluded = {"_target_", *self.TRAINING_FIELDS}
         return {field.name: getattr(self, field.name) for field in fields(self) if field.name not in excluded}
+
+    def build(self, backbone: Joiner, num_classes: int, hidden_dim: int) -> Detector:
+        """The detector ``_target_`` builds around a Joiner whose positional maps are ``hidden_dim`` wide."""
+        arguments = self.builder_arguments()
+        return instantiate_target(
+            self._target_, arguments, "model", backbone=backbone, num_classes=num_classes, hidden_dim=hidden_dim
+        )
 
     def backbone_levels(self) -> list[int] | None:
         """The levels the head reads from one of our backbones whose config sets none (None: its own knobs)."""
