@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from detr_backbone.detection.deformable import sampling
+from detr_backbone.detection.multiscale import sampling
 from detr_backbone.detection.multiscale.sampling import multi_scale_deformable_attention, resolve_attention_impl
 from detr_backbone.detection.multiscale.sampling.grid_sample import grid_sample_attention
 from detr_backbone.detection.multiscale.sampling.triton_kernel import triton_attention, triton_usable

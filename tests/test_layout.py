@@ -211,3 +211,35 @@ def test_public_names_import_from_their_layer(module, names):
     loaded = importlib.import_module(module)
     assert set(names) <= set(loaded.__all__)
     assert all(hasattr(loaded, name) for name in names)
+
+
+def listed_modules(page: Path) -> set[str]:
+    """The modules the tree in ``page`` lists: one per name, by the folders its indentation puts it in."""
+    block = page.read_text().split("```\n", 2)[1]
+    folders: list[str] = []
+    listed = set()
+    for line in block.splitlines():
+        depth = (len(line) - len(line.lstrip(" "))) // 4
+        names = line.strip().split("  ")[0]
+        if not names or depth > len(folders):
+            continue  # a description carried onto the next line
+        folders = folders[:depth]
+        for name in (part.strip() for part in names.split(",")):
+            if name.endswith("/"):
+                folders.append(name)
+            elif name.endswith(".py"):
+                listed.add("".join(folders) + name)
+    return listed
+
+
+def test_the_layout_page_lists_every_module():
+    existing = {
+        "detr_backbone/" + str(path.relative_to(PACKAGE))
+        for path in MODULES
+        if path.name != "__init__.py" and "__pycache__" not in path.parts
+    }
+    listed = {
+        name for name in listed_modules(PACKAGE.parent / "docs" / "layout.md") if name.startswith("detr_backbone/")
+    }
+    assert sorted(existing - listed) == [], "modules docs/layout.md does not list"
+    assert sorted(listed - existing) == [], "modules docs/layout.md lists that do not exist"

@@ -174,7 +174,7 @@ def published_detector(weights: DetectorWeights, dilation: bool | None) -> Detec
 def load_detector(
     path: str | os.PathLike, dilation: bool | None = None, allowed_targets: Sequence[str] = ()
 ) -> LoadedDetector:
-    """The detector of a train.py checkpoint, a DETR checkpoint or a Hugging Face DETR folder or weights file.
+    """The detector of a train.py checkpoint or of any head's published file or folder (``published_sources``).
 
     ``dilation`` is only read for DETR's own checkpoints, which do not record it (DC5 files need True).
     ``allowed_targets``: the ``_target_`` paths outside this package (a backbone of your own) that a

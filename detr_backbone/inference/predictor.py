@@ -116,7 +116,7 @@ class Predictor:
     def from_checkpoint(
         cls, path: str | os.PathLike, *, dilation: bool | None = None, allowed_targets: Sequence[str] = (), **options
     ) -> Predictor:
-        """A predictor of a train.py checkpoint, a DETR checkpoint or a Hugging Face DETR folder.
+        """A predictor of a train.py checkpoint or any head's published weights (``load_detector``).
 
         The resize defaults to the source's evaluation size: none for train.py checkpoints of the shapes
         data, DETR's 800 / 1333 for published weights. ``options`` are those of the constructor.

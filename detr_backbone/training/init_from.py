@@ -46,7 +46,7 @@ OWN_SOURCE = "train.py checkpoint"
 
 
 def read_init_weights(path: str | os.PathLike) -> DetectorWeights:
-    """The weights at ``path``: a DETR checkpoint, a Hugging Face DETR folder or file, or a train.py checkpoint."""
+    """The weights at ``path``: a train.py checkpoint, or any head's published file or folder (``published_sources``)."""
     if os.path.isdir(path):
         return published_folder(path)
     if not os.path.exists(path):

@@ -26,7 +26,9 @@ class MultiScaleHeadConfig(TransformerHeadConfig):
     dec_n_points: int = 4
     focal_alpha: float = FOCAL_ALPHA
     lr_linear_proj_mult: float = 0.1  # sampling offsets and reference points train at lr times this
-    attention_impl: str = "auto"  # the deformable attention core: auto | triton | gather | grid_sample (the reference)
+    # the deformable attention core: auto (grid_sample while exporting; triton on CUDA; else gather from 2^20 corner
+    # reads a call, grid_sample below) | triton | gather | grid_sample (the reference)
+    attention_impl: str = "auto"
 
     POSITIVE: ClassVar[tuple[str, ...]] = (
         *TransformerHeadConfig.POSITIVE,
