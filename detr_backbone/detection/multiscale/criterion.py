@@ -12,7 +12,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from ..criterion import BaseSetCriterion, class_error, identity
 from .config import MultiScaleHeadConfig
-from .matcher import FOCAL_ALPHA, FOCAL_GAMMA, FocalHungarianMatcher
+from .matcher import FOCAL_ALPHA, FOCAL_GAMMA, FocalHungarianMatcher, check_focal
 
 FOCAL_LOSS_WEIGHTS = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}  # Deformable-DETR's
 PRIOR_PROBABILITY = 0.01  # every class starts this likely everywhere: the focal loss is not swamped by easy negatives
@@ -40,10 +40,7 @@ class FocalSetCriterion(BaseSetCriterion):
     ):
         weights = FOCAL_LOSS_WEIGHTS if loss_weights is None else loss_weights
         super().__init__(num_classes, matcher, weights, num_boxes_reduce)
-        if not 0 <= focal_alpha <= 1:
-            raise ValueError(f"focal_alpha must be in [0, 1], got {focal_alpha}")
-        if focal_gamma < 0:
-            raise ValueError(f"focal_gamma must be >= 0, got {focal_gamma}")
+        check_focal(focal_alpha, focal_gamma)
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
 

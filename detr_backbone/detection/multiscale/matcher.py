@@ -11,6 +11,14 @@ FOCAL_GAMMA = 2.0
 EPS = 1e-8  # keeps the logs finite at p = 0 and p = 1
 
 
+def check_focal(alpha: float, gamma: float) -> None:
+    """The focal terms' weights: ``alpha`` in [0, 1], ``gamma`` >= 0 (the matcher's and the loss's alike)."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"focal alpha must be in [0, 1], got {alpha}")
+    if gamma < 0:
+        raise ValueError(f"focal gamma must be >= 0, got {gamma}")
+
+
 class FocalHungarianMatcher(BaseHungarianMatcher):
     """Deformable-DETR's matcher: the class cost of a query for a target is what the focal loss would
     gain by calling it the target's class, ``alpha (1-p)^gamma (-log p) - (1-alpha) p^gamma (-log(1-p))``
@@ -25,10 +33,7 @@ class FocalHungarianMatcher(BaseHungarianMatcher):
         gamma: float = FOCAL_GAMMA,
     ):
         super().__init__(cost_class, cost_bbox, cost_giou)
-        if not 0 <= alpha <= 1:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        if gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        check_focal(alpha, gamma)
         self.alpha = alpha
         self.gamma = gamma
 
