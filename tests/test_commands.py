@@ -303,7 +303,9 @@ def test_evaluate_scores_a_checkpoint_on_its_runs_own_validation_set(checkpoint,
         (
             predict_main,
             ["ckpt_path={tmp}/in/junk.ckpt", "input={tmp}/in"],
-            r"\S+junk\.ckpt is not a train\.py checkpoint, a DETR checkpoint or Hugging Face DETR weights \(.*\)",
+            r"\S+junk\.ckpt is not a train\.py checkpoint, a DETR checkpoint, a Hugging Face DETR folder or weights file, "
+            r"a Deformable-DETR checkpoint, a Hugging Face Deformable DETR folder or weights file or a DINO checkpoint "
+            r"\(.*\)",
         ),
         (
             predict_main,

@@ -66,7 +66,8 @@ class HeadRecord:
     @property
     def sources(self) -> list[str]:
         """The published weights the head reads, in words."""
-        return [layout.described for layout in self.files] + ([self.folder.described] if self.folder else [])
+        layouts = [*self.files, *([self.folder] if self.folder else [])]
+        return list(dict.fromkeys(layout.described for layout in layouts))
 
 
 def check_builder(schema: type[HeadConfig], builder: Callable[..., Any]) -> None:
@@ -162,8 +163,9 @@ def build_criterion(config: DetectorConfig, num_boxes_reduce: Callable[[Tensor],
 
 
 def published_sources() -> str:
-    """Every published layout the heads read, in words."""
-    return ", ".join(source for record in HEADS.values() for source in record.sources)
+    """Every published layout the heads read, in words ("a DETR checkpoint, ... or a DINO checkpoint")."""
+    sources = [source for record in HEADS.values() for source in record.sources]
+    return " or ".join([", ".join(sources[:-1]), sources[-1]] if len(sources) > 1 else sources)
 
 
 def published_weights(content: Any, path: str | os.PathLike) -> DetectorWeights | None:
