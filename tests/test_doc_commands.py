@@ -253,9 +253,10 @@ def stand_ins(arguments: tuple[str, ...], fixture: Fixture) -> list[str]:
         key = key.lstrip("+~")
         if argument == "...":
             continue
-        if argument in ("--config-dir", "-cd"):
-            arguments.pop(0)
-            replaced += [argument, str(fixture.config_dir)]
+        if key in ("--config-dir", "-cd"):
+            if not equals:
+                arguments.pop(0)
+            replaced += [key, str(fixture.config_dir)]
         elif equals and key in IMAGE_KEYS:
             replaced.append(f"{key}={fixture.images}")
         elif equals and key in ANNOTATION_KEYS:
@@ -330,6 +331,11 @@ def test_the_pages_show_commands_of_every_kind():
 def test_command_composes(command, shown, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(shown.python_dir))
     run_composition(command, shown)
+
+
+def test_every_yaml_example_names_its_file():
+    unnamed = [f"{b.page}:{b.line}" for b in all_blocks() if b.language == "yaml" and shown_file(b) is None]
+    assert not unnamed, f"YAML examples without a leading '# <folder>/<group>/<name>.yaml' comment: {unnamed}"
 
 
 @pytest.mark.parametrize("block", [b for b in all_blocks() if shown_file(b)], ids=lambda b: f"{b.page}:{b.line}")
