@@ -5,8 +5,9 @@ train.py ...``, ``detr-backbone ...`` or ``python -m detr_backbone ...``, are co
 command itself composes them, without training or loading a model: train's overrides (each job of a ``-m``
 sweep, a resume's saved overrides added) through Hydra, the schemas and the job's own checks; predict,
 evaluate, export and verify through their configs and schemas; render through its options and train's config.
-Any other command (``pip``, ``git``, ``cd``, ``wandb``, ...) is not the project's and is left alone, and so are
-transcripts (plain blocks whose lines start with ``$``, shown with their output). Paths are stood in for:
+Any other command (``pip``, ``git``, ``cd``, ``wandb``, ...) is not the project's and is left alone. Transcripts
+(plain blocks whose lines start with ``$``, shown with their output) are checked where composition alone decides
+them: a command that names no file and is shown ending in ``error: ...`` must stop with that line. Paths are stood in for:
 ``data.*_images`` / ``data.*_annotations`` (and verify's ``images`` / ``annotations``) by a small COCO folder
 this test writes, a ``.ckpt`` by a checkpoint of the default job trained for one step, ``hydra.run.dir`` by
 that checkpoint's run folder, ``--config-dir`` by the folder the files below are written to; ``...`` and
@@ -38,7 +39,14 @@ from PIL import Image
 from detr_backbone.__main__ import COMMANDS
 from detr_backbone.__main__ import main as cli_main
 from detr_backbone.commands import render
-from detr_backbone.commands.cli import compose_command, configs, split_config_dir, user_config_dir
+from detr_backbone.commands.cli import (
+    USER_ERRORS,
+    compose_command,
+    configs,
+    one_line,
+    split_config_dir,
+    user_config_dir,
+)
 from detr_backbone.commands.evaluate import EvaluateConfig
 from detr_backbone.commands.export import ExportConfig
 from detr_backbone.commands.predict import PredictConfig
@@ -53,6 +61,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL = ("bash", "sh", "shell")
 FENCE = re.compile(r"^(\s*)```(\S*)\s*$")
 PATH_COMMENT = re.compile(r"^#\s*(\S+\.(?:yaml|py))\b")  # "# configs/data/parts.yaml: ..." names the file shown
+FILE_NAME = re.compile(r"/|\.(ckpt|pth|json|ya?ml|onnx|pt2|png|jpe?g)$")
 PLACEHOLDER = re.compile(r"<([\w.-]+)>")  # outputs/<run>/..., <partition>
 HYDRA_FLAGS = {"-m": 0, "--multirun": 0, "--resolve": 0, "--cfg": 1, "-c": 1, "--package": 1, "-p": 1}
 COMMAND_CONFIGS = {"predict": PredictConfig, "evaluate": EvaluateConfig, "export": ExportConfig, "verify": VerifyConfig}
@@ -314,6 +323,22 @@ def run_composition(command: Command, fixture: Fixture) -> None:
         assert exit.code in (0, None), exit.code
 
 
+def transcript_errors(block: Block) -> list[tuple[Command, str]]:
+    """(command, its ``error: ...`` line) of a transcript's commands that name no file, which composition decides."""
+    if block.language:
+        return []
+    lines, found = block.text.splitlines(), []
+    for offset, (line, output) in enumerate(zip(lines, [*lines[1:], ""])):
+        if not (line.startswith("$ ") and output.startswith("error: ")):
+            continue
+        command = project_command(shlex.split(line[2:]))
+        if command is None or any(FILE_NAME.search(argument.partition("=")[2]) for argument in command[1]):
+            continue  # a file's name: what it holds decides the error, not composition
+        where = Command(block.page, block.line + 1 + offset, line[2:], command[0], tuple(command[1]))
+        found.append((where, output))
+    return found
+
+
 def page_commands() -> list[Command]:
     """Each command once, where it is first written."""
     first: dict[tuple[str, tuple[str, ...]], Command] = {}
@@ -331,6 +356,15 @@ def test_the_pages_show_commands_of_every_kind():
 def test_command_composes(command, shown, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(shown.python_dir))
     run_composition(command, shown)
+
+
+@pytest.mark.parametrize(
+    "command, error", [each for block in all_blocks() for each in transcript_errors(block)], ids=lambda c: str(c)
+)
+def test_transcript_error_is_the_commands(command, error, shown):
+    with pytest.raises(USER_ERRORS) as stopped:
+        run_composition(command, shown)
+    assert one_line(stopped.value) == error
 
 
 def test_every_yaml_example_names_its_file():
