@@ -111,3 +111,20 @@ def test_cited_benchmark_results_are_in_the_repository(page):
     cited = {name for name in RESULT_FILE.findall(page.read_text()) if not name.endswith(UNTRACKED_RESULT)}
     missing = sorted(name for name in cited if not (ROOT / name).is_file())
     assert not missing, f"{page.name} cites results that are not in the repository: {missing}"
+
+
+PICTURE = re.compile(r"!\[[^\]]*\]\(([^)\s]+\.png)\)")
+SHELL_BLOCK = re.compile(r"```(?:bash|sh|shell)\n(.*?)```", flags=re.DOTALL)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_picture_has_the_command_that_made_it_beside_it(page):
+    """A picture's file is named by a shell block within a few lines of it: the commands that write it."""
+    text = page.read_text()
+    blocks = [(text.count("\n", 0, block.start()), block.group(1)) for block in SHELL_BLOCK.finditer(text)]
+    unexplained = []
+    for picture in PICTURE.finditer(text):
+        line, name = text.count("\n", 0, picture.start()), Path(picture.group(1)).name
+        if not any(abs(start - line) <= 12 and name in commands for start, commands in blocks):
+            unexplained.append(name)
+    assert not unexplained, f"{page.name}: pictures without the commands that made them beside them: {unexplained}"
