@@ -184,7 +184,7 @@ def config_path(shown: str) -> Path:
 
 
 @dataclass
-class Fixture:
+class StandIns:
     images: Path
     annotations: Path
     ckpt: Path
@@ -236,7 +236,7 @@ def all_blocks() -> list[Block]:
 
 
 @pytest.fixture(scope="module")
-def shown(tmp_path_factory) -> Fixture:
+def shown(tmp_path_factory) -> StandIns:
     """The COCO folder, the one-step checkpoint and the files the pages show, written once for the module."""
     folder = tmp_path_factory.mktemp("doc_commands")
     images, annotations = write_coco(folder / "coco")
@@ -250,10 +250,10 @@ def shown(tmp_path_factory) -> Fixture:
     config_dir, python_dir = folder / "configs", folder / "python"
     write_shown_files(all_blocks(), config_dir, python_dir)
     config_dir.mkdir(exist_ok=True)
-    return Fixture(images, annotations, run / "checkpoints" / "last.ckpt", config_dir, python_dir)
+    return StandIns(images, annotations, run / "checkpoints" / "last.ckpt", config_dir, python_dir)
 
 
-def stand_ins(arguments: tuple[str, ...], fixture: Fixture) -> list[str]:
+def stand_ins(arguments: tuple[str, ...], paths: StandIns) -> list[str]:
     """The arguments with the reader's paths replaced by the test's files."""
     replaced, arguments = [], list(arguments)
     while arguments:
@@ -265,15 +265,15 @@ def stand_ins(arguments: tuple[str, ...], fixture: Fixture) -> list[str]:
         if key in ("--config-dir", "-cd"):
             if not equals:
                 arguments.pop(0)
-            replaced += [key, str(fixture.config_dir)]
+            replaced += [key, str(paths.config_dir)]
         elif equals and key in IMAGE_KEYS:
-            replaced.append(f"{key}={fixture.images}")
+            replaced.append(f"{key}={paths.images}")
         elif equals and key in ANNOTATION_KEYS:
-            replaced.append(f"{key}={fixture.annotations}")
+            replaced.append(f"{key}={paths.annotations}")
         elif equals and key in ("ckpt_path", "init_from") and value.endswith(".ckpt"):
-            replaced.append(f"{key}={fixture.ckpt}")
+            replaced.append(f"{key}={paths.ckpt}")
         elif equals and key == "hydra.run.dir":
-            replaced.append(f"{key}={fixture.ckpt.parents[1]}")
+            replaced.append(f"{key}={paths.ckpt.parents[1]}")
         else:
             replaced.append(argument)
     return replaced
@@ -305,8 +305,8 @@ def compose_train(arguments: list[str]) -> int:
     return len(jobs)
 
 
-def run_composition(command: Command, fixture: Fixture) -> None:
-    arguments = stand_ins(command.arguments, fixture)
+def run_composition(command: Command, paths: StandIns) -> None:
+    arguments = stand_ins(command.arguments, paths)
     try:
         if command.name == "train":
             compose_train(arguments)

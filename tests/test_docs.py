@@ -1,5 +1,6 @@
 """The README and docs/: every config key has a row, every relative link and anchor resolves, every benchmark
-result cited is in the repository; conf/'s help texts point to sections that exist."""
+result cited is in the repository, every picture has the commands that made it beside it; conf/'s help texts
+point to sections that exist."""
 
 from __future__ import annotations
 
