@@ -1,4 +1,6 @@
-"""The README and docs/: every config key has a row, every relative link and anchor resolves."""
+"""The README and docs/: every config key has a row, every relative link and anchor resolves, every benchmark
+result cited is in the repository, every picture has the commands that made it beside it; conf/'s help texts
+point to sections that exist."""
 
 from __future__ import annotations
 
@@ -82,3 +84,48 @@ def test_relative_links_and_anchors_resolve(page):
         if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in anchors(linked)):
             broken.append(target)
     assert not broken, f"{page.name}: broken links {broken}"
+
+
+CONF_PAGE = re.compile(r"\b(docs/[\w.-]+\.md)(?:#([\w-]+))?")
+README_SECTION = re.compile(r"\(README: ([^)]+)\)")
+RESULT_FILE = re.compile(r"\b(benchmarks/results/[\w.-]+\.json)\b")
+UNTRACKED_RESULT = "latest.json"  # where a benchmark writes by default, not kept (.gitignore)
+
+
+def test_config_comments_name_sections_that_exist():
+    """conf/'s help texts point to docs/<page>.md#<section> (or README sections) that exist."""
+    broken = []
+    for path in sorted((ROOT / "conf").rglob("*.yaml")):
+        text = path.read_text()
+        for page, anchor in CONF_PAGE.findall(text):
+            linked = ROOT / page
+            if not linked.exists() or (anchor and anchor not in anchors(linked)):
+                broken.append(f"{path.relative_to(ROOT)}: {page}#{anchor}")
+        for section in README_SECTION.findall(text):
+            if re.sub(r"[^\w\- ]", "", section.lower()).replace(" ", "-") not in anchors(ROOT / "README.md"):
+                broken.append(f"{path.relative_to(ROOT)}: README: {section}")
+    assert not broken, f"conf/ names sections that do not exist: {broken}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_cited_benchmark_results_are_in_the_repository(page):
+    cited = {name for name in RESULT_FILE.findall(page.read_text()) if not name.endswith(UNTRACKED_RESULT)}
+    missing = sorted(name for name in cited if not (ROOT / name).is_file())
+    assert not missing, f"{page.name} cites results that are not in the repository: {missing}"
+
+
+PICTURE = re.compile(r"!\[[^\]]*\]\(([^)\s]+\.png)\)")
+SHELL_BLOCK = re.compile(r"```(?:bash|sh|shell)\n(.*?)```", flags=re.DOTALL)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_picture_has_the_command_that_made_it_beside_it(page):
+    """A picture's file is named by a shell block within a few lines of it: the commands that write it."""
+    text = page.read_text()
+    blocks = [(text.count("\n", 0, block.start()), block.group(1)) for block in SHELL_BLOCK.finditer(text)]
+    unexplained = []
+    for picture in PICTURE.finditer(text):
+        line, name = text.count("\n", 0, picture.start()), Path(picture.group(1)).name
+        if not any(abs(start - line) <= 12 and name in commands for start, commands in blocks):
+            unexplained.append(name)
+    assert not unexplained, f"{page.name}: pictures without the commands that made them beside them: {unexplained}"
