@@ -1,8 +1,9 @@
-"""Backbones, positional encodings and the Joiner of DETR-style detectors.
+"""A DETR-family training framework on a backbone library with DETR's semantics: backbones, positional encodings
+and the Joiner at the root, detectors, data, inference, training and commands in the layers above.
 
-The package is layered, each layer importing only those listed before it: this backbone library
-(the root modules), ``detection`` (detectors and their losses), ``data``, ``training`` (the
-LightningModule, the job and its callbacks) and ``commands``.
+The package is layered, each layer importing only those listed before it, none in a circle: this backbone
+library (the root modules and ``backbones``), ``detection`` (detectors and their losses), ``data``,
+``inference``, ``training`` (the LightningModule, the job and its callbacks) and ``commands``.
 """
 
 from .backbones.backbone import Backbone, BackboneBase, GroupNorm32, GroupNormBackbone, TimmBackbone, downsample_mask

@@ -49,7 +49,7 @@ class BackboneOptions:
     freeze: bool = False  # freeze the whole Joiner, learned positional table included
     checkpoint: Optional[str] = None  # weights file: state dict, GN ImageNet checkpoint or detector checkpoint
     strict: bool = True  # checkpoint keys must match exactly
-    # fast paths (README: Performance); each gives the plain path's numbers within float rounding
+    # fast paths (docs/performance.md); each gives the plain path's numbers within float rounding
     channels_last: Optional[bool] = None  # NHWC weights and inputs; null: on where it measured faster (not GroupNorm)
     compile: bool = False  # torch.compile the Joiner (the first batch of each shape pays the compilation)
 

@@ -17,7 +17,7 @@ from .nested_tensor import MaskedImages, NestedTensor
 from .targets import instantiate_target, resolve
 from .weights import load_checkpoint
 
-# Where NHWC measured faster on a CPU (README: Performance): oneDNN's convolutions gain, while
+# Where NHWC measured faster on a CPU (docs/performance.md): oneDNN's convolutions gain, while
 # GroupNorm's NHWC kernels lose more than the convolutions gain. A backbone of the user's own stays
 # NCHW unless its config says otherwise.
 CHANNELS_LAST_BY_DEFAULT = {"torchvision": True, "groupnorm": False, "timm": True}

@@ -158,9 +158,9 @@ def test_defaults_turn_on_the_fast_paths_that_measured_faster_and_detr_args_keep
     assert (BackboneConfig().fold_frozen_bn, BackboneConfig().compile, PositionConfig().cache_size) == (True, False, 0)
     default = joiner_with("resnet18")
     assert default[0].channels_last and isinstance(default[0].body.conv1, FoldedConv2d)
-    assert default[1].cache.max_entries == 0  # measured no gain (README: Performance)
+    assert default[1].cache.max_entries == 0  # measured no gain (docs/performance.md)
     groupnorm = joiner_with("resnet18", kind="groupnorm")
-    assert groupnorm[0].channels_last is False  # measured slower with GroupNorm (README: Performance)
+    assert groupnorm[0].channels_last is False  # measured slower with GroupNorm (docs/performance.md)
     detr = JoinerConfig.from_args(
         Namespace(
             backbone="resnet50",

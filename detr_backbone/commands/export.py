@@ -26,7 +26,7 @@ from .cli import compose_command, reported
 
 @dataclass
 class ExportConfig:
-    ckpt_path: Optional[str] = None  # train.py checkpoint, DETR checkpoint or Hugging Face DETR folder
+    ckpt_path: Optional[str] = None  # a train.py checkpoint or any head's published file or folder
     dilation: Optional[bool] = None  # DETR's own checkpoints do not record it: true for their DC5 files
     allowed_targets: list[str] = field(default_factory=list)  # your own _target_ paths a checkpoint may build
     format: str = "onnx"  # onnx | torch_export

@@ -36,7 +36,7 @@ DETECTIONS_FILE = "detections.json"
 
 @dataclass
 class PredictConfig:
-    ckpt_path: Optional[str] = None  # train.py checkpoint, DETR checkpoint or Hugging Face DETR folder
+    ckpt_path: Optional[str] = None  # a train.py checkpoint or any head's published file or folder
     dilation: Optional[bool] = None  # DETR's own checkpoints do not record it: true for their DC5 files
     allowed_targets: list[str] = field(default_factory=list)  # your own _target_ paths a checkpoint may build
     input: Optional[str] = None  # an image, a folder or a glob
