@@ -104,6 +104,7 @@ def run_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_train_py_writes_its_run_folder(tmp_path):
     result = run_train(*TINY, "position=learned", "logger=tensorboard", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -119,6 +120,7 @@ def test_train_py_writes_its_run_folder(tmp_path):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_train_py_sweep_writes_one_folder_per_job(tmp_path):
     result = run_train("-m", *TINY, "position=sine,learned", "test_after_fit=false", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -131,6 +133,7 @@ def test_train_py_sweep_writes_one_folder_per_job(tmp_path):
     assert all((tmp_path / "multirun" / j / "checkpoints" / "last.ckpt").is_file() for j in jobs)
 
 
+@pytest.mark.slow
 def test_train_py_reports_a_bad_value_in_one_line(tmp_path):
     result = run_train("backbone._target_=detr_backbone.ResNet", cwd=tmp_path)
     assert result.returncode != 0

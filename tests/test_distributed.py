@@ -40,6 +40,7 @@ def last_logged(metrics_csv: Path, key: str) -> float:
         return [float(row[key]) for row in csv.DictReader(stream) if row[key]][-1]
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_trains_syncs_metrics_and_checkpoints_for_one_process(tmp_path):
     result = run_train(
         tmp_path, *ONE_PER_BATCH, "trainer=ddp", "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path}/run"
@@ -109,6 +110,7 @@ def test_slurm_launcher_config_asks_for_a_task_per_device_on_every_node(tmp_path
         assert f"#SBATCH {line}" in sbatch
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_a_sweep_in_separate_processes(tmp_path):
     pytest.importorskip(
         "hydra_plugins.hydra_submitit_launcher", reason="needs the slurm extra: pip install -e '.[slurm]'"

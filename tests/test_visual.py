@@ -130,6 +130,7 @@ def fitted(tmp_path_factory):
     return SimpleNamespace(dir=run_dir, job=run, log="\n".join(records))
 
 
+@pytest.mark.slow
 def test_fit_prints_the_part_summary_and_shows_a_tqdm_bar(fitted):
     callbacks = fitted.job.trainer.callbacks
     assert any(isinstance(c, ParameterSummary) for c in callbacks)
@@ -153,6 +154,7 @@ def expected_grid_size(images: int, side: int) -> tuple[int, int]:
     return height + 2 * 2, images * (width + 2) + 2
 
 
+@pytest.mark.slow
 def test_each_validation_writes_a_grid_but_the_sanity_check_does_not(fitted):
     written = sorted(p.name for p in (fitted.dir / "predictions").iterdir())
     assert written == ["epoch000.png", "epoch001.png"]
@@ -164,6 +166,7 @@ def test_each_validation_writes_a_grid_but_the_sanity_check_does_not(fitted):
     assert (flat == TRUTH_COLOR).all(1).sum() > 100
 
 
+@pytest.mark.slow
 def test_tensorboard_gets_the_grid(fitted):
     events = EventAccumulator(str(fitted.dir / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
@@ -173,6 +176,7 @@ def test_tensorboard_gets_the_grid(fitted):
     assert (images[-1].height, images[-1].width) == expected_grid_size(4, 256)
 
 
+@pytest.mark.slow
 def test_the_grid_is_written_by_global_zero_only(tmp_path, fitted):
     callback = PredictionGrid(tmp_path / "predictions", num_images=1)
     trainer = SimpleNamespace(sanity_checking=False, is_global_zero=False, current_epoch=0)
@@ -180,6 +184,7 @@ def test_the_grid_is_written_by_global_zero_only(tmp_path, fitted):
     assert not (tmp_path / "predictions").exists()
 
 
+@pytest.mark.slow
 def test_ddp_draws_on_global_zero_only(tmp_path):
     result = run_train(*TINY, "trainer=ddp", "trainer.max_epochs=2", "test_after_fit=false", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -305,6 +310,7 @@ def test_render_errors_are_one_line(tmp_path, capsys):
     assert not list(tmp_path.glob("*.png"))
 
 
+@pytest.mark.slow
 def test_render_from_a_training_checkpoint(tmp_path, fitted):
     ckpt = fitted.dir / "checkpoints" / "last.ckpt"
     paths = render_main([f"ckpt_path={ckpt}", f"output_dir={tmp_path}", "data.min_size=64", "data.max_size=80"])
