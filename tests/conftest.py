@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -37,3 +38,15 @@ def tiny_dino_run(tmp_path_factory):
     from .tiny_checkpoint import DINO_HEAD, run_tiny_job
 
     return run_tiny_job(tmp_path_factory.mktemp("tiny_dino"), *DINO_HEAD)
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory) -> SimpleNamespace:
+    """train.py with DDP on two CPU processes (test_distributed.DDP_RUN), run once for test_distributed.py (the
+    checkpoint and the synced metrics) and test_visual.py (one grid an epoch, one part summary): its completed
+    process and its run folder."""
+    from .test_distributed import DDP_RUN, run_train
+
+    folder = tmp_path_factory.mktemp("ddp")
+    result = run_train(folder, *DDP_RUN, f"hydra.run.dir={folder}/run")
+    return SimpleNamespace(result=result, dir=folder / "run")

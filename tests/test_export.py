@@ -123,8 +123,8 @@ def test_torch_export_program_matches_eager_on_sizes_never_traced(traced, eager,
         assert_within_tolerance(list(got), expected, max(images.shape[-2:]))
 
 
-@pytest.mark.slow
 def test_a_file_that_fails_its_check_is_removed(traced, tmp_path):
+    # in the fast tier: one trace and one torch.export program, the export module's cheapest whole path
     wrong = copy.deepcopy(traced.model)
     with torch.no_grad():
         wrong.detector.class_embed.bias += 0.1  # the eager reference no longer is what was traced

@@ -24,7 +24,6 @@ from detr_backbone.training.callbacks.prediction_grid import PredictionGrid, pre
 from detr_backbone.training.job import Job, validated
 
 from .jobs import TINY, compose_config
-from .test_config import run_train
 
 RENDER_MODEL = ["backbone=resnet18", "hidden_dim=32", "data.min_size=64", "data.max_size=80"]
 
@@ -185,12 +184,12 @@ def test_the_grid_is_written_by_global_zero_only(tmp_path, fitted):
 
 
 @pytest.mark.slow
-def test_ddp_draws_on_global_zero_only(tmp_path):
-    result = run_train(*TINY, "trainer=ddp", "trainer.max_epochs=2", "test_after_fit=false", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    output = result.stdout + result.stderr
+def test_ddp_draws_on_global_zero_only(ddp_run):
+    # train.py on two CPU processes for two epochs (conftest.py), the run test_distributed.py checks too
+    assert ddp_run.result.returncode == 0, ddp_run.result.stderr
+    output = ddp_run.result.stdout + ddp_run.result.stderr
     assert "GLOBAL_RANK: 1" in output and output.count("Parameters by part:") == 1
-    assert sorted(p.name for p in (tmp_path / "run" / "predictions").iterdir()) == ["epoch000.png", "epoch001.png"]
+    assert sorted(p.name for p in (ddp_run.dir / "predictions").iterdir()) == ["epoch000.png", "epoch001.png"]
 
 
 # --- one panel, pixel by pixel -----------------------------------------------------------------
