@@ -17,7 +17,7 @@ from detr_backbone.training.config import Config
 from detr_backbone.training.job import validated
 from detr_backbone.training.recipe import RecipeWarning, recipe_mismatch, warn_of_recipe_mismatch
 
-from .jobs import ROOT, TINY, compose_config
+from .jobs import ROOT, SMALL, TINY, compose_config
 
 COCO_PATHS = ("train_images", "train_annotations", "val_images", "val_annotations")
 
@@ -122,7 +122,8 @@ def test_train_py_writes_its_run_folder(tmp_path):
 
 @pytest.mark.slow
 def test_train_py_sweep_writes_one_folder_per_job(tmp_path):
-    result = run_train("-m", *TINY, "position=sine,learned", "test_after_fit=false", cwd=tmp_path)
+    # the SMALL job (no test stage, no grids): what is checked is one folder, config and checkpoint per job
+    result = run_train("-m", *SMALL, "position=sine,learned", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     jobs = sorted(p.name for p in (tmp_path / "multirun").iterdir() if p.is_dir())
     assert jobs == ["0", "1"]
