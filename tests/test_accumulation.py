@@ -45,6 +45,7 @@ def assert_all_close(a: dict, b: dict, atol: float) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=atol)
 
 
+@pytest.mark.slow
 def test_two_accumulated_batches_of_one_equal_one_batch_of_two_with_a_box_each(tmp_path, one_thread):
     # one box an image: DETR's loss normalised by a batch's boxes is then the mean over its images
     whole, _ = step(tmp_path / "whole", "data.max_objects=1", "data.batch_size=2")
@@ -68,6 +69,7 @@ class CrashAt(pl.Callback):
             raise RuntimeError("crash")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_every_step_resumes_where_the_accumulation_left_off(tmp_path, one_thread):
     # 8 images in batches of 2, two batches a step: 2 steps an epoch; last.ckpt after every step
     common = (*SMALL, "trainer.accumulate_grad_batches=2", "callbacks.checkpoint.every_n_train_steps=1")
@@ -90,6 +92,7 @@ def test_a_checkpoint_every_step_resumes_where_the_accumulation_left_off(tmp_pat
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # training_step in a plain loop
+@pytest.mark.slow
 def test_accumulation_is_the_mean_of_each_batchs_own_normalised_gradient(tmp_path, one_thread):
     # images of 1..3 boxes: each micro-batch is normalised by its own box count, then the steps are averaged
     accumulated, _ = step(
@@ -111,6 +114,7 @@ def test_accumulation_is_the_mean_of_each_batchs_own_normalised_gradient(tmp_pat
     assert not torch.allclose(whole.gradients[name], expected[name], rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_ddp_with_accumulation_completes_and_ranks_hold_equal_weights(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(

@@ -179,6 +179,7 @@ def joiner_for_core():
     return build_backbone({"backbone": backbone, "position": position, "hidden_dim": 32, "lr_backbone": 1e-4})
 
 
+@pytest.mark.slow
 def test_a_detector_built_with_each_core_gives_the_same_detections_and_gradients(joiner_for_core):
     torch.manual_seed(0)
     images = torch.randn(2, 3, 64, 72)

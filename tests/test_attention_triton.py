@@ -119,11 +119,13 @@ def interpreted_results() -> dict:
     return json.loads(result.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_the_child_process_ran_the_interpreter():
     assert interpreted_results()["interpreted"] is True
 
 
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.slow
 def test_interpreted_triton_matches_grid_sample(name):
     found = interpreted_results()[name]
     tolerance = TOLERANCE[CASES[name][6]]
@@ -132,10 +134,12 @@ def test_interpreted_triton_matches_grid_sample(name):
 
 
 @pytest.mark.parametrize("name", ["bfloat16", "float16"])
+@pytest.mark.slow
 def test_interpreted_half_inputs_are_computed_in_float32(name):
     assert interpreted_results()[name]["against_float32_inputs"] == 0.0
 
 
+@pytest.mark.slow
 def test_interpreted_gradcheck_in_float64():
     assert interpreted_results()["gradcheck"] is True
 

@@ -72,8 +72,8 @@ def test_joiner_is_a_two_child_sequential_with_detr_names():
     ("name", "channels"),
     [
         ("resnet18", [64, 128, 256, 512]),
-        ("resnet50", [256, 512, 1024, 2048]),
-        ("wide_resnet50_2", [256, 512, 1024, 2048]),
+        pytest.param("resnet50", [256, 512, 1024, 2048], marks=pytest.mark.slow),
+        pytest.param("wide_resnet50_2", [256, 512, 1024, 2048], marks=pytest.mark.slow),
     ],
 )
 def test_intermediate_levels_have_the_stage_channels_and_strides(name, channels):
@@ -104,6 +104,7 @@ def test_mask_is_downsampled_per_level():
 # --- dilation --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dilation_replaces_the_last_stride_only():
     plain, dilated = joiner_of(name="resnet50"), joiner_of(name="resnet50", dilation=True)
     layer4 = dilated[0].body.layer4
@@ -196,6 +197,7 @@ def test_no_live_batchnorm_survives_in_timm_bodies():
     assert sum(isinstance(m, nn.BatchNorm2d) for m in ours.modules()) == 0
 
 
+@pytest.mark.slow
 def test_timm_frozen_norms_keep_activation_and_eps():
     # tf_efficientnet_b0 uses BatchNormAct2d with eps=1e-3 and SiLU fused into the norm
     source = timm.create_model("tf_efficientnet_b0", features_only=True, out_indices=(-1,)).eval()
@@ -248,6 +250,7 @@ def test_parameter_groups_hold_every_trainable_parameter_once():
 # --- DETR drop-in ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_detr_constructors_and_args_give_the_same_tree_and_numbers():
     torch.manual_seed(0)
     by_hand = Joiner(Backbone("resnet50", True, False, False), PositionEmbeddingSine(128, 10000, True, None))

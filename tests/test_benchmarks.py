@@ -47,6 +47,7 @@ def test_theoretical_peak_derivation_is_stated():
     assert "cores" in peak["derivation"] and "FLOP/cycle" in peak["derivation"]
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_section(tmp_path):
     output = tmp_path / "quick.json"
     run.main(["--quick", "--output", str(output)])

@@ -87,9 +87,8 @@ def test_bad_backends_are_named(tmp_path):
         coco_metrics(tmp_path / "truth.json", tmp_path / "results.json", "coco")
 
 
-def test_validation_logs_each_classs_map_as_cocoeval_computes_it(tmp_path, one_thread):
-    checkpoint = train_tiny_checkpoint(tmp_path / "run")
-    module = DetrModule.load_from_checkpoint(checkpoint, weights_only=True)
+def test_validation_logs_each_classs_map_as_cocoeval_computes_it(tiny_checkpoint, tmp_path, one_thread):
+    module = DetrModule.load_from_checkpoint(tiny_checkpoint, weights_only=True)
     assert module.val_map.class_metrics  # evaluation.class_metrics defaults to true
     seen = []
     update = module.val_map.update
@@ -113,6 +112,7 @@ def test_validation_logs_each_classs_map_as_cocoeval_computes_it(tmp_path, one_t
         assert logged[f"val/map_per_class/{name}"] == pytest.approx(expected[name]["AP"], abs=1e-6), name
 
 
+@pytest.mark.slow
 def test_class_metrics_off_logs_no_class_and_evaluate_takes_either_backend(tmp_path):
     checkpoint = train_tiny_checkpoint(tmp_path / "run", "evaluation.class_metrics=false")
     module = DetrModule.load_from_checkpoint(checkpoint, weights_only=True)

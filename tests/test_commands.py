@@ -23,7 +23,7 @@ from detr_backbone.commands.predict import main as predict_main
 from detr_backbone.data import ShapesDataset
 from detr_backbone.inference import Predictor
 
-from .tiny_checkpoint import CLASS_NAMES, NUM_QUERIES, train_tiny_checkpoint
+from .tiny_checkpoint import CLASS_NAMES, NUM_QUERIES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,8 +46,8 @@ COCO_CATEGORIES = {3: "rectangle", 11: "ellipse", 7: "triangle"}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return train_tiny_checkpoint(tmp_path_factory.mktemp("run"))
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint  # trained once a session (tests/conftest.py)
 
 
 def shapes(count: int, split: str = "val", min_size: int = 40, max_size: int = 64) -> list:

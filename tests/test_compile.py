@@ -33,6 +33,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL * max(1.0, expected.abs().max().item()))
 
 
+@pytest.mark.slow
 def test_inductor_compiled_convolution_trains_on_sizes_that_share_its_feature_map_size():
     """What a compiled model failed on: 22x22 then 21x22 (stride-2 outputs both 10x10). With automatic
     dynamic shapes the second size's graph took 21x22 and its backward asserted the 22x22 input's strides."""
@@ -53,6 +54,7 @@ def test_inductor_compiled_convolution_trains_on_sizes_that_share_its_feature_ma
             assert_close(actual, expected)
 
 
+@pytest.mark.slow
 def test_compiled_small_detector_trains_on_three_image_sizes_like_the_eager_one():
     """aot_eager: dynamo's guards and AOTAutograd's forward and backward graphs, without inductor's
     C++ compilation (minutes for a detector on a CPU). Unpadded batches, so every size gets its own graph."""

@@ -17,7 +17,7 @@ from detr_backbone.training.config import Config
 from detr_backbone.training.job import validated
 from detr_backbone.training.recipe import RecipeWarning, recipe_mismatch, warn_of_recipe_mismatch
 
-from .jobs import ROOT, TINY, compose_config
+from .jobs import ROOT, SMALL, TINY, compose_config
 
 COCO_PATHS = ("train_images", "train_annotations", "val_images", "val_annotations")
 
@@ -104,6 +104,7 @@ def run_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_train_py_writes_its_run_folder(tmp_path):
     result = run_train(*TINY, "position=learned", "logger=tensorboard", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -119,8 +120,10 @@ def test_train_py_writes_its_run_folder(tmp_path):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_train_py_sweep_writes_one_folder_per_job(tmp_path):
-    result = run_train("-m", *TINY, "position=sine,learned", "test_after_fit=false", cwd=tmp_path)
+    # the SMALL job (no test stage, no grids): what is checked is one folder, config and checkpoint per job
+    result = run_train("-m", *SMALL, "position=sine,learned", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     jobs = sorted(p.name for p in (tmp_path / "multirun").iterdir() if p.is_dir())
     assert jobs == ["0", "1"]
@@ -131,6 +134,7 @@ def test_train_py_sweep_writes_one_folder_per_job(tmp_path):
     assert all((tmp_path / "multirun" / j / "checkpoints" / "last.ckpt").is_file() for j in jobs)
 
 
+@pytest.mark.slow
 def test_train_py_reports_a_bad_value_in_one_line(tmp_path):
     result = run_train("backbone._target_=detr_backbone.ResNet", cwd=tmp_path)
     assert result.returncode != 0

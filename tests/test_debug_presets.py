@@ -90,6 +90,7 @@ def test_presets_override_the_knobs_of_the_primary_config_and_the_command_line_o
     assert (cfg.hidden_dim, cfg.lr, cfg.lr_backbone) == (256, 1e-4, 1e-5)
 
 
+@pytest.mark.slow
 def test_fdr_runs_one_batch_of_each_loop_and_writes_no_checkpoint(tmp_path):
     job, batches, value = run_preset(tmp_path, "fdr", "test_after_fit=true")
     assert job.trainer.global_step == 1
@@ -98,6 +99,7 @@ def test_fdr_runs_one_batch_of_each_loop_and_writes_no_checkpoint(tmp_path):
     assert value is None  # nothing was scored
 
 
+@pytest.mark.slow
 def test_overfit_trains_on_the_same_first_batches_every_epoch_and_learns_them(tmp_path):
     # 8 training images in batches of 2: 4 batches, of which overfit_batches=3 are used
     _job, batches, _ = run_preset(tmp_path, "overfit", "trainer.max_epochs=8")
@@ -109,6 +111,7 @@ def test_overfit_trains_on_the_same_first_batches_every_epoch_and_learns_them(tm
     assert batches.test == []  # test_after_fit=false
 
 
+@pytest.mark.slow
 def test_limit_runs_the_set_number_of_batches_per_epoch(tmp_path):
     # 12 training and 6 validation images in batches of 2: 6 and 3 batches, cut to 5 and 2; without
     # anomaly detection, which would double the time of the test's fifteen steps
@@ -122,6 +125,7 @@ def test_limit_runs_the_set_number_of_batches_per_epoch(tmp_path):
 
 
 @pytest.mark.parametrize("profiler, expected", [("simple", "run_training_epoch"), ("advanced", "ncalls")])
+@pytest.mark.slow
 def test_profiler_writes_its_report_into_the_run_folder(tmp_path, profiler, expected):
     run_preset(tmp_path, "profiler", f"trainer.profiler={profiler}", "data.train_size=4", "test_after_fit=true")
     fit_report = (tmp_path / "fit-profiler.txt").read_text()
@@ -129,6 +133,7 @@ def test_profiler_writes_its_report_into_the_run_folder(tmp_path, profiler, expe
     assert "test_step" in (tmp_path / "test-profiler.txt").read_text()
 
 
+@pytest.mark.slow
 def test_train_py_with_a_preset_writes_under_outputs_debug_with_lightning_debug_logs(tmp_path):
     env = {**os.environ, "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(

@@ -622,7 +622,9 @@ def test_each_detector_names_its_post_processing(joiner):
 # --- training steps -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)], ids=["float32", "bfloat16"]
+)
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_forward_backward(joiner, option, dtype):
     torch.manual_seed(0)

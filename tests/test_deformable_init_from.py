@@ -41,6 +41,7 @@ def deformable_checkpoint(tmp_path_factory):
     return train_tiny_checkpoint(tmp_path_factory.mktemp("deformable"), *DEFORMABLE_HEAD)
 
 
+@pytest.mark.slow
 def test_our_deformable_checkpoint_onto_other_classes(deformable_checkpoint, tmp_path):
     source = torch.load(deformable_checkpoint, weights_only=True)
     saved = {k.removeprefix("detector."): v for k, v in source["state_dict"].items() if k.startswith("detector.")}
@@ -129,6 +130,7 @@ def test_a_two_stage_checkpoint_into_a_plain_config_names_the_switches(tmp_path)
     assert message.endswith("a config that fits: model.with_box_refine=true model.two_stage=true")
 
 
+@pytest.mark.slow
 def test_another_heads_weights_are_refused_in_one_line(deformable_checkpoint, tmp_path):
     with pytest.raises(CheckpointMismatchError) as error:
         job(tmp_path / "detr", *TINY_RUN, "model=detr_small", f"init_from={deformable_checkpoint}")
@@ -200,6 +202,7 @@ def padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("options", [{}, {"with_box_refine": True}], ids=["plain", "box-refine"])
+@pytest.mark.slow
 def test_a_hugging_face_deformable_detr_gives_hugging_faces_outputs(tmp_path, options):
     model = hugging_face_deformable(tmp_path / "hf", **options)
     # the names transformers 5 holds in memory, in a weights file given alone beside its config.json

@@ -57,6 +57,7 @@ def test_backbone_levels_given_are_kept_and_an_extra_level_is_added(tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["32-true", "16-mixed", "bf16-mixed", "bf16-true"])
+@pytest.mark.slow
 def test_every_precision_trains(tmp_path, precision):
     run = job(tmp_path, f"precision={precision}", "trainer.fast_dev_run=2", "test_after_fit=false")
     run.run()
@@ -65,6 +66,7 @@ def test_every_precision_trains(tmp_path, precision):
     assert run.module.detector.class_embed[0].weight.dtype == dtype
 
 
+@pytest.mark.slow
 def test_refinement_and_two_stage_train_and_log_only_the_final_losses(tmp_path):
     run = job(
         tmp_path, "model.with_box_refine=true", "model.two_stage=true", "trainer.fast_dev_run=1", "test_after_fit=false"
@@ -75,6 +77,7 @@ def test_refinement_and_two_stage_train_and_log_only_the_final_losses(tmp_path):
     assert not any(name.endswith(("_enc", "_0")) for name in logged)
 
 
+@pytest.mark.slow
 def test_resume_continues_and_reloads_for_evaluation_and_prediction(tmp_path):
     common = ("lr_drop=1", "test_after_fit=false")
     straight = job(tmp_path / "straight", *common, "trainer.max_epochs=2")
@@ -120,6 +123,7 @@ def test_resume_continues_and_reloads_for_evaluation_and_prediction(tmp_path):
     assert len(json.loads((tmp_path / "eval" / "detections.json").read_text())) == 4 * 15  # top-k: all 5 x 3 pairs
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tmp_path):
     result = run_train(
         tmp_path, *ONE_PER_BATCH, *DEFORMABLE, "trainer=ddp", "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path}/run"
@@ -133,6 +137,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
 
 
 @pytest.mark.parametrize("backbone", [("backbone=resnet50",), ("backbone=timm", "backbone.name=convnext_tiny")])
+@pytest.mark.slow
 def test_the_published_head_runs_on_a_resnet_50_and_a_timm_model(tmp_path, backbone):
     # python train.py model=deformable_detr backbone=..., on TINY's small data for one step
     config = validated(

@@ -190,22 +190,26 @@ def test_training_adds_denoising_outputs_that_the_matching_queries_cannot_see():
     assert all(torch.isfinite(value) for value in losses.values())
 
 
-@pytest.fixture(scope="module")
-def dino_checkpoint(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("dino")
-    overrides = [*TINY_RUN, *DINO_HEAD, "trainer.max_steps=4"]
-    job = Job(validated(compose_config(*overrides)), folder)
+def test_the_jobs_training_step_gives_the_denoising_losses(tmp_path):
+    job = Job(validated(compose_config(*TINY_RUN, *DINO_HEAD)), tmp_path)
     assert isinstance(job.module.detector, DINO)
     images, targets = next(iter(job.datamodule.train_dataloader()))
     job.module.train()
     losses = job.module.criterion(job.module(images, targets), targets)  # the training step's inputs
     assert {"loss_ce_dn", "loss_bbox_dn", "loss_giou_dn_0", "loss_ce_interm"} <= set(losses)
-    job.run()
-    assert torch.isfinite(job.trainer.callback_metrics["train/loss"]) and job.trainer.global_step == 4
+
+
+@pytest.fixture(scope="module")
+def dino_checkpoint(tiny_dino_run) -> Path:
+    """The TINY_RUN job with DINO_HEAD, run once a session for this file and test_export.py (tests/conftest.py)."""
+    job = tiny_dino_run
+    assert isinstance(job.module.detector, DINO)
+    assert torch.isfinite(job.trainer.callback_metrics["train/loss"]) and job.trainer.global_step == 40
     assert not any("_dn" in name for name in job.trainer.callback_metrics)  # only the final losses are logged
-    return folder / "checkpoints" / "last.ckpt"
+    return job.run_dir / "checkpoints" / "last.ckpt"
 
 
+@pytest.mark.slow
 def test_a_trained_dino_predicts_without_denoising_queries(dino_checkpoint):
     # its exports (ONNX, torch.export) and their evaluation are in test_export.py
     loaded = load_detector(dino_checkpoint)
@@ -214,6 +218,7 @@ def test_a_trained_dino_predicts_without_denoising_queries(dino_checkpoint):
     assert len(found) == 5 * 3  # num_select 100 > queries x classes: every pair, ranked
 
 
+@pytest.mark.slow
 def test_our_dino_checkpoint_onto_other_classes(dino_checkpoint, tmp_path):
     source = torch.load(dino_checkpoint, weights_only=True)
     saved = {k.removeprefix("detector."): v for k, v in source["state_dict"].items() if k.startswith("detector.")}

@@ -40,15 +40,25 @@ def last_logged(metrics_csv: Path, key: str) -> float:
         return [float(row[key]) for row in csv.DictReader(stream) if row[key]][-1]
 
 
-def test_ddp_on_two_cpu_processes_trains_syncs_metrics_and_checkpoints_for_one_process(tmp_path):
-    result = run_train(
-        tmp_path, *ONE_PER_BATCH, "trainer=ddp", "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path}/run"
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "run"
+# The DDP run of train.py, shared with test_visual.py (the ddp_run fixture of conftest.py): two epochs, with the
+# prediction grid and the part summary that test_visual.py looks for.
+DDP_RUN = (
+    *ONE_PER_BATCH,
+    "trainer=ddp",
+    "trainer.accelerator=cpu",
+    "trainer.max_epochs=2",
+    "callbacks.predictions.enabled=true",
+    "callbacks.parameter_summary=true",
+)
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_trains_syncs_metrics_and_checkpoints_for_one_process(ddp_run):
+    assert ddp_run.result.returncode == 0, ddp_run.result.stderr[-3000:]
+    run = ddp_run.dir
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    # 8 images over 2 processes, one per batch: 4 steps in the epoch, not the 8 of one process
-    assert (checkpoint["global_step"], checkpoint["epoch"]) == (4, 0)
+    # 8 images over 2 processes, one per batch: 4 steps an epoch, not the 8 of one process; two epochs
+    assert (checkpoint["global_step"], checkpoint["epoch"]) == (8, 1)
 
     # The checkpoint loads in a single process, and validating it there on the whole validation set
     # gives what the two processes logged, each having seen half of it: the logged cross-entropy is
@@ -109,6 +119,7 @@ def test_slurm_launcher_config_asks_for_a_task_per_device_on_every_node(tmp_path
         assert f"#SBATCH {line}" in sbatch
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_a_sweep_in_separate_processes(tmp_path):
     pytest.importorskip(
         "hydra_plugins.hydra_submitit_launcher", reason="needs the slurm extra: pip install -e '.[slurm]'"

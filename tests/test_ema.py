@@ -76,6 +76,7 @@ def assert_states_equal(a: dict, b: dict) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.slow
 def test_validation_checkpoints_and_resume_carry_the_average(tmp_path, one_thread):
     straight = run(tmp_path / "straight", "trainer.max_epochs=2")
     run(tmp_path / "first", "trainer.max_epochs=1")

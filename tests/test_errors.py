@@ -232,6 +232,7 @@ def run_train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_train_py_reports_a_checkpoint_mismatch_in_one_line_without_traceback(tmp_path, resnet18_checkpoint):
     state = torch.load(resnet18_checkpoint, weights_only=True)["model"]
     state.pop("backbone.0.body.layer4.1.conv2.weight")
@@ -247,6 +248,7 @@ def test_train_py_reports_a_checkpoint_mismatch_in_one_line_without_traceback(tm
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing half-written
 
 
+@pytest.mark.slow
 def test_train_py_reports_a_misspelled_key_without_traceback(tmp_path):
     result = run_train(tmp_path, "backbone.dilaton=true")
     assert result.returncode == 1

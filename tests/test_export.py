@@ -28,8 +28,8 @@ OUTPUTS = ("pred_logits", "pred_boxes", "scores", "labels", "boxes")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return train_tiny_checkpoint(tmp_path_factory.mktemp("run"))
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint  # trained once a session (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,7 @@ def assert_within_tolerance(got: list[torch.Tensor], expected: tuple[torch.Tenso
         assert ((have - want).abs() <= tolerance.atol + tolerance.rtol * want.abs()).all(), name
 
 
+@pytest.mark.slow
 def test_onnx_in_onnxruntime_matches_eager_on_sizes_never_traced(traced, eager, onnx_export):
     report = onnx_export(traced)
     assert report.path.is_file() and [p.name for p in report.path.parent.iterdir()] == ["detector.onnx"]
@@ -109,6 +110,7 @@ def test_onnx_in_onnxruntime_matches_eager_on_sizes_never_traced(traced, eager, 
     assert metadata["dynamic_shapes"]["batch"] == [1, None] and metadata["dynamic_shapes"]["height"][1] is None
 
 
+@pytest.mark.slow
 def test_torch_export_program_matches_eager_on_sizes_never_traced(traced, eager, tmp_path):
     report = write_exported(traced, "torch_export", tmp_path / "detector.pt2", CHECK)
     extra = {"metadata.json": ""}
@@ -122,6 +124,7 @@ def test_torch_export_program_matches_eager_on_sizes_never_traced(traced, eager,
 
 
 def test_a_file_that_fails_its_check_is_removed(traced, tmp_path):
+    # in the fast tier: one trace and one torch.export program, the export module's cheapest whole path
     wrong = copy.deepcopy(traced.model)
     with torch.no_grad():
         wrong.detector.class_embed.bias += 0.1  # the eager reference no longer is what was traced
@@ -133,6 +136,7 @@ def test_a_file_that_fails_its_check_is_removed(traced, tmp_path):
         write_exported(traced, "onnx", tmp_path / "detector.onnx", TRACE)
 
 
+@pytest.mark.slow
 def test_export_command_writes_and_checks_the_file(checkpoint, tmp_path, capsys):
     output = tmp_path / "models" / "detector.pt2"
     export_main(
@@ -161,6 +165,8 @@ MULTI_SCALE_HEADS = {"dino": DINO_HEAD, "deformable_detr": [*DEFORMABLE_HEAD, "m
 
 @pytest.fixture(scope="module", params=list(MULTI_SCALE_HEADS))
 def multi_scale_checkpoint(request, tmp_path_factory):
+    if request.param == "dino":  # the TINY_RUN job with DINO_HEAD, trained once a session (tests/conftest.py)
+        return request.getfixturevalue("tiny_dino_run").run_dir / "checkpoints" / "last.ckpt"
     return train_tiny_checkpoint(tmp_path_factory.mktemp(request.param), *MULTI_SCALE_HEADS[request.param])
 
 
@@ -170,6 +176,7 @@ def multi_scale_traced(multi_scale_checkpoint):
 
 
 @pytest.mark.parametrize("format, suffix", [("onnx", "onnx"), ("torch_export", "pt2")])
+@pytest.mark.slow
 def test_a_multi_scale_heads_export_matches_eager_on_sizes_never_traced(
     multi_scale_checkpoint, multi_scale_traced, format, suffix, onnx_export, tmp_path
 ):
@@ -232,6 +239,7 @@ def assert_evaluated_as_its_checkpoint(checkpoint, exported, folder, capsys) -> 
     assert f"against its checkpoint {checkpoint.resolve()}: AP " in printed
 
 
+@pytest.mark.slow
 def test_an_exported_file_is_evaluated_as_its_checkpoint_and_compared_with_it(
     checkpoint, traced, onnx_export, tmp_path, capsys
 ):
@@ -239,6 +247,7 @@ def test_an_exported_file_is_evaluated_as_its_checkpoint_and_compared_with_it(
 
 
 @pytest.mark.parametrize("multi_scale_checkpoint", ["dino"], indirect=True)  # the default job's head
+@pytest.mark.slow
 def test_an_exported_dino_is_evaluated_as_its_checkpoint(
     multi_scale_checkpoint, multi_scale_traced, onnx_export, tmp_path, capsys
 ):

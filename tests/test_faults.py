@@ -65,6 +65,7 @@ def record_train_samples(monkeypatch) -> list[int]:
     return seen
 
 
+@pytest.mark.slow
 def test_run_killed_mid_epoch_resumes_with_the_uninterrupted_order_and_weights(tmp_path, monkeypatch):
     seen = record_train_samples(monkeypatch)
     straight = Job(validated(compose_config(*RESUMABLE)), tmp_path / "straight")
@@ -223,6 +224,7 @@ def test_nan_loss_stops_the_run_naming_the_step_before_the_weights_change(tmp_pa
     assert {int(state["step"]) for state in job.trainer.optimizers[0].state.values()} == {1}
 
 
+@pytest.mark.slow
 def test_a_bad_micro_batch_spoils_its_accumulated_step(tmp_path, monkeypatch):
     poison_loss_at(monkeypatch, bad_batch=0)  # the first of the two batches accumulated into step 0
     job = Job(validated(compose_config(*SMALL, "trainer.accumulate_grad_batches=2")), tmp_path)
@@ -231,6 +233,7 @@ def test_a_bad_micro_batch_spoils_its_accumulated_step(tmp_path, monkeypatch):
     assert all(torch.isfinite(p).all() for p in job.module.parameters())
 
 
+@pytest.mark.slow
 def test_nan_loss_step_is_skipped_when_asked(tmp_path, monkeypatch):
     poison_loss_at(monkeypatch, bad_batch=1)
     job = Job(validated(compose_config(*SMALL, "callbacks.non_finite_loss=skip")), tmp_path)

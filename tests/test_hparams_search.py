@@ -77,6 +77,7 @@ def sampled(trial: Path) -> dict[str, float]:
     return {key: float(value) for key, value in pairs if key in SEARCHED}
 
 
+@pytest.mark.slow
 def test_study_reports_its_best_trial_within_the_searched_ranges(tmp_path):
     # The tiny job's mAP is often 0 in every trial; its validation cross-entropy always tells them apart.
     sweep = tmp_path / "study"
@@ -93,6 +94,7 @@ def test_study_reports_its_best_trial_within_the_searched_ranges(tmp_path):
         assert in_range(SEARCHED[key], value), (key, value, SEARCHED[key])
 
 
+@pytest.mark.slow
 def test_a_failing_trial_is_recorded_as_failed_and_the_study_goes_on(tmp_path):
     # Trial n runs with model.nheads=n: trial 0 fails the config's validation, trial 1 trains.
     sweep = tmp_path / "study"

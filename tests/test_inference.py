@@ -19,14 +19,14 @@ from detr_backbone.training import DetrModule
 from detr_backbone.training.job import build_module, validated
 
 from .jobs import compose_config
-from .tiny_checkpoint import CLASS_NAMES, NUM_QUERIES, train_tiny_checkpoint
+from .tiny_checkpoint import CLASS_NAMES, NUM_QUERIES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return train_tiny_checkpoint(tmp_path_factory.mktemp("run"))
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint  # trained once a session (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +224,8 @@ def assert_same_detections(found: list[Detections], expected: list[Detections], 
 @pytest.mark.parametrize(
     ("backbone", "overrides", "blocks"),
     [
-        ("resnet50", [], 17),  # Bottleneck blocks with folded norms (the default): stem + 16 blocks
+        # Bottleneck blocks with folded norms (the default): stem + 16 blocks
+        pytest.param("resnet50", [], 17, marks=pytest.mark.slow),
         ("resnet18", ["backbone.fold_frozen_bn=false"], 9),  # BasicBlock, norms applied after the conv: stem + 8
     ],
 )

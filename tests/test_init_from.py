@@ -117,6 +117,7 @@ def official_r50_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+@pytest.mark.slow
 def test_official_checkpoint_carries_coco_rows_by_name_and_every_other_tensor(tmp_path, coco_folder):
     source = official_r50_checkpoint(tmp_path / "detr-r50.pth")
     overrides = ["experiment=detr_r50_finetune", *coco_folder, "data.num_workers=0", "trainer.accelerator=cpu"]
@@ -219,6 +220,7 @@ def test_hugging_face_detr_gives_the_same_outputs(tmp_path, hugging_face_model, 
     assert (ours["pred_logits"][0] - ours["pred_logits"][1]).abs().max() > 0.1
 
 
+@pytest.mark.slow
 def test_sources_are_recognised_by_content_not_by_file_name(tmp_path, hugging_face_model, own_checkpoint):
     _, root = hugging_face_model
     shutil.copy(root / "hub" / "model.safetensors", tmp_path / "detr.ckpt")  # a safetensors file, misnamed
@@ -250,6 +252,7 @@ def own_checkpoint(tmp_path_factory) -> Path:
     return run_dir / "checkpoints" / "last.ckpt"
 
 
+@pytest.mark.slow
 def test_own_checkpoint_onto_other_classes_trains_and_reloads(tmp_path, own_checkpoint):
     source_path = own_checkpoint
     saved = torch.load(source_path, weights_only=True)
@@ -281,6 +284,7 @@ def test_own_checkpoint_onto_other_classes_trains_and_reloads(tmp_path, own_chec
     assert all(torch.equal(value, trained[key]) for key, value in reloaded.state_dict().items())
 
 
+@pytest.mark.slow
 def test_checkpoint_without_class_names_still_loads_and_starts_every_class_row_fresh(tmp_path, own_checkpoint):
     saved = torch.load(own_checkpoint, weights_only=True)
     del saved["hyper_parameters"]["class_names"]  # as written before class names were saved

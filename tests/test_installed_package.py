@@ -27,6 +27,8 @@ from PIL import Image
 from .jobs import ROOT
 from .test_train_command import SMALL_EXPERIMENT
 
+pytestmark = pytest.mark.slow
+
 BUILT_FROM = ("pyproject.toml", "README.md", "detr_backbone", "conf")  # what the wheel is built from
 TWO_STEPS = ["trainer.max_steps=2", "callbacks.checkpoint.every_n_train_steps=1"]
 

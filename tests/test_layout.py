@@ -146,6 +146,7 @@ def test_the_layer_check_sees_relative_imports():
     assert layer_of("detr_backbone.training.module") > layer_of("detr_backbone.inference.checkpoint")
 
 
+@pytest.mark.slow
 def test_the_root_stays_the_backbone_library():
     """Importing the backbone library loads neither the detector, the training job nor Lightning's Trainer."""
     loaded = loaded_modules("detr_backbone")
@@ -165,6 +166,7 @@ def loaded_modules(module: str) -> str:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
 
 
+@pytest.mark.slow
 def test_inference_runs_without_lightning():
     """Serving code imports the inference layer: it loads neither Lightning nor the training job."""
     loaded = loaded_modules("detr_backbone.inference")

@@ -65,7 +65,7 @@ def deformable_sine(mask: torch.Tensor, num_pos_feats: int) -> torch.Tensor:
         ("groupnorm", "resnet18", [2, 3, 4], [128, 256, 512], [8, 16, 32]),
         ("groupnorm", "resnet18", [2], [128], [8]),
         ("timm", "resnet18", [2, 3, 4], [128, 256, 512], [8, 16, 32]),
-        ("timm", "convnext_atto", [2, 3, 4], [80, 160, 320], [8, 16, 32]),
+        pytest.param("timm", "convnext_atto", [2, 3, 4], [80, 160, 320], [8, 16, 32], marks=pytest.mark.slow),
     ],
 )
 def test_levels_give_names_channels_strides_and_sizes(kind, name, levels, channels, strides):
@@ -132,9 +132,9 @@ def test_bad_levels_are_named(levels, extra, fragment):
     ("overrides", "strides", "channels"),
     [
         ({}, [8, 16, 32], [512, 1024, 2048]),
-        ({"dilation": True}, [8, 16, 16], [512, 1024, 2048]),
+        pytest.param({"dilation": True}, [8, 16, 16], [512, 1024, 2048], marks=pytest.mark.slow),
         ({"num_feature_levels": 1}, [32], [2048]),
-        ({"num_feature_levels": 1, "masks": True}, [8, 16, 32], [512, 1024, 2048]),
+        pytest.param({"num_feature_levels": 1, "masks": True}, [8, 16, 32], [512, 1024, 2048], marks=pytest.mark.slow),
     ],
 )
 def test_deformable_args_give_deformables_joiner(overrides, strides, channels):

@@ -120,12 +120,14 @@ def of_type(records: list[Record], kind: str) -> list:
     return [getattr(record, kind) for record in records if record.WhichOneof("record_type") == kind]
 
 
+@pytest.mark.slow
 def test_wandb_runs_offline_in_the_run_folder_and_finishes(wandb_job):
     assert not wandb_job.left_open  # finished by the job, not left to the process exit
     exits = of_type(wandb_job.records, "exit")
     assert len(exits) == 1 and exits[0].exit_code == 0
 
 
+@pytest.mark.slow
 def test_wandb_config_is_the_composed_config(wandb_job):
     config = {}
     for update in of_type(wandb_job.records, "config"):
@@ -136,6 +138,7 @@ def test_wandb_config_is_the_composed_config(wandb_job):
     assert config["seed"] == 42  # the job's, not the data module's seed that Lightning's hparams carry
 
 
+@pytest.mark.slow
 def test_wandb_gets_the_metrics_and_the_prediction_grid(wandb_job):
     history = [
         {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in row.item}
@@ -216,6 +219,7 @@ def mlflow_job(tmp_path_factory):
     return job
 
 
+@pytest.mark.slow
 def test_mlflow_writes_a_finished_run_to_a_file_store_in_the_run_folder(mlflow_job):
     # imported once the job has switched MLflow's telemetry off
     from mlflow.entities import RunStatus
@@ -226,6 +230,7 @@ def test_mlflow_writes_a_finished_run_to_a_file_store_in_the_run_folder(mlflow_j
     assert RunStatus.to_string(run["status"]) == "FINISHED"
 
 
+@pytest.mark.slow
 def test_mlflow_params_are_the_flattened_composed_config(mlflow_job):
     params = mlflow_params(mlflow_job.run)
     assert set(params) == flat_keys(mlflow_job.config)  # no module hparams beside them
@@ -236,6 +241,7 @@ def test_mlflow_params_are_the_flattened_composed_config(mlflow_job):
     assert saved == mlflow_job.config
 
 
+@pytest.mark.slow
 def test_mlflow_gets_the_metrics_and_the_prediction_grid(mlflow_job):
     (map_50,) = mlflow_metric(mlflow_job.run, "val/map_50")
     assert 0 <= map_50 <= 1
@@ -245,6 +251,7 @@ def test_mlflow_gets_the_metrics_and_the_prediction_grid(mlflow_job):
     assert np.array_equal(pixels(grid), pixels(mlflow_job.dir / "predictions" / "epoch000.png"))
 
 
+@pytest.mark.slow
 def test_mlflow_honours_a_tracking_uri(tmp_path):
     with no_tracker_set_up(tmp_path / "home") as env:
         env.setenv("MLFLOW_TRACKING_URI", (tmp_path / "shared").as_uri())
@@ -255,6 +262,7 @@ def test_mlflow_honours_a_tracking_uri(tmp_path):
     assert mlflow_params(run)["hidden_dim"] == str(job.config["hidden_dim"])
 
 
+@pytest.mark.slow
 def test_each_job_of_a_multirun_keeps_its_own_store(tmp_path):
     """MLflow exports the URI it is set to as MLFLOW_TRACKING_URI: the next job must not take it for the user's."""
     with no_tracker_set_up(tmp_path / "home"):
@@ -296,6 +304,7 @@ def test_trackers_combine_with_the_other_logger_configs():
     assert validated(compose_config(*TINY, "logger=mlflow")).logger.tensorboard is False
 
 
+@pytest.mark.slow
 def test_a_run_resumed_in_its_own_folder_keeps_the_earlier_part_of_metrics_csv(tmp_path):
     """Lightning's CSV writer deletes an existing metrics.csv; a resumed run appends to it instead."""
     import csv

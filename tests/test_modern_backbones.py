@@ -212,6 +212,7 @@ def test_bad_transformer_options_fail_in_one_line():
         TimmBackbone("vit_small_patch16_224", kwargs={**TINY_VIT, "dynamic_img_size": False})
 
 
+@pytest.mark.slow
 def test_deformable_detr_trains_a_few_steps_on_a_vit(tmp_path):
     # python train.py model=deformable_detr_small backbone=timm backbone.name=vit_small_patch16_224, made tiny
     config = validated(

@@ -67,7 +67,7 @@ def checkpoint_step(path: Path) -> tuple[int, int, list]:
     )
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

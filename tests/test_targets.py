@@ -208,6 +208,7 @@ def test_a_saved_config_naming_os_system_never_runs(os_system_checkpoint):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_commands_refuse_it_in_one_line_and_take_the_allow_list(os_system_checkpoint, own_parts_checkpoint, tmp_path):
     path, marker = os_system_checkpoint
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}

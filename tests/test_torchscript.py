@@ -162,6 +162,7 @@ def test_scripted_joiner_reads_detrs_own_nested_tensor_class():
         assert torch.equal(position, eager_position)
 
 
+@pytest.mark.slow
 def test_detector_exported_to_onnx_from_a_4d_tensor_runs_other_sizes_in_onnxruntime(detector):
     class FromTensor(nn.Module):
         def __init__(self):

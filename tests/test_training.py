@@ -70,6 +70,7 @@ def test_groups_with_freeze_backbone_and_the_default_table_lr(tmp_path):
 # --- a real fit ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_frozen_tensors_stay_bit_identical_and_trainable_ones_move(tmp_path):
     run = job(tmp_path, "trainer.max_steps=3", "test_after_fit=false", "lr=1e-3", "lr_backbone=1e-3")
     before = {k: v.clone() for k, v in run.module.state_dict().items()}
@@ -90,6 +91,7 @@ def test_frozen_tensors_stay_bit_identical_and_trainable_ones_move(tmp_path):
     assert trainable - unchanged == trainable
 
 
+@pytest.mark.slow
 def test_resume_continues_step_epoch_optimizer_and_schedule(tmp_path):
     common = ("lr_drop=1", "test_after_fit=false")
     straight = job(tmp_path / "straight", *common, "trainer.max_epochs=2")
@@ -111,6 +113,7 @@ def test_resume_continues_step_epoch_optimizer_and_schedule(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_load_from_checkpoint_rebuilds_the_same_model_with_weights_only(tmp_path):
     run = job(tmp_path, "trainer.max_steps=2", "test_after_fit=false", "position=learned")
     run.run()
@@ -127,6 +130,7 @@ def test_load_from_checkpoint_rebuilds_the_same_model_with_weights_only(tmp_path
 
 
 @pytest.mark.parametrize("precision", ["32-true", "16-mixed", "bf16-mixed", "bf16-true"])
+@pytest.mark.slow
 def test_every_precision_trains(tmp_path, precision):
     run = job(tmp_path, f"precision={precision}", "trainer.fast_dev_run=2", "test_after_fit=false")
     run.run()
@@ -148,12 +152,14 @@ def test_every_precision_trains(tmp_path, precision):
         ("backbone=resnet18_gn", "return_interm_layers=true"),
     ],
 )
+@pytest.mark.slow
 def test_backbone_position_dilation_combinations_train(tmp_path, overrides):
     run = job(tmp_path, *overrides, "trainer.fast_dev_run=1", "test_after_fit=false")
     run.run()
     assert run.trainer.global_step == 1 and torch.isfinite(run.trainer.callback_metrics["train/loss"])
 
 
+@pytest.mark.slow
 def test_run_returns_the_monitored_metric_for_sweepers(tmp_path):
     run = job(tmp_path, "trainer.max_epochs=1", "test_after_fit=false")
     value = run.run()

@@ -24,7 +24,6 @@ from detr_backbone.training.callbacks.prediction_grid import PredictionGrid, pre
 from detr_backbone.training.job import Job, validated
 
 from .jobs import TINY, compose_config
-from .test_config import run_train
 
 RENDER_MODEL = ["backbone=resnet18", "hidden_dim=32", "data.min_size=64", "data.max_size=80"]
 
@@ -130,6 +129,7 @@ def fitted(tmp_path_factory):
     return SimpleNamespace(dir=run_dir, job=run, log="\n".join(records))
 
 
+@pytest.mark.slow
 def test_fit_prints_the_part_summary_and_shows_a_tqdm_bar(fitted):
     callbacks = fitted.job.trainer.callbacks
     assert any(isinstance(c, ParameterSummary) for c in callbacks)
@@ -153,6 +153,7 @@ def expected_grid_size(images: int, side: int) -> tuple[int, int]:
     return height + 2 * 2, images * (width + 2) + 2
 
 
+@pytest.mark.slow
 def test_each_validation_writes_a_grid_but_the_sanity_check_does_not(fitted):
     written = sorted(p.name for p in (fitted.dir / "predictions").iterdir())
     assert written == ["epoch000.png", "epoch001.png"]
@@ -164,6 +165,7 @@ def test_each_validation_writes_a_grid_but_the_sanity_check_does_not(fitted):
     assert (flat == TRUTH_COLOR).all(1).sum() > 100
 
 
+@pytest.mark.slow
 def test_tensorboard_gets_the_grid(fitted):
     events = EventAccumulator(str(fitted.dir / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
@@ -173,6 +175,7 @@ def test_tensorboard_gets_the_grid(fitted):
     assert (images[-1].height, images[-1].width) == expected_grid_size(4, 256)
 
 
+@pytest.mark.slow
 def test_the_grid_is_written_by_global_zero_only(tmp_path, fitted):
     callback = PredictionGrid(tmp_path / "predictions", num_images=1)
     trainer = SimpleNamespace(sanity_checking=False, is_global_zero=False, current_epoch=0)
@@ -180,12 +183,13 @@ def test_the_grid_is_written_by_global_zero_only(tmp_path, fitted):
     assert not (tmp_path / "predictions").exists()
 
 
-def test_ddp_draws_on_global_zero_only(tmp_path):
-    result = run_train(*TINY, "trainer=ddp", "trainer.max_epochs=2", "test_after_fit=false", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    output = result.stdout + result.stderr
+@pytest.mark.slow
+def test_ddp_draws_on_global_zero_only(ddp_run):
+    # train.py on two CPU processes for two epochs (conftest.py), the run test_distributed.py checks too
+    assert ddp_run.result.returncode == 0, ddp_run.result.stderr
+    output = ddp_run.result.stdout + ddp_run.result.stderr
     assert "GLOBAL_RANK: 1" in output and output.count("Parameters by part:") == 1
-    assert sorted(p.name for p in (tmp_path / "run" / "predictions").iterdir()) == ["epoch000.png", "epoch001.png"]
+    assert sorted(p.name for p in (ddp_run.dir / "predictions").iterdir()) == ["epoch000.png", "epoch001.png"]
 
 
 # --- one panel, pixel by pixel -----------------------------------------------------------------
@@ -305,6 +309,7 @@ def test_render_errors_are_one_line(tmp_path, capsys):
     assert not list(tmp_path.glob("*.png"))
 
 
+@pytest.mark.slow
 def test_render_from_a_training_checkpoint(tmp_path, fitted):
     ckpt = fitted.dir / "checkpoints" / "last.ckpt"
     paths = render_main([f"ckpt_path={ckpt}", f"output_dir={tmp_path}", "data.min_size=64", "data.max_size=80"])

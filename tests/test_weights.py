@@ -136,6 +136,7 @@ def test_detr_checkpoint_reproduces_source_outputs_resnet18(tmp_path):
     assert not identical(fresh, outputs(source))  # the load is what made them equal
 
 
+@pytest.mark.slow
 def test_detr_checkpoint_reproduces_source_outputs_resnet50_via_config(tmp_path):
     source = perturb_(build_backbone(config("resnet50")))
     path = tmp_path / "detr_r50.pth"

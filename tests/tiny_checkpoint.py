@@ -39,12 +39,20 @@ DEFORMABLE_HEAD = ["model=deformable_detr_small", *MULTI_SCALE]
 DEFAULT_HEAD = DINO_HEAD
 
 
-def train_tiny_checkpoint(folder: Path, *overrides: str) -> Path:
-    """``overrides`` after TINY_RUN's: DINO_HEAD or DEFORMABLE_HEAD trains that head instead of DETR's."""
+def run_tiny_job(folder: Path, *overrides: str) -> Job:
+    """The TINY_RUN job, run in ``folder``; ``overrides`` after TINY_RUN's: DINO_HEAD or DEFORMABLE_HEAD trains
+    that head instead of DETR's."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the one_thread fixture: other test processes may share the two cores
     try:
-        Job(validated(compose_config(*TINY_RUN, *overrides)), folder).run()
+        job = Job(validated(compose_config(*TINY_RUN, *overrides)), folder)
+        job.run()
     finally:
         torch.set_num_threads(threads)
+    return job
+
+
+def train_tiny_checkpoint(folder: Path, *overrides: str) -> Path:
+    """``overrides`` after TINY_RUN's: DINO_HEAD or DEFORMABLE_HEAD trains that head instead of DETR's."""
+    run_tiny_job(folder, *overrides)
     return folder / "checkpoints" / "last.ckpt"
