@@ -106,7 +106,7 @@ def test_a_loaded_checkpoint_is_typed_once(monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_head_of_ones_own_trains_reloads_and_predicts_with_one_registration_line(monkeypatch, tmp_path):
+def test_a_head_of_ones_own_trains_reloads_and_predicts_with_one_registry_record(monkeypatch, tmp_path):
     monkeypatch.setitem(HEADS, "pooled", POOLED)  # the one record a new head adds to the registry
     cfg = validated(compose_config(*V01_RUN, "model=detr_small", "trainer.max_steps=4"))
     head = {"_target_": TARGET, "num_queries": 4}
