@@ -118,8 +118,20 @@ def test_run_killed_mid_epoch_resumes_with_the_uninterrupted_order_and_weights(t
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.fixture
+def started_loaders():
+    """The loaders a test iterated, their persistent workers stopped when it ends. Left to the garbage collector
+    (a loader and its iterator refer to each other), each worker's shutdown waits out a 5 s timeout, paid by
+    whichever test happens to run the collection next."""
+    started = []
+    yield started
+    for loader in started:
+        if loader._iterator is not None:  # kept by a loader with persistent workers only
+            loader._iterator._shutdown_workers()
+
+
 @pytest.mark.parametrize(("replicas", "workers"), [(1, 0), (2, 0), (1, 1)])
-def test_loader_state_skips_the_batches_already_handed_out(replicas, workers):
+def test_loader_state_skips_the_batches_already_handed_out(replicas, workers, started_loaders):
     dataset = list(range(22))
 
     def loaders():
@@ -138,6 +150,7 @@ def test_loader_state_skips_the_batches_already_handed_out(replicas, workers):
         """Lightning's order on resume: ``iter`` first, ``set_epoch`` (forwarded by the wrapper) after."""
         iterator = iter(loader)
         loader.sampler.set_epoch(epoch)
+        started_loaders.append(loader)
         return iterator
 
     full = [[batch.tolist() for batch in epoch_pass(loader, 5)] for loader in loaders()]
