@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
 import sys
 import time
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -118,20 +120,8 @@ def test_run_killed_mid_epoch_resumes_with_the_uninterrupted_order_and_weights(t
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.fixture
-def started_loaders():
-    """The loaders a test iterated, their persistent workers stopped when it ends. Left to the garbage collector
-    (a loader and its iterator refer to each other), each worker's shutdown waits out a 5 s timeout, paid by
-    whichever test happens to run the collection next."""
-    started = []
-    yield started
-    for loader in started:
-        if loader._iterator is not None:  # kept by a loader with persistent workers only
-            loader._iterator._shutdown_workers()
-
-
 @pytest.mark.parametrize(("replicas", "workers"), [(1, 0), (2, 0), (1, 1)])
-def test_loader_state_skips_the_batches_already_handed_out(replicas, workers, started_loaders):
+def test_loader_state_skips_the_batches_already_handed_out(replicas, workers):
     dataset = list(range(22))
 
     def loaders():
@@ -150,7 +140,6 @@ def test_loader_state_skips_the_batches_already_handed_out(replicas, workers, st
         """Lightning's order on resume: ``iter`` first, ``set_epoch`` (forwarded by the wrapper) after."""
         iterator = iter(loader)
         loader.sampler.set_epoch(epoch)
-        started_loaders.append(loader)
         return iterator
 
     full = [[batch.tolist() for batch in epoch_pass(loader, 5)] for loader in loaders()]
@@ -166,6 +155,25 @@ def test_loader_state_skips_the_batches_already_handed_out(replicas, workers, st
         assert [batch.tolist() for batch in epoch_pass(resumed, 5)] == full[rank]  # the next pass is whole again
     with pytest.raises(ValueError, match=f"position 99 is outside this loader's {len(full[0])} batches"):
         interrupted[0].load_state_dict({"batches": 99})
+
+
+def test_a_dropped_loader_stops_its_persistent_workers_at_once():
+    """No reference cycle between the loader and its workers' iterator: the loader goes with its last reference,
+    and its worker with it, without waiting for the garbage collector (whose shutdown waits out a 5 s timeout)."""
+    loader = ResumableDataLoader(list(range(10)), batch_size=2, num_workers=1, persistent_workers=True)
+    iterator = iter(loader)
+    assert next(iterator).tolist() == [0, 1]
+    workers = list(loader._iterator._workers)
+    gone = weakref.ref(loader)
+    gc.disable()  # only reference counting may free it
+    try:
+        del loader, iterator
+        assert gone() is None
+    finally:
+        gc.enable()
+    for worker in workers:
+        worker.join(timeout=2)
+    assert not any(worker.is_alive() for worker in workers)
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ would train again on the epoch's first batches and never see its last ones.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sized
 from itertools import islice
 from typing import Any
@@ -24,13 +25,23 @@ class _SkipFirstBatches:
 
     def __init__(self, batches: Sized, loader: ResumableDataLoader):
         self.batches = batches
-        self.loader = loader
+        # weak: the loader's persistent-worker iterator holds this sampler, and a strong reference back would
+        # make loader and iterator a cycle that only the garbage collector frees, each worker shutdown then
+        # waiting out its timeout; a loader whose last reference goes shuts its workers down at once
+        self.loader = weakref.ref(loader)
 
     def __iter__(self) -> Iterator[Any]:
         # A generator, so only the iteration that is actually read takes the skip: a DataLoader
         # iterator with workers calls ``iter`` twice before it reads any index.
-        skip, self.loader._batches_to_skip = self.loader._batches_to_skip, 0
-        yield from islice(self.batches, skip, None)
+        yield from islice(self.batches, self.take_skip(), None)
+
+    def take_skip(self) -> int:
+        """The batches this pass skips, once (no reference to the loader stays in the generator's frame)."""
+        loader = self.loader()
+        if loader is None:
+            return 0
+        skip, loader._batches_to_skip = loader._batches_to_skip, 0
+        return skip
 
     def __len__(self) -> int:
         return len(self.batches)  # the full pass: Lightning counts the skipped batches as done
