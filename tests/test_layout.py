@@ -24,21 +24,6 @@ def layer_of(module: str) -> int:
     return 0
 
 
-def package_imports(path: Path) -> list[str]:
-    """The modules of the package that ``path`` imports, as absolute dotted names."""
-    # the package a relative import starts from: the folder, for ``__init__.py`` and plain modules alike
-    package = list(path.relative_to(PACKAGE.parent).parts[:-1])
-    names = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            base = package[: len(package) - node.level + 1] if node.level else []
-            target = ".".join(base + ([node.module] if node.module else []))
-            names.append(target)
-        elif isinstance(node, ast.Import):
-            names.extend(alias.name for alias in node.names)
-    return [name for name in names if name == "detr_backbone" or name.startswith("detr_backbone.")]
-
-
 MODULES = sorted(PACKAGE.rglob("*.py"))
 
 
@@ -49,27 +34,32 @@ def module_name(path: Path) -> str:
 NAMES = {module_name(path) for path in MODULES}
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Each module of the package -> the modules of the package it imports, function-local imports included.
+def package_imports(path: Path) -> list[str]:
+    """The modules of the package that ``path`` imports, as absolute dotted names, imports inside functions
+    included; ``from package import name`` counts as importing the submodule ``package.name`` where there is one."""
+    # the package a relative import starts from: the folder, for ``__init__.py`` and plain modules alike
+    package = list(path.relative_to(PACKAGE.parent).parts[:-1])
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            names.extend(
+                f"{target}.{alias.name}" if f"{target}.{alias.name}" in NAMES else target for alias in node.names
+            )
+        elif isinstance(node, ast.Import):
+            names.extend(alias.name for alias in node.names)
+    return [name for name in names if name == "detr_backbone" or name.startswith("detr_backbone.")]
 
-    ``from package import name`` counts as importing the submodule ``package.name`` where there is one; a
-    package's own ``__init__`` counts where it is named (its parents, which Python runs first, do not:
-    every module of a package would otherwise sit in a circle with the package's ``__init__``)."""
+
+def import_graph() -> dict[str, set[str]]:
+    """Each module of the package -> the modules of the package it imports (``package_imports``). A package's own
+    ``__init__`` counts where it is named; its parents, which Python runs first, do not: every module of a
+    package would otherwise sit in a circle with the package's ``__init__``."""
     graph = {}
     for path in MODULES:
         own = module_name(path)
-        package = list(path.relative_to(PACKAGE.parent).parts[:-1])
-        edges = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                base = package[: len(package) - node.level + 1] if node.level else []
-                target = ".".join(base + ([node.module] if node.module else []))
-                for alias in node.names:
-                    submodule = f"{target}.{alias.name}"
-                    edges.add(submodule if submodule in NAMES else target)
-            elif isinstance(node, ast.Import):
-                edges.update(alias.name for alias in node.names)
-        graph[own] = {name for name in edges if name in NAMES and name != own}
+        graph[own] = {name for name in package_imports(path) if name in NAMES and name != own}
     return graph
 
 

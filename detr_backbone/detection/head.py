@@ -98,14 +98,14 @@ class HeadConfig:
     def loss_weights(self) -> dict[str, float]:
         return {"loss_ce": self.loss_ce, "loss_bbox": self.loss_bbox, "loss_giou": self.loss_giou}
 
-    def builder_arguments(self) -> dict[str, Any]:
-        """The fields the builder takes, by name."""
-        excluded = {"_target_", *self.TRAINING_FIELDS}
-        return {field.name: getattr(self, field.name) for field in fields(self) if field.name not in excluded}
+    @classmethod
+    def builder_fields(cls) -> list[str]:
+        """The fields the builder takes as keywords: all but ``_target_`` and ``TRAINING_FIELDS``."""
+        return [field.name for field in fields(cls) if field.name not in {"_target_", *cls.TRAINING_FIELDS}]
 
     def build(self, backbone: Joiner, num_classes: int, hidden_dim: int) -> Detector:
         """The detector ``_target_`` builds around a Joiner whose positional maps are ``hidden_dim`` wide."""
-        arguments = self.builder_arguments()
+        arguments = {name: getattr(self, name) for name in self.builder_fields()}
         return instantiate_target(
             self._target_, arguments, "model", backbone=backbone, num_classes=num_classes, hidden_dim=hidden_dim
         )

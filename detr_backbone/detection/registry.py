@@ -75,7 +75,7 @@ def check_builder(schema: type[HeadConfig], builder: Callable[..., Any]) -> None
     a field it does not take, or a parameter the schema does not give, is a TypeError here, not a field dropped."""
     parameters = inspect.signature(builder).parameters
     taken = set(parameters) - set(INJECTED)
-    given = {field.name for field in dataclasses.fields(schema)} - {"_target_", *schema.TRAINING_FIELDS}
+    given = set(schema.builder_fields())
     missing_injected = [name for name in INJECTED if name not in parameters]
     if taken != given or missing_injected:
         raise TypeError(
