@@ -17,7 +17,7 @@ from .collate import DetectionCollate
 from .resumable import ResumableDataLoader
 from .sampler import EpochShuffleSampler
 from .shapes import ShapesDataset
-from .transforms import detr_train_transforms, detr_val_transforms
+from .transforms import SampleTransform, detr_train_transforms, detr_val_transforms
 
 Split = Literal["train", "val", "test"]
 DatasetSource = Dataset | Callable[[], Dataset]  # a dataset, or a factory called once when first needed
@@ -139,6 +139,13 @@ def _shapes_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSo
     )
 
 
+def folder_transforms(values: Mapping[str, Any]) -> tuple[SampleTransform, SampleTransform]:
+    """The train and val transforms of a dataset read from files (coco)."""
+    train = detr_train_transforms(**_present(values, {"scales": "scales", "max_resize": "max_size"}))
+    val = detr_val_transforms(**_present(values, {"val_resize": "size", "max_resize": "max_size"}))
+    return train, val
+
+
 def _coco_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSource]:
     _require(values, ("train_images", "train_annotations", "val_images", "val_annotations"), "coco")
     if values.get("cache"):
@@ -149,8 +156,7 @@ def _coco_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSour
         raise ValueError(
             "data.classes applies to data=shapes only: a COCO folder's classes are the categories of its annotations"
         )
-    train_transforms = detr_train_transforms(**_present(values, {"scales": "scales", "max_resize": "max_size"}))
-    val_transforms = detr_val_transforms(**_present(values, {"val_resize": "size", "max_resize": "max_size"}))
+    train_transforms, val_transforms = folder_transforms(values)
     bad_samples = _present(values, {"bad_samples": "bad_samples"})
     return (
         partial(CocoDetection, values["train_images"], values["train_annotations"], train_transforms, **bad_samples),
