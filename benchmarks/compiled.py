@@ -81,7 +81,7 @@ def compare(
 
 
 def training_call(module: DetrModule, batches: Sequence, clip_max_norm: float) -> Callable[[], None]:
-    optimizer = module.configure_optimizers()["optimizer"]
+    optimizer = module.build_optimizer()
     stream = itertools.cycle(batches)
     module.train()
     return lambda: plain_step(module, optimizer, next(stream), clip_max_norm)

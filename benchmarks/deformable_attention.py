@@ -143,7 +143,7 @@ def train_section(args) -> dict:
     calls = {}
     for impl in CORES:
         module = our_r50(impl).train()
-        optimizer = module.configure_optimizers()["optimizer"]
+        optimizer = module.build_optimizer()
         calls[f"ours ({impl})"] = lambda m=module, o=optimizer: plain_step(m, o, (images, targets), 0.1)
     theirs = hugging_face_r50().train()
     their_optimizer = torch.optim.AdamW(theirs.parameters(), lr=1e-4, weight_decay=1e-4)
@@ -172,7 +172,7 @@ def job_section(args) -> dict:
         from detr_backbone.training.job import build_module
 
         module = build_module(variant, num_classes(cfg)).train()
-        optimizer = module.configure_optimizers()["optimizer"]
+        optimizer = module.build_optimizer()
         stream = itertools.cycle(batches)
         calls[impl] = lambda m=module, o=optimizer, s=stream: plain_step(m, o, next(s), cfg.clip_max_norm)
     times = interleaved_medians(calls, args.repeats * 4, 2, CPU)

@@ -108,7 +108,7 @@ def lightning_seconds_per_step(
 
 
 def plain_seconds_per_step(module: DetrModule, cfg: Config, batches: list, warmup: int, device: torch.device) -> float:
-    optimizer = module.configure_optimizers()["optimizer"]
+    optimizer = module.build_optimizer()
     module.train()
     start = 0.0
     for index, batch in enumerate(DataLoader(batches, batch_size=None)):
@@ -164,7 +164,7 @@ def default_job_fast_paths(cfg: Config, steps: int, repeats: int, warmup: int, d
     for name, variant in variants.items():
         pl.seed_everything(cfg.seed, verbose=False)
         module = build_module(variant, classes).to(device).train()
-        optimizer = module.configure_optimizers()["optimizer"]
+        optimizer = module.build_optimizer()
         stream = itertools.cycle(batches)
         calls[name] = lambda module=module, optimizer=optimizer, stream=stream: plain_step(
             module, optimizer, next(stream), cfg.clip_max_norm

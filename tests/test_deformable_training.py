@@ -39,7 +39,7 @@ def test_the_head_reads_deformables_levels_and_groups_its_projections(tmp_path):
     assert isinstance(module.detector, DeformableDETR)
     assert joiner.strides == [8, 16, 32] and joiner.num_channels == [128, 256, 512]  # layers 2-4 of the ResNet-18
     assert module.hparams["joiner"]["backbone"]["levels"] == [2, 3, 4]
-    optimizer = module.configure_optimizers()["optimizer"]
+    optimizer = module.build_optimizer()
     names = {id(p): n for n, p in module.named_parameters()}
     groups = {g["name"]: (g["lr"], {names[id(p)] for p in g["params"]}) for g in optimizer.param_groups}
     assert list(groups) == ["head", "backbone", "linear_projection"]

@@ -117,7 +117,7 @@ def test_a_head_of_ones_own_trains_reloads_and_predicts_with_one_registry_record
     module = DetrModule(joiner, head, optim, 3, names, allowed_targets=[TARGET, TINY_BACKBONE])
     assert isinstance(module.detector, PooledDetector)
     assert module.detector.backbone.strides == [8, 16]  # the config's levels; the head reads the deepest
-    groups = {group["name"]: group for group in module.configure_optimizers()["optimizer"].param_groups}
+    groups = {group["name"]: group for group in module.build_optimizer().param_groups}
     assert set(groups) == {"head", "backbone", "class"}  # the sine encoding has no parameters
     assert groups["class"]["lr"] == pytest.approx(5e-4)
     assert [p.shape for p in groups["class"]["params"]] == [(4, 32), (4,)]

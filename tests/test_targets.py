@@ -156,9 +156,7 @@ def own_parts_checkpoint(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("own_parts")
     steps = ["trainer.max_steps=3", "trainer.num_sanity_val_steps=0", "callbacks.lr_monitor=false", "logger.csv=false"]
     job = Job(validated(compose_config(*SMALL, *OWN_PARTS, *steps)), run_dir)
-    groups = {
-        group["name"]: len(group["params"]) for group in job.module.configure_optimizers()["optimizer"].param_groups
-    }
+    groups = {group["name"]: len(group["params"]) for group in job.module.build_optimizer().param_groups}
     assert groups["backbone"] == 4  # stage2 and stage3: a weight and a bias each; the encoding has no parameters
     job.run()
     return run_dir / "checkpoints" / "last.ckpt"

@@ -19,7 +19,7 @@ def job(tmp_path: Path, *overrides: str) -> Job:
 
 
 def groups_of(module: DetrModule) -> dict[str, tuple[float, set[str]]]:
-    optimizer = module.configure_optimizers()["optimizer"]
+    optimizer = module.build_optimizer()
     names = {id(p): n for n, p in module.named_parameters()}
     return {g["name"]: (g["lr"], {names[id(p)] for p in g["params"]}) for g in optimizer.param_groups}
 

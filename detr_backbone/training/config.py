@@ -14,17 +14,21 @@ from ..config import BackboneConfig, PositionConfig, backbone_config, position_c
 from ..detection import HEADS, head_config
 from ..inference.coco_metrics import check_coco_backend
 from ..validation import require
+from .schedule import ScheduleConfig
 
 MONITOR_MODES = ("max", "min")
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(ScheduleConfig):
+    """What the module's optimizer and schedule read: the top-level knobs and the ``optimizer`` node."""
+
     lr: float = 1e-4
     weight_decay: float = 1e-4
     lr_drop: int = 200  # epochs before the lr drops tenfold
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(self.lr > 0, f"lr={self.lr} must be > 0")
         require(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
         require(self.lr_drop > 0, f"lr_drop={self.lr_drop} must be > 0 epochs")
@@ -252,6 +256,7 @@ class Config:
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    optimizer: ScheduleConfig = field(default_factory=ScheduleConfig)  # the lr's course: training/schedule.py
     hidden_dim: int = 256
     lr: float = 1e-4
     lr_backbone: float = 1e-5

@@ -146,7 +146,7 @@ def build_module(cfg: Config, num_classes: int, class_names: Sequence[str] | Non
         "hidden_dim": cfg.hidden_dim,
         "lr_backbone": cfg.lr_backbone,
     }
-    optim = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "lr_drop": cfg.lr_drop}
+    optim = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "lr_drop": cfg.lr_drop, **asdict(cfg.optimizer)}
     return DetrModule(
         joiner,
         asdict(cfg.model),

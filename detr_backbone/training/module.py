@@ -2,13 +2,14 @@
 
 It owns what DETR's training script spread around: optimizer parameter groups chosen by module
 (head at ``lr``, trainable backbone at ``lr_backbone``, learned positional table at
-``position.lr``; frozen parameters in none), the step schedule, loss logging, and COCO-style
+``position.lr``; frozen parameters in none), the lr schedule (training/schedule.py), loss logging, and COCO-style
 mAP on validation and test. Hyperparameters are saved as plain dicts, so checkpoints load with
 ``weights_only=True``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -28,6 +29,7 @@ from ..nested_tensor import NestedTensor
 from ..param_groups import joiner_parameter_groups, make_group
 from ..validation import structured
 from .config import EvaluationConfig, OptimConfig
+from .schedule import RunSchedule
 
 Batch = tuple[NestedTensor, Sequence[Mapping[str, Tensor]]]
 MAP_KEYS = ("map", "map_50", "map_75")
@@ -152,7 +154,7 @@ class DetrModule(pl.LightningModule):
         trainer = self._trainer
         return trainer is None or not isinstance(trainer.precision_plugin, MixedPrecision)
 
-    def configure_optimizers(self):
+    def build_optimizer(self) -> torch.optim.AdamW:
         """The head at ``lr``, the Joiner's groups (``lr_backbone``, the positional table's lr) and the head's own
         groups (Deformable DETR: its sampling offsets at ``lr * lr_linear_proj_mult``); frozen tensors in none."""
         lr, joiner = self.optim_cfg.lr, self.detector.backbone
@@ -160,11 +162,24 @@ class DetrModule(pl.LightningModule):
         apart = {id(p) for p in joiner.parameters()} | {id(p) for group in own for p in group["params"]}
         head = [p for p in self.detector.parameters() if id(p) not in apart]
         groups = make_group("head", head, lr) + joiner_parameter_groups(joiner, self.config.joiner, lr) + own
-        optimizer = torch.optim.AdamW(
+        return torch.optim.AdamW(
             groups, lr=lr, weight_decay=self.optim_cfg.weight_decay, fused=self.fused_optimizer_allowed()
         )
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.optim_cfg.lr_drop)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def configure_optimizers(self):
+        """The optimizer and its lr schedule (``optimizer.schedule``), stepped after every optimizer step."""
+        optimizer = self.build_optimizer()
+        scheduler = RunSchedule(optimizer, self.optim_cfg, self.optim_cfg.lr_drop)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """The schedule learns the run's length: the train loader is built (and a resumed one repositioned) by now."""
+        trainer = self.trainer
+        batches = trainer.num_training_batches
+        per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else 1
+        for config in trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, RunSchedule):
+                config.scheduler.fit_to_run(trainer.estimated_stepping_batches, per_epoch)
 
 
 def load_training_module(path: str | os.PathLike, allowed_targets: Sequence[str] = ()) -> DetrModule:
