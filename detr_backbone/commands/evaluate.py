@@ -35,8 +35,9 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..data import CocoDetection, ShapesDataset, build_datamodule
+from ..data.coco import instances
 from ..inference.checkpoint import load_detector, saved_run_config
-from ..inference.coco_files import category_ids_by_name, detection_rows, instances, write_json
+from ..inference.coco_files import category_ids_by_name, detection_rows, write_json
 from ..inference.coco_metrics import CocoMetrics, check_coco_backend, coco_metrics, per_class_table
 from ..inference.exported import SUFFIX_FORMATS, ExportedPredictor
 from ..inference.predictor import DTYPES, Predictor

@@ -18,8 +18,8 @@ from numbers import Real
 from pathlib import Path
 from typing import Any, Optional
 
-from .coco import open_image, read_instances
-from .images import TURNED, BadImageError, as_rgb, exif_orientation
+from .coco import read_instances
+from .images import TURNED, BadImageError, as_rgb, exif_orientation, open_image
 
 EDGE_TOLERANCE = 1.0  # pixels a box may reach past the image: COCO's own boxes do, by rounding
 
