@@ -1,7 +1,8 @@
 """Detection data in DETR's format: datasets, augmentation, batching and the Lightning DataModule.
 
 The DataModule's names are imported when first used, so that code reading data for inference
-(datasets, transforms) does not load Lightning.
+(datasets, transforms) does not load Lightning; the shapes' too, so that ``python -m
+detr_backbone.data.shapes`` runs the module once.
 """
 
 from typing import Any
@@ -9,7 +10,6 @@ from typing import Any
 from .coco import CocoDetection
 from .collate import DetectionCollate, collate_detection
 from .sampler import EpochShuffleSampler
-from .shapes import CLASSES, SHAPE_KINDS, ShapesDataset
 from .transforms import (
     DETR_SCALES,
     IMAGENET_MEAN,
@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 LIGHTNING_NAMES = ("DATA_KINDS", "DetectionDataModule", "build_datamodule")
+SHAPES_NAMES = ("CLASSES", "SHAPE_KINDS", "ShapesDataset")
 
 
 def __getattr__(name: str) -> Any:
@@ -52,4 +53,8 @@ def __getattr__(name: str) -> Any:
         from . import datamodule
 
         return getattr(datamodule, name)
+    if name in SHAPES_NAMES:
+        from . import shapes
+
+        return getattr(shapes, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -50,14 +50,19 @@ def load_coco(annotation_file: Path, index: type = COCO) -> COCO:
 
 
 def instances(
-    targets: Iterable[Mapping[str, Tensor]], class_names: Sequence[str], category_ids: Sequence[int]
+    targets: Iterable[Mapping[str, Tensor]],
+    class_names: Sequence[str],
+    category_ids: Sequence[int],
+    file_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """A COCO instances dict of raw targets (absolute XYXY ``boxes``, ``labels``, ``image_id``, ``orig_size``)."""
+    """A COCO instances dict of raw targets (absolute XYXY ``boxes``, ``labels``, ``image_id``, ``orig_size``),
+    the images named by ``file_names`` where given."""
     images, annotations = [], []
-    for target in targets:
+    for index, target in enumerate(targets):
         image_id = int(target["image_id"])
         height, width = target["orig_size"].tolist()
-        images.append({"id": image_id, "height": height, "width": width})
+        named = {"file_name": file_names[index]} if file_names is not None else {}
+        images.append({"id": image_id, **named, "height": height, "width": width})
         boxes = box_convert(target["boxes"].as_subclass(Tensor).float(), "xyxy", "xywh")
         for box, label in zip(boxes.tolist(), target["labels"].tolist()):
             annotations.append(
@@ -116,3 +121,18 @@ class CocoDetection(FolderDetection):
         ids = [ann["id"] for ann in annotations]
         boxes = box_convert(xywh, "xywh", "xyxy")
         return image, boxes_with_area(boxes, labels, (image.height, image.width), image_id, path, ids, "annotation ids")
+
+
+def write_coco(folder: Path, splits: Mapping[str, Iterable[tuple[Any, Target]]], class_names: Sequence[str]) -> None:
+    """Samples (a PIL image and its raw target) as a COCO folder: ``<split>/<n>.png`` and
+    ``annotations/instances_<split>.json``, category ids 1..K."""
+    (folder / "annotations").mkdir(parents=True, exist_ok=True)
+    for split, samples in splits.items():
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        targets, names = [], []
+        for index, (image, target) in enumerate(samples):
+            names.append(f"{index:06d}.png")
+            image.save(folder / split / names[-1])
+            targets.append(target)
+        content = instances(targets, class_names, range(1, len(class_names) + 1), names)
+        (folder / "annotations" / f"instances_{split}.json").write_text(json.dumps(content))
