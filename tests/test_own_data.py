@@ -5,6 +5,7 @@ evaluated against COCO JSON of its own, and the shapes data written out in each 
 from __future__ import annotations
 
 import json
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from detr_backbone.data.coco import DegenerateBoxWarning
 from detr_backbone.data.shapes import main as shapes_main
 from detr_backbone.data.voc import VocDetection
 from detr_backbone.data.yolo import YoloDetection
+from detr_backbone.training.job import Job, validated
+
+from .jobs import SMALL, compose_config
 
 
 def png(path: Path, width: int = 40, height: int = 30) -> Path:
@@ -51,7 +55,9 @@ def xywh(target) -> list[list[float]]:
 
 
 def close(actual: list[list[float]], expected: list[list[float]]) -> bool:
-    return len(actual) == len(expected) and torch.allclose(torch.tensor(actual).double(), torch.tensor(expected).double(), atol=1e-4)
+    return len(actual) == len(expected) and torch.allclose(
+        torch.tensor(actual).double(), torch.tensor(expected).double(), atol=1e-4
+    )
 
 
 @pytest.fixture
@@ -286,3 +292,22 @@ def assert_same_ground_truth(truth: dict, layout: str, root: Path) -> None:
     assert [(a["image_id"], a["category_id"]) for a in truth["annotations"]] == [row[:2] for row in annotations]
     assert close([a["bbox"] for a in truth["annotations"]], [row[2] for row in annotations])
     assert len(annotations) > 5  # not a comparison of nothing
+
+
+@pytest.mark.slow
+def test_a_run_on_a_yolo_folder_trains_and_evaluates_its_own_validation_split(shapes_folders, tmp_path, capsys):
+    root = shapes_folders["yolo"]
+    data = [f"data.root={root}", "data.scales=[48]", "data.max_resize=96", "data.val_resize=48"]
+    data += ["data.num_workers=0", "data.persistent_workers=false", "data.pin_memory=false", "data.size_divisibility=0"]
+    run = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the recipe warning of a CPU model on a folder of one's own
+        job = Job(validated(compose_config(*SMALL, "data=yolo", *data, "trainer.max_steps=2")), run)
+        job.run()
+    assert job.trainer.global_step == 2
+    metrics = evaluate_main(
+        [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"output_dir={tmp_path / 'ev'}", "progress=false"]
+    )
+    assert metrics.images == 5
+    assert "on the data=yolo validation set (the run's own): 5 images" in capsys.readouterr().out
+    assert_same_ground_truth(json.loads((tmp_path / "ev" / "ground_truth.json").read_text()), "yolo", root)

@@ -223,7 +223,7 @@ def write_shapes(folder: str | Path, layout: str, train_size: int, val_size: int
     FOLDER_WRITERS[layout](Path(folder), samples, datasets["train"].class_names)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m detr_backbone.data.shapes", description="Write the shapes data out as a folder."
     )
@@ -234,6 +234,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     for key, kind in (("seed", int), ("min_size", int), ("max_size", int), ("max_objects", int)):
         parser.add_argument("--" + key.replace("_", "-"), type=kind, help=f"data.{key} (ShapesDataset's default)")
     parser.add_argument("--classes", nargs="+", help=f"the kinds drawn, in label order, from {', '.join(SHAPE_KINDS)}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argument_parser()
     arguments = vars(parser.parse_args(argv))
     folder, layout = arguments.pop("folder"), arguments.pop("format")
     try:
