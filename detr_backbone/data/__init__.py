@@ -9,6 +9,7 @@ from typing import Any
 
 from .coco import CocoDetection
 from .collate import DetectionCollate, collate_detection
+from .folder import DegenerateBoxWarning, FolderDetection
 from .sampler import EpochShuffleSampler
 from .transforms import (
     DETR_SCALES,
@@ -21,6 +22,8 @@ from .transforms import (
     detr_train_transforms,
     detr_val_transforms,
 )
+from .voc import VocDetection
+from .yolo import YoloDetection
 
 __all__ = [
     "CLASSES",
@@ -30,12 +33,16 @@ __all__ = [
     "IMAGENET_STD",
     "SHAPE_KINDS",
     "CocoDetection",
+    "DegenerateBoxWarning",
     "DetectionCollate",
     "DetectionDataModule",
     "EpochShuffleSampler",
+    "FolderDetection",
     "RandomSizeCrop",
     "ShapesDataset",
     "ToDetrFormat",
+    "VocDetection",
+    "YoloDetection",
     "build_datamodule",
     "collate_detection",
     "detection_target",
