@@ -15,12 +15,14 @@ import yaml
 from PIL import Image
 
 from detr_backbone.__main__ import main as run_command
+from detr_backbone.commands.evaluate import EvaluateConfig, dataset_categories, ground_truth_file
 from detr_backbone.commands.evaluate import main as evaluate_main
 from detr_backbone.data import ShapesDataset, build_datamodule
 from detr_backbone.data.coco import DegenerateBoxWarning
 from detr_backbone.data.shapes import main as shapes_main
 from detr_backbone.data.voc import VocDetection
 from detr_backbone.data.yolo import YoloDetection
+from detr_backbone.training.config import DataConfig
 from detr_backbone.training.job import Job, validated
 
 from .jobs import SMALL, compose_config
@@ -113,7 +115,7 @@ def test_each_bad_yolo_line_is_dropped_and_named_by_file_and_line(tmp_path):
         dataset = YoloDetection(root, "train")
     assert dataset.dropped_boxes == 5
     assert [str(warning.message) for warning in caught] == [
-        f"{labels}: dropped 5 of 6 boxes (line 2: class id 5 is not among the 2 names of data.yaml (ids 0..1); "
+        f"{labels}: dropped 5 of 6 boxes (line 2: class id 5 is not among the names of data.yaml (its ids: 0, 1); "
         "line 3: cx=1.2 outside [0, 1] (coordinates are normalised by the image size); "
         "line 4: box of no area (w=0, h=0.2); line 5: expected 5 values (class cx cy w h), got 3; "
         "line 7: expected an integer class id and four numbers, got 'x 0.5 0.5 0.2 0.2')"
@@ -134,7 +136,7 @@ def test_verify_names_every_bad_line_of_a_yolo_folder(tmp_path, capsys):
         run_command(["verify", "data=yolo", f"data.root={root}", "workers=2"])
     valid = root / "valid" / "labels" / "2.txt"
     assert capsys.readouterr().out.splitlines() == [
-        f"{labels}:2: class id 2 is not among the 2 names of data.yaml (ids 0..1)",
+        f"{labels}:2: class id 2 is not among the names of data.yaml (its ids: 0, 1)",
         f"{labels}:3: cy=-0.1 outside [0, 1] (coordinates are normalised by the image size)",
         f"{orphan}: a label file without its image (none of that name in {root / 'train' / 'images'})",
         f"{valid}:1: expected 5 values (class cx cy w h), got 4",
@@ -178,6 +180,14 @@ def test_voc_boxes_difficult_objects_and_class_order(tmp_path):
     assert close(xywh(target)[1:2], [voc_to_xywh(5, 6, 15, 16)])
     with pytest.raises(ValueError, match=r"^data.difficult='ignore' is not one of drop, keep$"):
         VocDetection(root, "val", difficult="ignore")
+    write(root / "ImageSets" / "Main" / "extra.txt", "three\n")
+    png(root / "JPEGImages" / "three.jpg")  # no XML: <id>.jpg, without objects
+    with pytest.warns(DegenerateBoxWarning) as caught:
+        extra = VocDetection(root, "extra")
+    assert str(caught[0].message) == (
+        f"{root / 'Annotations' / 'three.xml'}: annotation file not found; its image is read as one without objects"
+    )
+    assert extra.load(0)[1]["boxes"].shape == (0, 4)
 
 
 def test_bad_voc_objects_are_dropped_and_verified_by_file_and_line(tmp_path, capsys):
@@ -251,13 +261,14 @@ def test_the_shapes_written_as_yolo_and_voc_read_back_as_the_shapes(shapes_folde
             assert datamodule.dataset("train").load(index)[0].tobytes() == drawn.render(index)[0].tobytes()
 
 
-def test_evaluate_writes_the_ground_truth_of_a_yolo_and_a_voc_folder(tiny_checkpoint, shapes_folders, tmp_path):
+def test_the_ground_truth_evaluate_writes_of_a_yolo_and_a_voc_folder(shapes_folders, tmp_path):
     for layout, root in shapes_folders.items():
-        classes = ["data.classes=[rectangle,ellipse,triangle]"] if layout == "voc" else []
-        output = tmp_path / layout
-        data = [f"data={layout}", f"data.root={root}", *classes, "data.val_resize=64", "data.num_workers=0"]
-        evaluate_main([f"ckpt_path={tiny_checkpoint}", *data, f"output_dir={output}", "progress=false"])
-        assert_same_ground_truth(json.loads((output / "ground_truth.json").read_text()), layout, root)
+        classes = {"classes": ["rectangle", "ellipse", "triangle"]} if layout == "voc" else {}
+        data = DataConfig(kind=layout, root=str(root), **classes)
+        dataset = build_datamodule(data).dataset("val")
+        names, ids = dataset_categories(dataset)
+        written = ground_truth_file(EvaluateConfig(ckpt_path="unused", data=data), dataset, names, ids, tmp_path)
+        assert_same_ground_truth(json.loads(written.read_text()), layout, root)
 
 
 def assert_same_ground_truth(truth: dict, layout: str, root: Path) -> None:

@@ -10,6 +10,7 @@ unless ``classes`` gives them (in label order).
 from __future__ import annotations
 
 import functools
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from xml.parsers import expat
 import torch
 from torch import Tensor
 
-from .folder import BadBox, LabelledFolder, LabelledImage, warn_of_bad_boxes
+from .folder import BadBox, DegenerateBoxWarning, LabelledFolder, LabelledImage, warn_of_bad_boxes
 from .transforms import SampleTransform, Target
 
 DIFFICULT_ACTIONS = ("drop", "keep")  # VOC's own evaluation leaves difficult objects out
@@ -151,7 +152,8 @@ class VocDetection(LabelledFolder):
         for image_id in split_ids(self.root, split):
             annotation = read_annotation(self.root / "Annotations" / f"{image_id}.xml")
             if annotation.error is not None:
-                warn_of_bad_boxes(annotation.path, [BadBox(0, annotation.error)], 0)
+                message = f"{annotation.path}: {annotation.error}; its image is read as one without objects"
+                warnings.warn(message, DegenerateBoxWarning, stacklevel=2)
             kept = [item for item in annotation.objects if difficult == "keep" or not item.difficult]
             bad, good = [], []
             for item in kept:

@@ -121,7 +121,7 @@ def line_problem(fields: Sequence[str], class_ids: Sequence[int]) -> str | None:
     except ValueError:
         return f"expected an integer class id and four numbers, got {' '.join(fields)!r}"
     if class_id not in class_ids:
-        return f"class id {class_id} is not among the {len(class_ids)} names of data.yaml (ids {class_ids[0]}..{class_ids[-1]})"
+        return f"class id {class_id} is not among the names of data.yaml (its ids: {', '.join(map(str, class_ids))})"
     outside = [f"{name}={value:g}" for name, value in zip(FIELDS[1:], values) if not 0 <= value <= 1]
     if outside:
         return f"{', '.join(outside)} outside [0, 1] (coordinates are normalised by the image size)"
