@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from detr_backbone.__main__ import main as run_command
-from detr_backbone.data.coco import CocoDetection, load_rgb_image
-from detr_backbone.data.images import UnreadableImageError
+from detr_backbone.data.coco import CocoDetection
+from detr_backbone.data.images import UnreadableImageError, load_rgb_image
 from detr_backbone.training.callbacks.bad_samples import BadSampleLimitError, BadSampleWarning
 from detr_backbone.training.job import Job, validated
 

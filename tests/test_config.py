@@ -165,7 +165,7 @@ def test_a_coco_sized_model_on_the_shapes_data_and_coco_with_the_cpu_model_are_w
     assert recipe_mismatch(validated(compose_config("model=deformable_detr", "hidden_dim=256"))) == (
         "hidden_dim=256 and model.num_queries=300 on data=shapes: a COCO-sized model on the embedded shapes data "
         "(a few shapes on 48-64 px images), sized for the default job's model (model=dino_small, hidden_dim=128); "
-        "for COCO-format data give data=coco with its folders, or experiment=dino_r50_coco, "
+        "for your own data give data=coco, data=yolo or data=voc with its folder, or experiment=dino_r50_coco, "
         "experiment=deformable_detr_r50_coco or experiment=detr_r50_coco"
     )
     coco = validated(compose_config("data=coco", *(f"data.{s}=x" for s in COCO_PATHS)))
@@ -176,3 +176,5 @@ def test_a_coco_sized_model_on_the_shapes_data_and_coco_with_the_cpu_model_are_w
     )
     with pytest.warns(RecipeWarning, match="^data=coco with the CPU default job's model"):
         warn_of_recipe_mismatch(coco)
+    yolo = validated(compose_config("data=yolo", "data.root=x"))
+    assert recipe_mismatch(yolo).startswith("data=yolo with the CPU default job's model (hidden_dim=128, ")

@@ -446,8 +446,8 @@ def test_build_datamodule_from_a_dataclass_with_defaults():
 
 
 def test_build_datamodule_rejects_unknown_kinds_and_missing_fields():
-    with pytest.raises(ValueError, match="'voc'.*shapes, coco"):
-        build_datamodule({**SHAPES_CONFIG, "kind": "voc"})
+    with pytest.raises(ValueError, match=r"^unknown data kind 'kitti'; valid kinds: shapes, coco, yolo, voc$"):
+        build_datamodule({**SHAPES_CONFIG, "kind": "kitti"})
     with pytest.raises(ValueError, match="train_annotations"):
         build_datamodule({"kind": "coco", "train_images": "x", "val_images": "y", "val_annotations": "z"})
     coco = {"kind": "coco", "train_images": "a", "train_annotations": "b", "val_images": "c", "val_annotations": "d"}

@@ -1,7 +1,8 @@
 """Every command and config file the README and docs/ show works as written.
 
 A fenced shell block's lines (``\\`` continuations joined, ``&&`` chains split) that run the project, ``python
-train.py ...``, ``detr-backbone ...`` or ``python -m detr_backbone ...``, are composed and checked the way the
+train.py ...``, ``detr-backbone ...``, ``python -m detr_backbone ...`` or ``python -m detr_backbone.data.shapes
+...`` (its options parsed), are composed and checked the way the
 command itself composes them, without training or loading a model: train's overrides (each job of a ``-m``
 sweep, a resume's saved overrides added) through Hydra, the schemas and the job's own checks; predict,
 evaluate, export and verify through their configs and schemas; render through its options and train's config.
@@ -9,7 +10,7 @@ Any other command (``pip``, ``git``, ``cd``, ``wandb``, ...) is not the project'
 (plain blocks whose lines start with ``$``, shown with their output) are checked where composition alone decides
 them: a command that names no file and is shown ending in ``error: ...`` must stop with that line. Paths are stood in for:
 ``data.*_images`` / ``data.*_annotations`` (and verify's ``images`` / ``annotations``) by a small COCO folder
-this test writes, a ``.ckpt`` by a checkpoint of the default job trained for one step, ``hydra.run.dir`` by
+this test writes, ``data.root`` by a small YOLO folder (a VOC one with ``data=voc``) of the shapes, a ``.ckpt`` by a checkpoint of the default job trained for one step, ``hydra.run.dir`` by
 that checkpoint's run folder, ``--config-dir`` by the folder the files below are written to; ``...`` and
 ``<placeholder>`` stand for what the reader fills in.
 
@@ -51,6 +52,8 @@ from detr_backbone.commands.evaluate import EvaluateConfig
 from detr_backbone.commands.export import ExportConfig
 from detr_backbone.commands.predict import PredictConfig
 from detr_backbone.commands.verify import VerifyConfig
+from detr_backbone.data.shapes import argument_parser as shapes_argument_parser
+from detr_backbone.data.shapes import write_shapes
 from detr_backbone.training import register_configs, validated
 from detr_backbone.training.callbacks.saved_config import CommandLine
 from detr_backbone.training.job import Job
@@ -65,6 +68,7 @@ FILE_NAME = re.compile(r"/|\.(ckpt|pth|json|ya?ml|onnx|pt2|png|jpe?g)$")
 PLACEHOLDER = re.compile(r"<([\w.-]+)>")  # outputs/<run>/..., <partition>
 HYDRA_FLAGS = {"-m": 0, "--multirun": 0, "--resolve": 0, "--cfg": 1, "-c": 1, "--package": 1, "-p": 1}
 COMMAND_CONFIGS = {"predict": PredictConfig, "evaluate": EvaluateConfig, "export": ExportConfig, "verify": VerifyConfig}
+SHAPES_MODULE = "detr_backbone.data.shapes"  # python -m detr_backbone.data.shapes: the shapes written out as a folder
 IMAGE_KEYS = ("data.train_images", "data.val_images", "images")
 ANNOTATION_KEYS = ("data.train_annotations", "data.val_annotations", "annotations")
 # the default job for one step: every override is one a resume may change, so the default config resumes it
@@ -139,6 +143,8 @@ def project_command(tokens: list[str]) -> tuple[str, list[str]] | None:
     if tokens[:1] in (["python"], ["python3"]):
         if tokens[1:2] == ["train.py"]:
             return "train", tokens[2:]
+        if tokens[1:3] == ["-m", SHAPES_MODULE]:
+            return "shapes", tokens[3:]
         tokens = ["detr-backbone", *tokens[3:]] if tokens[1:3] == ["-m", "detr_backbone"] else []
     if tokens[:1] == ["detr-backbone"]:
         return (tokens[1], tokens[2:]) if tokens[1:2] and tokens[1] in COMMANDS else ("cli", tokens[1:])
@@ -190,6 +196,7 @@ class StandIns:
     ckpt: Path
     config_dir: Path
     python_dir: Path
+    folders: dict[str, Path]  # data.root of data=yolo and data=voc
 
 
 def write_coco(folder: Path) -> tuple[Path, Path]:
@@ -240,6 +247,9 @@ def shown(tmp_path_factory) -> StandIns:
     """The COCO folder, the one-step checkpoint and the files the pages show, written once for the module."""
     folder = tmp_path_factory.mktemp("doc_commands")
     images, annotations = write_coco(folder / "coco")
+    folders = {layout: folder / layout for layout in ("yolo", "voc")}
+    for layout, root in folders.items():
+        write_shapes(root, layout, train_size=2, val_size=1, min_size=32, max_size=40)
     register_configs()
     run = folder / "outputs" / "run"
     with configs(None, "train"):
@@ -250,7 +260,7 @@ def shown(tmp_path_factory) -> StandIns:
     config_dir, python_dir = folder / "configs", folder / "python"
     write_shown_files(all_blocks(), config_dir, python_dir)
     config_dir.mkdir(exist_ok=True)
-    return StandIns(images, annotations, run / "checkpoints" / "last.ckpt", config_dir, python_dir)
+    return StandIns(images, annotations, run / "checkpoints" / "last.ckpt", config_dir, python_dir, folders)
 
 
 def stand_ins(arguments: tuple[str, ...], paths: StandIns) -> list[str]:
@@ -270,6 +280,8 @@ def stand_ins(arguments: tuple[str, ...], paths: StandIns) -> list[str]:
             replaced.append(f"{key}={paths.images}")
         elif equals and key in ANNOTATION_KEYS:
             replaced.append(f"{key}={paths.annotations}")
+        elif equals and key == "data.root":
+            replaced.append(f"{key}={paths.folders['voc' if 'data=voc' in arguments + replaced else 'yolo']}")
         elif equals and key in ("ckpt_path", "init_from") and value.endswith(".ckpt"):
             replaced.append(f"{key}={paths.ckpt}")
         elif equals and key == "hydra.run.dir":
@@ -315,6 +327,8 @@ def run_composition(command: Command, paths: StandIns) -> None:
         elif command.name == "render":
             _, overrides, config_dir = render.parse_args(arguments)
             render.compose_config(overrides, config_dir)
+        elif command.name == "shapes":
+            shapes_argument_parser().parse_args(arguments)
         elif command.name == "cli":
             cli_main(arguments)
         else:

@@ -65,5 +65,5 @@ def test_bad_classes_fail_in_one_line(classes, message):
 
 def test_classes_are_refused_for_coco_data():
     values = {"kind": "coco", "train_images": "a", "train_annotations": "b", "val_images": "c", "val_annotations": "d"}
-    with pytest.raises(ValueError, match="data.classes applies to data=shapes only"):
+    with pytest.raises(ValueError, match="data.classes applies to data=shapes and data=voc only: a COCO folder's"):
         build_datamodule({**values, "classes": ["car"]})

@@ -14,8 +14,9 @@ pre-processing and metrics as a checkpoint; when the checkpoint it was exported 
 metadata's ``source``) is there, that is evaluated too, into ``<output_dir>/source/``, and the
 differences in AP, AP50 and AP75 are printed and saved.
 
-Writes ``detections.json`` (every query of every image, COCO's results format), for the shapes data
-its ground truth as ``ground_truth.json`` (a COCO folder's own annotation file is the ground truth),
+Writes ``detections.json`` (every query of every image, COCO's results format), for the shapes data and
+a YOLO or VOC folder the ground truth as ``ground_truth.json`` (a COCO folder's own annotation file is the
+ground truth),
 and ``metrics.json``. Every number is COCOeval's of those two files (pycocotools', or
 faster-coco-eval's with ``backend=faster_coco_eval``), so anyone can recompute them. Images are resized and normalised by the data config's evaluation transform, as
 the training job's validation does. Keys: conf/evaluate.yaml and the data group, as Hydra overrides.
@@ -35,8 +36,11 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..data import CocoDetection, ShapesDataset, build_datamodule
+from ..data.coco import instances
+from ..data.folder import FolderDetection
+from ..data.images import BadImageError
 from ..inference.checkpoint import load_detector, saved_run_config
-from ..inference.coco_files import category_ids_by_name, detection_rows, instances, write_json
+from ..inference.coco_files import category_ids_by_name, detection_rows, write_json
 from ..inference.coco_metrics import CocoMetrics, check_coco_backend, coco_metrics, per_class_table
 from ..inference.exported import SUFFIX_FORMATS, ExportedPredictor
 from ..inference.predictor import DTYPES, Predictor
@@ -71,9 +75,9 @@ class EvaluateConfig:
 
 
 def dataset_categories(dataset: Dataset) -> tuple[list[str], list[int]]:
-    """The dataset's class names and ids: a COCO folder's own, 1..K for the shapes (COCO numbers from 1)."""
+    """The dataset's class names and ids: a COCO folder's own, 1..K for the others (COCO numbers from 1)."""
     names = list(dataset.class_names)
-    return names, list(dataset.category_ids) if isinstance(dataset, CocoDetection) else list(range(1, len(names) + 1))
+    return names, list(dataset.category_ids) if isinstance(dataset, FolderDetection) else list(range(1, len(names) + 1))
 
 
 def model_category_ids(loaded: Any, names: Sequence[str], ids: Sequence[int], where: str) -> list[int]:
@@ -90,15 +94,25 @@ def model_category_ids(loaded: Any, names: Sequence[str], ids: Sequence[int], wh
 def ground_truth_file(
     cfg: EvaluateConfig, dataset: Dataset, names: Sequence[str], ids: Sequence[int], output_dir: Path
 ) -> Path:
-    """A COCO folder's annotation file; for the shapes, their boxes written as a COCO instances file."""
+    """A COCO folder's annotation file; for the shapes and a YOLO or VOC folder, their boxes written as a COCO
+    instances file (the images a run reads, their boxes as it reads them; an unreadable image left out)."""
+    if isinstance(dataset, CocoDetection):
+        return Path(cfg.data.val_annotations)
     if isinstance(dataset, ShapesDataset):
-        targets = (dataset.render(index)[1] for index in range(len(dataset)))
+        targets = [dataset.render(index)[1] for index in range(len(dataset))]
         return write_json(output_dir / GROUND_TRUTH_FILE, instances(targets, names, ids))
-    return Path(cfg.data.val_annotations)
+    targets, files = [], []
+    for index in range(len(dataset)):
+        try:
+            targets.append(dataset.target(index))
+        except BadImageError:
+            continue
+        files.append(dataset.file_name(index))
+    return write_json(output_dir / GROUND_TRUTH_FILE, instances(targets, names, ids, files))
 
 
 def file_name(dataset: Dataset, image_id: int) -> str | None:
-    return dataset.coco.imgs[image_id]["file_name"] if isinstance(dataset, CocoDetection) else None
+    return dataset.file_name(image_id) if isinstance(dataset, FolderDetection) else None
 
 
 def run_data(run_config: Any) -> DataConfig | None:
@@ -110,6 +124,7 @@ def run_data(run_config: Any) -> DataConfig | None:
     known = {name.name for name in fields(DataConfig)}
     saved = {key: value for key, value in data.items() if key in known}
     saved.update(train_images=saved.get("val_images"), train_annotations=saved.get("val_annotations"))
+    saved.update(train_split=saved.get("val_split", DataConfig.val_split))
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), saved))
 
 

@@ -20,8 +20,8 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from ..data.coco import load_coco, load_rgb_image, open_image
-from ..data.images import upright_size
+from ..data.coco import load_coco
+from ..data.images import load_rgb_image, open_image, upright_size
 from ..data.visualize import PREDICTION_COLOR, draw_boxes
 from ..file_writes import atomic_write
 from ..inference.coco_files import category_ids_by_name, detection_rows, write_json

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..config import JoinerConfig
 from ..data import build_datamodule
-from ..data.coco import load_rgb_image
+from ..data.images import load_rgb_image
 from ..data.visualize import caption, denormalize, heatmap, resize_longer_side, save_png, tile_grid, valid_size
 from ..inference.preprocess import EvalTransform
 from ..joiner import Joiner, build_backbone

@@ -5,20 +5,21 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
 from torch import Tensor
-from torch.utils.data import Dataset
-from torchvision.ops import box_convert, clip_boxes_to_image
+from torchvision.ops import box_convert
 
-from .bad_samples import REPLACES, check_bad_samples_action, load_or_replace
-from .images import MissingImageError, UnreadableImageError, as_rgb, upright
-from .transforms import SampleTransform, Target, detection_target, detr_base_transforms
+from .folder import DegenerateBoxWarning, FolderDetection, boxes_with_area
+from .images import load_rgb_image
+from .transforms import SampleTransform, Target
+
+__all__ = ["CocoDetection", "DegenerateBoxWarning", "instances", "load_coco", "read_instances"]
 
 
 def read_instances(annotation_file: Path) -> dict:
@@ -48,35 +49,37 @@ def load_coco(annotation_file: Path, index: type = COCO) -> COCO:
     return coco
 
 
-@contextlib.contextmanager
-def open_image(path: Path) -> Iterator[Image.Image]:
-    """PIL's lazily decoded image at ``path``; errors while opening or decoding it name the file."""
-    try:
-        with Image.open(path) as image:
-            yield image
-    except FileNotFoundError:
-        raise MissingImageError(f"image file not found: {path}") from None
-    except Image.DecompressionBombError as error:  # not an OSError: PIL refuses to decode the file at all
-        raise UnreadableImageError(
-            f"cannot read image {path}: {error} (PIL's decompression-bomb limit is twice "
-            f"PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}; raise it only for files you trust)"
-        ) from None
-    except OSError as error:  # PIL.UnidentifiedImageError and truncated files are OSErrors
-        raise UnreadableImageError(f"cannot read image {path}: {error}") from error
+def instances(
+    targets: Iterable[Mapping[str, Tensor]],
+    class_names: Sequence[str],
+    category_ids: Sequence[int],
+    file_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """A COCO instances dict of raw targets (absolute XYXY ``boxes``, ``labels``, ``image_id``, ``orig_size``),
+    the images named by ``file_names`` where given."""
+    images, annotations = [], []
+    for index, target in enumerate(targets):
+        image_id = int(target["image_id"])
+        height, width = target["orig_size"].tolist()
+        named = {"file_name": file_names[index]} if file_names is not None else {}
+        images.append({"id": image_id, **named, "height": height, "width": width})
+        boxes = box_convert(target["boxes"].as_subclass(Tensor).float(), "xyxy", "xywh")
+        for box, label in zip(boxes.tolist(), target["labels"].tolist()):
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(category_ids[label]),
+                    "bbox": box,
+                    "area": box[2] * box[3],
+                    "iscrowd": 0,
+                }
+            )
+    categories = [{"id": int(cat_id), "name": str(name)} for cat_id, name in zip(category_ids, class_names)]
+    return {"images": images, "annotations": annotations, "categories": categories}
 
 
-def load_rgb_image(path: Path, as_viewed: bool = False) -> Image.Image:
-    """The image at ``path``, decoded whole (a truncated file fails here), as 8-bit RGB: its stored pixels,
-    or with ``as_viewed`` turned by its EXIF orientation as viewers show it."""
-    with open_image(path) as image:
-        return as_rgb(upright(image) if as_viewed else image)
-
-
-class DegenerateBoxWarning(UserWarning):
-    """Boxes without area (zero width or height, or wholly outside the image) were dropped."""
-
-
-class CocoDetection(Dataset):
+class CocoDetection(FolderDetection):
     """COCO instances as DETR reads them: crowd regions dropped, boxes clipped to the image, and
     category ids mapped to contiguous labels 0..K-1 in sorted id order (``category_ids[label]`` = id).
     An image that cannot be read raises, or with ``bad_samples="skip"`` is replaced (``data/bad_samples.py``)."""
@@ -88,33 +91,23 @@ class CocoDetection(Dataset):
         transforms: SampleTransform | None = None,
         bad_samples: str = "error",
     ) -> None:
-        check_bad_samples_action(bad_samples)
-        self.bad_samples = bad_samples
         self.image_dir = Path(image_dir)
         self.annotation_file = Path(annotation_file)
         self.coco = load_coco(self.annotation_file)
+        category_ids = sorted(self.coco.cats)
+        super().__init__([self.coco.cats[cat_id]["name"] for cat_id in category_ids], transforms, bad_samples)
         self.image_ids: list[int] = sorted(self.coco.imgs)
-        self.category_ids: list[int] = sorted(self.coco.cats)
-        self.class_names: list[str] = [self.coco.cats[cat_id]["name"] for cat_id in self.category_ids]
+        self.category_ids: list[int] = category_ids
         self._label_of = {cat_id: label for label, cat_id in enumerate(self.category_ids)}
-        self.transforms = transforms if transforms is not None else detr_base_transforms()
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.category_ids)
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Target]:
-        sample, replaced = load_or_replace(self.load, index, len(self), self.bad_samples, self.image_path)
-        image, target = self.transforms(*sample)
-        if replaced is not None:
-            target[REPLACES] = str(replaced)
-        return image, target
-
     def image_path(self, index: int) -> Path:
         return self.image_dir / self.coco.imgs[self.image_ids[index]]["file_name"]
+
+    def file_name(self, image_id: int) -> str:
+        return self.coco.imgs[image_id]["file_name"]
 
     def load(self, index: int) -> tuple[Image.Image, Target]:
         """The untransformed sample: the RGB image and absolute XYXY boxes of its non-crowd objects."""
@@ -123,16 +116,23 @@ class CocoDetection(Dataset):
         image = load_rgb_image(path)
         annotations = [ann for ann in self.coco.imgToAnns[image_id] if not ann.get("iscrowd", 0)]
         xywh = torch.tensor([ann["bbox"] for ann in annotations], dtype=torch.float32).reshape(-1, 4)
-        boxes = clip_boxes_to_image(box_convert(xywh, "xywh", "xyxy"), (image.height, image.width))
         labels = torch.tensor([self._label_of[ann["category_id"]] for ann in annotations], dtype=torch.int64)
         # Like DETR, drop boxes with no area (zero-size or wholly outside the image once clipped).
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        if not keep.all():
-            dropped = [ann["id"] for ann, kept in zip(annotations, keep.tolist()) if not kept]
-            warnings.warn(
-                f"{path}: dropped {len(dropped)} of {len(annotations)} boxes with no area inside the "
-                f"{image.width}x{image.height} image (annotation ids {dropped})",
-                DegenerateBoxWarning,
-                stacklevel=2,
-            )
-        return image, detection_target(boxes[keep], labels[keep], image_id, image.height, image.width)
+        ids = [ann["id"] for ann in annotations]
+        boxes = box_convert(xywh, "xywh", "xyxy")
+        return image, boxes_with_area(boxes, labels, (image.height, image.width), image_id, path, ids, "annotation ids")
+
+
+def write_coco(folder: Path, splits: Mapping[str, Iterable[tuple[Any, Target]]], class_names: Sequence[str]) -> None:
+    """Samples (a PIL image and its raw target) as a COCO folder: ``<split>/<n>.png`` and
+    ``annotations/instances_<split>.json``, category ids 1..K."""
+    (folder / "annotations").mkdir(parents=True, exist_ok=True)
+    for split, samples in splits.items():
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        targets, names = [], []
+        for index, (image, target) in enumerate(samples):
+            names.append(f"{index:06d}.png")
+            image.save(folder / split / names[-1])
+            targets.append(target)
+        content = instances(targets, class_names, range(1, len(class_names) + 1), names)
+        (folder / "annotations" / f"instances_{split}.json").write_text(json.dumps(content))

@@ -11,15 +11,17 @@ size is named as such). ``detr-backbone verify`` prints them.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
-from .coco import open_image, read_instances
-from .images import TURNED, BadImageError, as_rgb, exif_orientation
+from .coco import read_instances
+from .images import TURNED, BadImageError, as_rgb, exif_orientation, open_image
+
+Item = TypeVar("Item")
 
 EDGE_TOLERANCE = 1.0  # pixels a box may reach past the image: COCO's own boxes do, by rounding
 
@@ -98,11 +100,8 @@ def annotation_problems(source: str, entries: Mapping[str, list[Mapping[str, Any
     return problems
 
 
-def image_problems(image_dir: Path, source: str, image: Mapping[str, Any]) -> list[Problem]:
-    """The image entry's own problems, then its file's: missing, unreadable, or not of the declared size."""
-    if not isinstance(image.get("file_name"), str):
-        return [Problem(source, f"image {image.get('id')} has no file_name")]
-    path = image_dir / image["file_name"]
+def decoded(path: Path) -> tuple[tuple[int, int], int] | Problem:
+    """The stored (width, height) and EXIF orientation of the image at ``path``, decoded whole; or its problem."""
     try:
         with open_image(path) as opened:
             orientation, picture = exif_orientation(opened), as_rgb(opened)
@@ -112,29 +111,53 @@ def image_problems(image_dir: Path, source: str, image: Mapping[str, Any]) -> li
             if isinstance(error, FileNotFoundError)
             else "cannot be read: " + str(error).split(f"{path}: ", 1)[-1]
         )
-        return [Problem(str(path), reason)]
-    declared = size_of(image)
-    if declared is None:
-        return [Problem(source, f"image {image.get('id')} ({image['file_name']}) has no numeric width and height")]
-    if declared != (picture.width, picture.height):
-        if declared == (picture.height, picture.width) and orientation in TURNED:
-            return [
-                Problem(
-                    str(path),
-                    f"is stored {picture.width}x{picture.height}, and its EXIF orientation {orientation} turns it to "
-                    f"the {declared[0]}x{declared[1]} the JSON says, as viewers show it: its boxes were likely drawn "
-                    "on the turned image, but training reads the stored pixels; save it upright "
-                    "(PIL.ImageOps.exif_transpose) and keep the JSON",
-                )
-            ]
-        turned = " (rotated?)" if declared == (picture.height, picture.width) else ""
+        return Problem(str(path), reason)
+    return (picture.width, picture.height), orientation
+
+
+def size_problems(
+    path: Path, stored: tuple[int, int], orientation: int, declared: tuple[float, float], says: str
+) -> list[Problem]:
+    """The image's stored size against the ``declared`` (width, height) its annotation (``says``: "the JSON") gives."""
+    if declared == stored:
+        return []
+    if declared == stored[::-1] and orientation in TURNED:
         return [
             Problem(
                 str(path),
-                f"is {picture.width}x{picture.height} pixels, the JSON says {declared[0]}x{declared[1]}{turned}; its boxes would be wrong",
+                f"is stored {stored[0]}x{stored[1]}, and its EXIF orientation {orientation} turns it to "
+                f"the {declared[0]}x{declared[1]} {says} says, as viewers show it: its boxes were likely drawn "
+                "on the turned image, but training reads the stored pixels; save it upright "
+                f"(PIL.ImageOps.exif_transpose) and keep {says}",
             )
         ]
-    return []
+    turned = " (rotated?)" if declared == stored[::-1] else ""
+    return [
+        Problem(
+            str(path),
+            f"is {stored[0]}x{stored[1]} pixels, {says} says {declared[0]}x{declared[1]}{turned}; its boxes would be wrong",
+        )
+    ]
+
+
+def image_problems(image_dir: Path, source: str, image: Mapping[str, Any]) -> list[Problem]:
+    """The image entry's own problems, then its file's: missing, unreadable, or not of the declared size."""
+    if not isinstance(image.get("file_name"), str):
+        return [Problem(source, f"image {image.get('id')} has no file_name")]
+    path = image_dir / image["file_name"]
+    found = decoded(path)
+    if isinstance(found, Problem):
+        return [found]
+    declared = size_of(image)
+    if declared is None:
+        return [Problem(source, f"image {image.get('id')} ({image['file_name']}) has no numeric width and height")]
+    return size_problems(path, *found, declared, "the JSON")
+
+
+def in_threads(check: Callable[[Item], list[Problem]], items: Iterable[Item], workers: int) -> list[Problem]:
+    """``check``'s problems of every item, in order, run by ``workers`` threads (PIL decodes without the GIL)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return [problem for found in pool.map(check, items) for problem in found]
 
 
 def check_coco_folder(image_dir: str | Path, annotation_file: str | Path, workers: int = 8) -> FolderReport:
@@ -152,7 +175,5 @@ def check_coco_folder(image_dir: str | Path, annotation_file: str | Path, worker
         if len(entries[group]) != (len(listed) if isinstance(listed, list) else 1):
             problems.append(Problem(source, f"'{group}' holds entries that are not objects"))
     problems += id_problems(source, entries) + annotation_problems(source, entries)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for found in pool.map(lambda image: image_problems(image_dir, source, image), entries["images"]):
-            problems += found
+    problems += in_threads(lambda image: image_problems(image_dir, source, image), entries["images"], workers)
     return FolderReport(*(len(entries[group]) for group in ("images", "annotations", "categories")), problems)

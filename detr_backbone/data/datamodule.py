@@ -18,6 +18,8 @@ from .resumable import ResumableDataLoader
 from .sampler import EpochShuffleSampler
 from .shapes import ShapesDataset
 from .transforms import SampleTransform, detr_train_transforms, detr_val_transforms
+from .voc import VocDetection
+from .yolo import YoloDetection
 
 Split = Literal["train", "val", "test"]
 DatasetSource = Dataset | Callable[[], Dataset]  # a dataset, or a factory called once when first needed
@@ -103,7 +105,8 @@ class DetectionDataModule(pl.LightningDataModule):
         return self._loader("test", shuffle=False)
 
 
-DATA_KINDS = ("shapes", "coco")
+DATA_KINDS = ("shapes", "coco", "yolo", "voc")
+FOLDER_KINDS = ("coco", "yolo", "voc")  # the user's own data, read from files
 LOADER_FIELDS = ("batch_size", "num_workers", "pin_memory", "persistent_workers", "size_divisibility", "seed")
 
 
@@ -140,41 +143,74 @@ def _shapes_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSo
 
 
 def folder_transforms(values: Mapping[str, Any]) -> tuple[SampleTransform, SampleTransform]:
-    """The train and val transforms of a dataset read from files (coco)."""
+    """The train and val transforms of a dataset read from files (coco, yolo, voc)."""
     train = detr_train_transforms(**_present(values, {"scales": "scales", "max_resize": "max_size"}))
     val = detr_val_transforms(**_present(values, {"val_resize": "size", "max_resize": "max_size"}))
     return train, val
 
 
-def _coco_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSource]:
-    _require(values, ("train_images", "train_annotations", "val_images", "val_annotations"), "coco")
+def _refuse_shapes_keys(values: Mapping[str, Any], kind: str, classes_are: str | None) -> None:
     if values.get("cache"):
         raise ValueError(
-            "data.cache=true applies to data=shapes only: COCO images are read and augmented afresh each time"
+            f"data.cache=true applies to data=shapes only: {kind} images are read and augmented afresh each time"
         )
-    if values.get("classes") is not None:
-        raise ValueError(
-            "data.classes applies to data=shapes only: a COCO folder's classes are the categories of its annotations"
-        )
+    if classes_are is not None and values.get("classes") is not None:
+        raise ValueError(f"data.classes applies to data=shapes and data=voc only: {classes_are}")
+
+
+def _folder_sources(
+    values: Mapping[str, Any], dataset: Callable[..., Dataset], **splits: Any
+) -> tuple[partial, partial]:
+    """The train and val factories of a file-backed ``dataset``, ``splits``' values its per-split arguments."""
     train_transforms, val_transforms = folder_transforms(values)
     bad_samples = _present(values, {"bad_samples": "bad_samples"})
+    train, val = ({key: value[index] for key, value in splits.items()} for index in (0, 1))
     return (
-        partial(CocoDetection, values["train_images"], values["train_annotations"], train_transforms, **bad_samples),
-        partial(CocoDetection, values["val_images"], values["val_annotations"], val_transforms, **bad_samples),
+        partial(dataset, **train, transforms=train_transforms, **bad_samples),
+        partial(dataset, **val, transforms=val_transforms, **bad_samples),
     )
+
+
+def _coco_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSource]:
+    _require(values, ("train_images", "train_annotations", "val_images", "val_annotations"), "coco")
+    _refuse_shapes_keys(values, "COCO", "a COCO folder's classes are the categories of its annotations")
+    return _folder_sources(
+        values,
+        CocoDetection,
+        image_dir=(values["train_images"], values["val_images"]),
+        annotation_file=(values["train_annotations"], values["val_annotations"]),
+    )
+
+
+def _split_names(values: Mapping[str, Any]) -> tuple[str, str]:
+    return values.get("train_split") or "train", values.get("val_split") or "val"
+
+
+def _yolo_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSource]:
+    _require(values, ("root",), "yolo")
+    _refuse_shapes_keys(values, "YOLO", "a YOLO folder's classes are the names of its data.yaml")
+    return _folder_sources(values, YoloDetection, root=(values["root"],) * 2, split=_split_names(values))
+
+
+def _voc_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSource]:
+    _require(values, ("root",), "voc")
+    _refuse_shapes_keys(values, "VOC", None)
+    options = {key: (values[key],) * 2 for key in ("classes", "difficult") if values.get(key) is not None}
+    return _folder_sources(values, VocDetection, root=(values["root"],) * 2, split=_split_names(values), **options)
 
 
 def build_datamodule(cfg: Any) -> DetectionDataModule:
     """A DetectionDataModule from a data config (mapping, DictConfig or dataclass).
 
-    Fields: kind ("shapes" | "coco") and the loader fields of DetectionDataModule; shapes adds
+    Fields: kind ("shapes" | "coco" | "yolo" | "voc") and the loader fields of DetectionDataModule; shapes adds
     train_size, val_size (image counts), min_size, max_size (image sides), max_objects, cache, classes; coco adds
-    train_images, train_annotations, val_images, val_annotations, scales, max_resize (longest side
-    after resizing), val_resize (the shorter side at evaluation) and bad_samples (error | skip: what an
-    unreadable image does, data/bad_samples.py). Unset optional fields keep the defaults of the classes they feed.
+    train_images, train_annotations, val_images, val_annotations; yolo adds root, train_split, val_split (keys of
+    its data.yaml); voc adds root, train_split, val_split (files of ImageSets/Main), classes and difficult (drop |
+    keep); the three add scales, max_resize (longest side after resizing), val_resize (the shorter side at
+    evaluation) and bad_samples (error | skip: what an unreadable image does, data/bad_samples.py). Unset optional fields keep the defaults of the classes they feed.
     """
     values = _plain(cfg)
-    builders = {"shapes": _shapes_sources, "coco": _coco_sources}
+    builders = {"shapes": _shapes_sources, "coco": _coco_sources, "yolo": _yolo_sources, "voc": _voc_sources}
     kind = values.get("kind")
     if kind not in builders:
         raise ValueError(f"unknown data kind {kind!r}; valid kinds: {', '.join(DATA_KINDS)}")

@@ -13,6 +13,10 @@ images whose orientation turns them to the size their annotation file says).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -60,3 +64,32 @@ def as_rgb(image: Image.Image) -> Image.Image:
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     return image.convert("RGB")
+
+
+@contextlib.contextmanager
+def open_image(path: Path) -> Iterator[Image.Image]:
+    """PIL's lazily decoded image at ``path``; errors while opening or decoding it name the file."""
+    try:
+        with Image.open(path) as image:
+            yield image
+    except FileNotFoundError:
+        raise MissingImageError(f"image file not found: {path}") from None
+    except Image.DecompressionBombError as error:  # not an OSError: PIL refuses to decode the file at all
+        raise UnreadableImageError(
+            f"cannot read image {path}: {error} (PIL's decompression-bomb limit is twice "
+            f"PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}; raise it only for files you trust)"
+        ) from None
+    except OSError as error:  # PIL.UnidentifiedImageError and truncated files are OSErrors
+        raise UnreadableImageError(f"cannot read image {path}: {error}") from error
+
+
+def load_rgb_image(path: Path, as_viewed: bool = False) -> Image.Image:
+    """The image at ``path``, decoded whole (a truncated file fails here), as 8-bit RGB: its stored pixels,
+    or with ``as_viewed`` turned by its EXIF orientation as viewers show it."""
+    with open_image(path) as image:
+        return as_rgb(upright(image) if as_viewed else image)
+
+
+def image_suffixes() -> set[str]:
+    """The file suffixes of every format PIL can open."""
+    return {suffix for suffix, name in Image.registered_extensions().items() if name in Image.OPEN}

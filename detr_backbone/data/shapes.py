@@ -1,12 +1,16 @@
 """Synthetic shapes: the embedded default detection dataset (no files, no network).
 
 Every image is a pure function of (seed, split, index), so workers, reruns and machines agree.
+``python -m detr_backbone.data.shapes --format yolo|voc|coco <folder>`` writes them out as a folder
+of that format (PNG images), a stand-in for your own data.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,7 +19,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.ops import box_iou
 
+from .coco import write_coco
 from .transforms import SampleTransform, Target, detection_target, detr_base_transforms
+from .voc import write_voc
+from .yolo import write_yolo
 
 SHAPE_KINDS = ("rectangle", "ellipse", "triangle", "star", "cross")  # every kind that can be drawn
 CLASSES = SHAPE_KINDS[:3]  # the default classes, in label order (the default job's)
@@ -203,3 +210,43 @@ class ShapesDataset(Dataset):
         image = Image.fromarray(np.round(canvas).astype(np.uint8))
         target = detection_target(torch.tensor(boxes), torch.tensor(labels), index, height, width)
         return image, target
+
+
+FOLDER_WRITERS = {"yolo": write_yolo, "voc": write_voc, "coco": write_coco}
+
+
+def write_shapes(folder: str | Path, layout: str, train_size: int, val_size: int, **options) -> None:
+    """The train and val splits of the shapes data (``options``: ShapesDataset's) as a ``layout`` folder."""
+    sizes = {"train": train_size, "val": val_size}
+    datasets = {split: ShapesDataset(size, split=split, **options) for split, size in sizes.items()}
+    samples = {split: map(data.render, range(len(data))) for split, data in datasets.items()}
+    FOLDER_WRITERS[layout](Path(folder), samples, datasets["train"].class_names)
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m detr_backbone.data.shapes", description="Write the shapes data out as a folder."
+    )
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--format", choices=tuple(FOLDER_WRITERS), required=True)
+    parser.add_argument("--train-size", type=int, required=True, help="images of the train split")
+    parser.add_argument("--val-size", type=int, required=True, help="images of the val split")
+    for key, kind in (("seed", int), ("min_size", int), ("max_size", int), ("max_objects", int)):
+        parser.add_argument("--" + key.replace("_", "-"), type=kind, help=f"data.{key} (ShapesDataset's default)")
+    parser.add_argument("--classes", nargs="+", help=f"the kinds drawn, in label order, from {', '.join(SHAPE_KINDS)}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argument_parser()
+    arguments = vars(parser.parse_args(argv))
+    folder, layout = arguments.pop("folder"), arguments.pop("format")
+    try:
+        write_shapes(folder, layout, **{key: value for key, value in arguments.items() if value is not None})
+    except ValueError as error:
+        parser.error(str(error))
+    print(f"wrote {arguments['train_size']} train and {arguments['val_size']} val images to {folder} ({layout})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""Detections and ground truth as COCO JSON: the results format (a list of rows) and the instances format.
+"""Detections as COCO JSON results (a list of rows), and files written of them.
 
 Results rows hold ``image_id`` (None where the image has none), ``file_name``, ``category_id`` (the
 dataset's own id), ``label`` (the class name), ``bbox`` as [x, y, width, height] in pixels of the
@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
 from torchvision.ops import box_convert
 
 from ..file_writes import atomic_write
@@ -40,31 +39,6 @@ def detection_rows(
             boxes, detections.scores.tolist(), detections.labels.tolist(), detections.names
         )
     ]
-
-
-def instances(
-    targets: Iterable[Mapping[str, Tensor]], class_names: Sequence[str], category_ids: Sequence[int]
-) -> dict[str, Any]:
-    """A COCO instances dict of raw targets (absolute XYXY ``boxes``, ``labels``, ``image_id``, ``orig_size``)."""
-    images, annotations = [], []
-    for target in targets:
-        image_id = int(target["image_id"])
-        height, width = target["orig_size"].tolist()
-        images.append({"id": image_id, "height": height, "width": width})
-        boxes = box_convert(target["boxes"].as_subclass(Tensor).float(), "xyxy", "xywh")
-        for box, label in zip(boxes.tolist(), target["labels"].tolist()):
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": int(category_ids[label]),
-                    "bbox": box,
-                    "area": box[2] * box[3],
-                    "iscrowd": 0,
-                }
-            )
-    categories = [{"id": int(cat_id), "name": str(name)} for cat_id, name in zip(category_ids, class_names)]
-    return {"images": images, "annotations": annotations, "categories": categories}
 
 
 def category_ids_by_name(

@@ -6,12 +6,7 @@ import glob
 import os
 from pathlib import Path
 
-from PIL import Image
-
-
-def image_suffixes() -> set[str]:
-    """The file suffixes of every format PIL can open."""
-    return {suffix for suffix, name in Image.registered_extensions().items() if name in Image.OPEN}
+from ..data.images import image_suffixes
 
 
 def find_images(spec: str | os.PathLike) -> list[Path]:

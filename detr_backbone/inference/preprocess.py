@@ -11,8 +11,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision import tv_tensors
 
-from ..data.coco import load_rgb_image
-from ..data.images import upright
+from ..data.images import load_rgb_image, upright
 from ..data.transforms import detection_target, detr_base_transforms, detr_val_transforms
 
 ImageInput = Union[str, os.PathLike, Image.Image, Tensor]  # a file, a PIL image, or a (3, H, W) tensor

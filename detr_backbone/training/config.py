@@ -36,7 +36,8 @@ class OptimConfig(ScheduleConfig):
 
 @dataclass
 class DataConfig:
-    """conf/data/: ``shapes`` (embedded synthetic default) or ``coco`` (any COCO-format folder)."""
+    """conf/data/: ``shapes`` (embedded synthetic default), or a folder of your own: ``coco`` (COCO JSON),
+    ``yolo`` (a data.yaml with its images and labels) or ``voc`` (Pascal VOC)."""
 
     kind: str = "shapes"
     batch_size: int = 8
@@ -51,11 +52,17 @@ class DataConfig:
     max_size: int = 128
     max_objects: int = 3
     cache: bool = False  # shapes: keep each rendered image in memory, so it is drawn once per process
-    classes: Optional[list[str]] = None  # shapes: the kinds drawn, in label order; null: rectangle, ellipse, triangle
+    # shapes: the kinds drawn, in label order; null: rectangle, ellipse, triangle. voc: the class names, in label
+    # order (objects of other classes are dropped); null: every name in its XMLs, sorted
+    classes: Optional[list[str]] = None
     train_images: Optional[str] = None  # coco
     train_annotations: Optional[str] = None
     val_images: Optional[str] = None
     val_annotations: Optional[str] = None
+    root: Optional[str] = None  # yolo: the folder of data.yaml (or the file); voc: the folder of Annotations/
+    train_split: str = "train"  # yolo: data.yaml's key of the split; voc: ImageSets/Main/<name>.txt
+    val_split: str = "val"
+    difficult: str = "drop"  # voc: objects marked difficult are left out of training and evaluation (VOC's rule) | keep
     scales: list[int] = field(default_factory=lambda: [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800])
     max_resize: int = 1333
     val_resize: int = 800

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
+from ..data.datamodule import FOLDER_KINDS
 from .config import Config
 
 COCO_SIZED_HIDDEN_DIM, COCO_SIZED_QUERIES = 256, 100  # DETR's published sizes; Deformable DETR has 300 queries
@@ -13,7 +14,8 @@ PRESETS = "experiment=dino_r50_coco, experiment=deformable_detr_r50_coco or expe
 
 
 class RecipeWarning(UserWarning):
-    """The run combines a COCO-sized model with the shapes data, or COCO data with the CPU default job's model."""
+    """The run combines a COCO-sized model with the shapes data, or a folder of its own (COCO, YOLO, VOC) with
+    the CPU default job's model."""
 
 
 def coco_sized(config: Config) -> list[str]:
@@ -31,9 +33,9 @@ def recipe_mismatch(config: Config) -> str | None:
             f"{' and '.join(sized)} on data=shapes: a COCO-sized model on the embedded shapes data (a few shapes "
             f"on {config.data.min_size}-{config.data.max_size} px images), sized for the default job's model "
             "(model=dino_small, hidden_dim=128); "
-            f"for COCO-format data give data=coco with its folders, or {PRESETS}"
+            f"for your own data give data=coco, data=yolo or data=voc with its folder, or {PRESETS}"
         )
-    if config.data.kind == "coco" and not sized:
+    if config.data.kind in FOLDER_KINDS and not sized:
         random = (
             getattr(config.backbone, "pretrained", True) is False
             and not getattr(config.backbone, "checkpoint", None)
@@ -41,7 +43,7 @@ def recipe_mismatch(config: Config) -> str | None:
         )
         start = ", and a backbone of random weights (backbone.pretrained=false)" if random else ""
         return (
-            f"data=coco with the CPU default job's model (hidden_dim={config.hidden_dim}, "
+            f"data={config.data.kind} with the CPU default job's model (hidden_dim={config.hidden_dim}, "
             f"model.num_queries={getattr(config.model, 'num_queries', '?')}{start}); the published recipes: {PRESETS}"
         )
     return None
