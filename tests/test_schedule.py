@@ -177,3 +177,21 @@ def test_a_run_crashed_mid_warmup_or_mid_cosine_resumes_at_the_uninterrupted_lrs
         assert resumed_lrs.lrs == {step: straight_lrs.lrs[step] for step in range(crash, 12)}
         for (name, a), b in zip(straight.module.state_dict().items(), resumed.module.state_dict().values()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "epochs"),
+    [
+        (("min_train_steps=10",), 3),  # 8 images in batches of 2: 4 steps an epoch, 3 epochs hold 10 steps
+        (("min_train_steps=2",), 1),  # trainer.max_epochs already holds them
+        (("min_train_steps=10", "trainer.accumulate_grad_batches=2"), 5),  # 2 optimizer steps an epoch
+    ],
+)
+def test_min_train_steps_gives_a_small_dataset_more_epochs(tmp_path, overrides, epochs):
+    job = Job(validated(compose_config(*SMALL, *overrides)), tmp_path)
+    assert job.trainer.max_epochs == epochs
+
+
+def test_min_train_steps_must_be_positive():
+    with pytest.raises(ValueError, match=r"^min_train_steps=0 must be > 0 optimizer steps"):
+        validated(compose_config(*SMALL, "min_train_steps=0"))

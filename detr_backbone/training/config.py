@@ -279,9 +279,15 @@ class Config:
     # start a new run from a detector's weights: DETR .pth, Hugging Face folder, our .ckpt
     init_from: Optional[str] = None
     test_after_fit: bool = True  # test the best checkpoint once fitting ends
+    # a small dataset trains more epochs than trainer.max_epochs, until this many optimizer steps; null: off
+    min_train_steps: Optional[int] = None
     optimized_metric: str = "val/map_50"  # the value train.py returns to a sweeper (conf/hparams_search/)
 
     def __post_init__(self) -> None:
+        require(
+            self.min_train_steps is None or self.min_train_steps > 0,
+            f"min_train_steps={self.min_train_steps} must be > 0 optimizer steps (or null: trainer.max_epochs alone)",
+        )
         self.backbone, self.position = backbone_config(self.backbone), position_config(self.position)
         self.model = head_config(self.model)
         require(

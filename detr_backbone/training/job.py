@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -158,6 +159,13 @@ def build_module(cfg: Config, num_classes: int, class_names: Sequence[str] | Non
     )
 
 
+def epochs_for_steps(cfg: Config, train_images: int, trainer: pl.Trainer) -> int:
+    """``trainer.max_epochs``, or the epochs that hold ``min_train_steps`` optimizer steps when there are more."""
+    batches = math.ceil(math.ceil(train_images / trainer.world_size) / cfg.data.batch_size)
+    steps_per_epoch = math.ceil(batches / cfg.trainer.accumulate_grad_batches)
+    return max(cfg.trainer.max_epochs, math.ceil(cfg.min_train_steps / steps_per_epoch))
+
+
 class Job:
     """The objects of one run, built up front so that a bad config fails before any training.
     ``command_line``, what composed ``cfg``, is saved in its checkpoints for a resume."""
@@ -191,6 +199,10 @@ class Job:
             default_root_dir=run_dir,
             plugins=[AtomicCheckpointIO(), *cluster_plugins()],  # a killed write never corrupts last.ckpt
         )
+        if cfg.min_train_steps is not None:
+            self.trainer.fit_loop.max_epochs = epochs_for_steps(
+                cfg, len(self.datamodule.dataset("train")), self.trainer
+            )
 
     def run(self) -> float | None:
         """Fit (resuming from ``ckpt_path`` if set; ``init_from`` was applied when the job was built),

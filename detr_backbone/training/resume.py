@@ -41,6 +41,7 @@ MAY_CHANGE = (
     "test_after_fit",
     "optimized_metric",
     "trainer.max_epochs",
+    "min_train_steps",
     "trainer.max_steps",
     "trainer.max_time",
     "trainer.limit_*_batches",
