@@ -292,3 +292,13 @@ def test_shapes_square_side_is_the_data_max_size_and_val_follows_the_policy():
 def test_policy_state_is_shared_memory():
     state = AugmentState()
     assert state._values.is_shared()  # so a forked or spawned worker reads the value the trainer writes
+
+
+def test_render_augment_writes_one_row_per_phase(tmp_path):
+    from detr_backbone.commands.render import main as render_main
+
+    overrides = ["data.train_size=8", "data.val_size=2", "data.augment=deim"]
+    (path,) = render_main(["kind=augment", "samples=3", "tile=64", f"output_dir={tmp_path}", *overrides])
+    assert path == tmp_path / "augment.png"
+    # 3 samples of 64 x 64 a row, 4 phases, 2-pixel gaps around every tile
+    assert Image.open(path).size == (3 * 66 + 2, 4 * 66 + 2)
