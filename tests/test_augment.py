@@ -302,3 +302,44 @@ def test_render_augment_writes_one_row_per_phase(tmp_path):
     assert path == tmp_path / "augment.png"
     # 3 samples of 64 x 64 a row, 4 phases, 2-pixel gaps around every tile
     assert Image.open(path).size == (3 * 66 + 2, 4 * 66 + 2)
+
+
+@pytest.mark.slow
+def test_a_fit_with_a_persistent_worker_trains_each_epoch_in_its_phase(tmp_path):
+    import pytorch_lightning as pl
+
+    class Recorder(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(()))
+            self.seen = []
+
+        def training_step(self, batch, batch_index):
+            images, targets = batch
+            self.seen += [(self.current_epoch, image, target) for image, target in zip(images.tensors, targets)]
+            return self.weight * images.tensors.mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    values = {**SHAPES, "train_size": 8, "batch_size": 4, "augment": "deim", "num_workers": 1}
+    datamodule = build_datamodule({**values, "persistent_workers": True})
+    module = Recorder()
+    trainer = pl.Trainer(
+        max_epochs=4,
+        callbacks=[AugmentPhase()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    reference = build_datamodule(values).dataset("train")  # the main process, set to each epoch's phase
+    assert sorted({epoch for epoch, _, _ in module.seen}) == [0, 1, 2, 3]
+    for epoch, image, target in module.seen:
+        reference.transforms.state.set(epoch, epoch / 4)
+        expected = reference[int(target["image_id"])]
+        height, width = target["size"].tolist()
+        assert_same_sample((image[:, :height, :width], target), expected)
