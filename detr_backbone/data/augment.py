@@ -128,7 +128,7 @@ class Mosaic:
 
     def place(self, samples: Sequence[tuple[Any, Target]]) -> tuple[tv_tensors.Image, Target]:
         """The 2 x 2 canvas before the affine."""
-        resized = [self.resize(v2.functional.to_image(image), target) for image, target in samples]
+        resized = [self.resize(F.to_image(image), target) for image, target in samples]
         cell_height = max(image.shape[-2] for image, _ in resized)
         cell_width = max(image.shape[-1] for image, _ in resized)
         first_image, first_target = resized[0]
@@ -299,10 +299,11 @@ def build_policy(
     square_size: int,
     detr_train: Callable[[], SampleTransform],
     plain: SampleTransform,
-    probabilities: Mapping[str, float | None] = {},
+    probabilities: Mapping[str, float | None] | None = None,
 ) -> Policy:
     """The phases of ``name``: ``detr_train`` builds DETR's augmentation, ``plain`` is the no-augmentation
     transform of ``none`` (resize and normalise only), ``square_size`` the side of rtdetr and deim."""
+    probabilities = probabilities or {}
     p = {
         key: default if probabilities.get(key) is None else probabilities[key] for key, default in PROBABILITIES.items()
     }
