@@ -188,15 +188,19 @@ def test_phases_switch_at_the_references_fractions():
 
 def test_run_progress_is_the_fraction_of_whichever_limit_ends_the_run():
     def trainer(**values):
-        return SimpleNamespace(**{"max_epochs": 72, "current_epoch": 0, "max_steps": -1, "global_step": 0, **values})
+        defaults = {"max_epochs": 72, "current_epoch": 0, "max_steps": -1, "num_training_batches": 10}
+        return SimpleNamespace(**{**defaults, "accumulate_grad_batches": 1, **values})
 
     assert run_progress(trainer(current_epoch=71)) == 71 / 72
-    assert run_progress(trainer(max_epochs=-1, max_steps=1000, global_step=250)) == 0.25
-    assert run_progress(trainer(current_epoch=1, max_steps=100, global_step=50)) == 0.5
+    # 10 batches, 3 accumulated: 4 optimizer steps an epoch, 12 done when epoch 3 starts
+    assert run_progress(trainer(max_epochs=-1, max_steps=48, current_epoch=3, accumulate_grad_batches=3)) == 0.25
+    assert run_progress(trainer(current_epoch=1, max_steps=20)) == 0.5
     schedule = policy("deim")
     datamodule = SimpleNamespace(augment_schedule=schedule)
-    AugmentPhase().on_train_epoch_start(SimpleNamespace(**vars(trainer(current_epoch=29)), datamodule=datamodule), None)
-    assert (schedule.state.epoch, schedule.state.progress) == (29, 29 / 72)
+    for hook in ("on_train_start", "on_train_epoch_start"):  # a resumed run's first epoch: only on_train_start
+        schedule.state.set(0, 0.0)
+        getattr(AugmentPhase(), hook)(SimpleNamespace(**vars(trainer(current_epoch=29)), datamodule=datamodule), None)
+        assert (schedule.state.epoch, schedule.state.progress) == (29, 29 / 72)
 
 
 def test_persistent_workers_see_the_phase_switch():
