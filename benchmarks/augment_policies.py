@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import textwrap
 from pathlib import Path
 
 from .finetune import METRIC, ROOT, finished, train
@@ -44,7 +45,7 @@ def plot(curves: dict[str, list[float]], command: str, path: Path) -> None:
         axes.plot(range(1, len(values) + 1), values, marker="o", label=f"data.augment={name}")
     axes.set_xlabel("epoch (75 steps of 16 images)")
     axes.set_ylabel("val mAP@0.5")
-    axes.set_title(command, fontsize=8)
+    axes.set_title("\n".join(textwrap.wrap(command, 90)), fontsize=7)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
