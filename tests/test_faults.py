@@ -68,9 +68,11 @@ def record_train_samples(monkeypatch) -> list[int]:
 
 
 @pytest.mark.slow
-def test_run_killed_mid_epoch_resumes_with_the_uninterrupted_order_and_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("augment", ["none", "deim"])  # deim: flip and resize in epoch 0, RT-DETR's in epoch 1
+def test_run_killed_mid_epoch_resumes_with_the_uninterrupted_order_and_weights(tmp_path, monkeypatch, augment):
+    resumable = (*RESUMABLE, f"data.augment={augment}")
     seen = record_train_samples(monkeypatch)
-    straight = Job(validated(compose_config(*RESUMABLE)), tmp_path / "straight")
+    straight = Job(validated(compose_config(*resumable)), tmp_path / "straight")
     straight.run()
     straight_order = list(seen)
     assert len(straight_order) == 12
@@ -85,7 +87,7 @@ def test_run_killed_mid_epoch_resumes_with_the_uninterrupted_order_and_weights(t
             str(marker),
             "8",
             str(ROOT / "train.py"),
-            *RESUMABLE,
+            *resumable,
             f"hydra.run.dir={tmp_path}/killed",
         ],
         cwd=tmp_path,
@@ -109,7 +111,7 @@ def test_run_killed_mid_epoch_resumes_with_the_uninterrupted_order_and_weights(t
     assert not list(last.parent.glob(".*.tmp"))
 
     seen.clear()
-    resumed = Job(validated(compose_config(*RESUMABLE, f"ckpt_path={last}")), tmp_path / "resumed")
+    resumed = Job(validated(compose_config(*resumable, f"ckpt_path={last}")), tmp_path / "resumed")
     resumed.run()
     assert seen == straight_order[8:]  # the rest of epoch 1, in the uninterrupted order, nothing twice
     assert resumed.trainer.global_step == straight.trainer.global_step == 6

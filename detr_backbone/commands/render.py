@@ -1,13 +1,17 @@
-"""Render what the Joiner computes for one image: its positional encodings and backbone feature maps.
+"""Render what the Joiner computes for one image: its positional encodings and backbone feature maps; or,
+with ``kind=augment``, what the training augmentation makes of the data.
 
     detr-backbone render output_dir=render                        # a validation sample, a fresh model
     detr-backbone render image=photo.jpg output_dir=render backbone=resnet50 position=learned
     detr-backbone render ckpt_path=outputs/<run>/checkpoints/last.ckpt output_dir=render
+    detr-backbone render kind=augment data.augment=deim output_dir=render   # augment.png
 
 Writes ``input.png`` (the image as the model sees it), ``position.png`` (a few channels of each
 axis of the positional map of every returned level: low to high frequency for the sine encoding)
 and ``features.png`` (per level: the input, the channel mean and the channel L2 norm of the feature
-map, then its top-k channels by energy), all cropped to the unpadded region. The keys below are the
+map, then its top-k channels by energy), all cropped to the unpadded region. ``kind=augment`` writes
+``augment.png`` instead: the first ``samples`` training samples with their boxes, as the model sees them, one
+row per phase of the data's augmentation policy (data/augment.py). The keys below are the
 command's own; every other ``key=value`` is a Hydra override of config.yaml, as for train.
 """
 
@@ -25,9 +29,18 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from ..config import JoinerConfig
-from ..data import build_datamodule
+from ..data import DetectionDataModule, build_datamodule
 from ..data.images import load_rgb_image
-from ..data.visualize import caption, denormalize, heatmap, resize_longer_side, save_png, tile_grid, valid_size
+from ..data.visualize import (
+    caption,
+    denormalize,
+    heatmap,
+    resize_longer_side,
+    save_png,
+    target_panel,
+    tile_grid,
+    valid_size,
+)
 from ..inference.preprocess import EvalTransform
 from ..joiner import Joiner, build_backbone
 from ..nested_tensor import NestedTensor, nested_tensor_from_tensor_list
@@ -51,8 +64,12 @@ MODEL_KEYS = (
 )
 
 
+KINDS = ("joiner", "augment")
+
+
 @dataclass
 class RenderOptions:
+    kind: str = "joiner"  # joiner: input, position and features | augment: a grid of augmented training samples
     ckpt_path: Optional[str] = None  # a train.py checkpoint; null: a fresh model built from the overrides
     image: Optional[str] = None  # an image file; null: validation sample `index` of the configured data
     index: int = 0  # which validation sample when no image is given
@@ -60,9 +77,11 @@ class RenderOptions:
     channels: int = 6  # positional channels shown per axis
     top_k: int = 6  # feature channels shown per level
     tile: int = 128  # longer side of each tile in pixels
+    samples: int = 6  # kind=augment: training samples per row
 
     def __post_init__(self) -> None:
-        for name in ("channels", "top_k", "tile"):
+        require(self.kind in KINDS, f"kind={self.kind!r} is not one of {', '.join(KINDS)}")
+        for name in ("channels", "top_k", "tile", "samples"):
             require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
 
 
@@ -164,6 +183,22 @@ def render(joiner: Joiner, image: Tensor, out: Path, channels: int = 6, top_k: i
     ]
 
 
+def augment_grid(datamodule: DetectionDataModule, samples: int, side: int) -> Tensor:
+    """The first ``samples`` training samples with their boxes, one row per phase of the train set's policy
+    (each drawn as in the first epoch of its phase), every tile scaled to ``side`` on its longer side."""
+    dataset = datamodule.dataset("train")
+    schedule = datamodule.augment_schedule
+    names = datamodule.class_names
+    tiles = []
+    for phase in schedule.policy.phases:
+        schedule.state.set(0, phase.start)
+        for index in range(min(samples, len(dataset))):
+            image, target = dataset[index]
+            panel, _ = target_panel(image, target, [names[int(label)] for label in target["labels"]], side)
+            tiles.append(caption(panel, f"{schedule.policy.name} from {phase.start:.2f}") if index == 0 else panel)
+    return tile_grid(tiles, nrow=min(samples, len(dataset)))
+
+
 def parse_args(arguments: Sequence[str]) -> tuple[RenderOptions, list[str], Optional[str]]:
     """The command's own keys, the Hydra overrides of config.yaml, and ``--config-dir``."""
     if any(argument in ("-h", "--help") for argument in arguments):
@@ -186,6 +221,11 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     with reported():
         options, overrides, config_dir = parse_args(argv or [])
         cfg = compose_config(overrides, config_dir)
+        if options.kind == "augment":
+            grid = augment_grid(build_datamodule(cfg.data), options.samples, options.tile)
+            paths = [save_png(grid, Path(options.output_dir) / "augment.png")]
+            print(paths[0])
+            return paths
         joiner = load_joiner(cfg, options.ckpt_path)
         image = model_input(cfg, options.image, options.index)
         paths = render(joiner, image, Path(options.output_dir), options.channels, options.top_k, options.tile)

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from .augment import MultiScale, PolicyTransforms, files_policy_transforms, shapes_policy_transforms
 from .bad_samples import check_bad_samples
 from .coco import CocoDetection
 from .collate import DetectionCollate
@@ -39,6 +40,7 @@ class DetectionDataModule(pl.LightningDataModule):
         persistent_workers: bool = False,
         size_divisibility: int = 0,
         seed: int = 0,
+        multi_scale: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
@@ -58,8 +60,23 @@ class DetectionDataModule(pl.LightningDataModule):
             return self.dataset("val")
         if split not in self._datasets:
             source = self._sources[split]
-            self._datasets[split] = source if isinstance(source, Dataset) else source()
+            dataset = source if isinstance(source, Dataset) else source()
+            if isinstance(getattr(dataset, "transforms", None), PolicyTransforms):
+                dataset.transforms.bind(dataset)  # Mosaic and MixUp draw their partners from it
+            self._datasets[split] = dataset
         return self._datasets[split]
+
+    @property
+    def augment_schedule(self) -> PolicyTransforms | None:
+        """The train set's augmentation policy, whose phase the AugmentPhase callback sets; None without one."""
+        schedule = getattr(self.dataset("train"), "transforms", None)
+        return schedule if isinstance(schedule, PolicyTransforms) else None
+
+    def _multi_scale(self) -> MultiScale | None:
+        schedule = self.augment_schedule
+        if not self.hparams.multi_scale or schedule is None:
+            return None
+        return MultiScale(tuple(self.hparams.multi_scale), schedule.policy, schedule.state, self.hparams.seed)
 
     def setup(self, stage: str | None = None) -> None:
         splits: dict[str | None, tuple[Split, ...]] = {
@@ -91,7 +108,7 @@ class DetectionDataModule(pl.LightningDataModule):
             num_workers=workers,
             pin_memory=self.hparams.pin_memory,
             persistent_workers=self.hparams.persistent_workers and workers > 0,
-            collate_fn=DetectionCollate(self.hparams.size_divisibility),
+            collate_fn=DetectionCollate(self.hparams.size_divisibility, self._multi_scale() if shuffle else None),
             drop_last=False,
         )
 
@@ -107,7 +124,15 @@ class DetectionDataModule(pl.LightningDataModule):
 
 DATA_KINDS = ("shapes", "coco", "yolo", "voc")
 FOLDER_KINDS = ("coco", "yolo", "voc")  # the user's own data, read from files
-LOADER_FIELDS = ("batch_size", "num_workers", "pin_memory", "persistent_workers", "size_divisibility", "seed")
+LOADER_FIELDS = (
+    "batch_size",
+    "num_workers",
+    "pin_memory",
+    "persistent_workers",
+    "size_divisibility",
+    "seed",
+    "multi_scale",
+)
 
 
 def _plain(cfg: Any) -> dict[str, Any]:
@@ -136,17 +161,20 @@ def _shapes_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSo
     options = _present(
         values, {name: name for name in ("seed", "min_size", "max_size", "max_objects", "cache", "classes")}
     )
+    train, val = shapes_policy_transforms(values)
     return (
-        partial(ShapesDataset, values["train_size"], split="train", **options),
-        partial(ShapesDataset, values["val_size"], split="val", **options),
+        partial(ShapesDataset, values["train_size"], split="train", transforms=train, **options),
+        partial(ShapesDataset, values["val_size"], split="val", transforms=val, **options),
     )
 
 
 def folder_transforms(values: Mapping[str, Any]) -> tuple[SampleTransform, SampleTransform]:
-    """The train and val transforms of a dataset read from files (coco, yolo, voc)."""
-    train = detr_train_transforms(**_present(values, {"scales": "scales", "max_resize": "max_size"}))
+    """The train and val transforms of a dataset read from files (coco, yolo, voc): the policy of ``augment``
+    (DETR's by default, data/augment.py), and its evaluation transform."""
     val = detr_val_transforms(**_present(values, {"val_resize": "size", "max_resize": "max_size"}))
-    return train, val
+    return files_policy_transforms(
+        values, partial(detr_train_transforms, **_present(values, {"scales": "scales", "max_resize": "max_size"})), val
+    )
 
 
 def _refuse_shapes_keys(values: Mapping[str, Any], kind: str, classes_are: str | None) -> None:

@@ -29,6 +29,7 @@ CLASSES = SHAPE_KINDS[:3]  # the default classes, in label order (the default jo
 SPLITS = ("train", "val", "test")
 
 MIN_RELATIVE_SIZE, MAX_RELATIVE_SIZE = 0.2, 0.6  # shape side as a fraction of the image side
+MAX_SIDE = 128  # the default largest image side
 MAX_IOU = 0.3  # overlap allowed between a new shape and any earlier one
 PLACEMENT_TRIES = 10
 MIN_COLOR_DISTANCE = 150  # L1 over RGB between a shape and the background's base color
@@ -130,7 +131,7 @@ class ShapesDataset(Dataset):
         num_images: int,
         seed: int = 0,
         min_size: int = 96,
-        max_size: int = 128,
+        max_size: int = MAX_SIDE,
         max_objects: int = 3,
         split: str = "train",
         noise: float = 3.0,

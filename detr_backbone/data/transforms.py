@@ -80,7 +80,7 @@ class RandomSizeCrop(v2.Transform):
         return self._call_kernel(F.crop, inpt, **params)
 
 
-def _finish() -> list[Callable]:
+def model_input_transforms() -> list[Callable]:
     """Tensor conversion, ImageNet normalization, box clean-up and DETR's target format."""
     return [
         v2.ToImage(),
@@ -93,7 +93,7 @@ def _finish() -> list[Callable]:
 
 def detr_base_transforms() -> v2.Compose:
     """No augmentation, no resizing: the default of the datasets in this package."""
-    return v2.Compose(_finish())
+    return v2.Compose(model_input_transforms())
 
 
 def detr_train_transforms(
@@ -122,11 +122,11 @@ def detr_train_transforms(
                     ),
                 ]
             ),
-            *_finish(),
+            *model_input_transforms(),
         ]
     )
 
 
 def detr_val_transforms(size: int = 800, max_size: int = 1333) -> v2.Compose:
     """DETR's evaluation transform: shorter side to ``size``, longer side at most ``max_size``."""
-    return v2.Compose([v2.Resize(size, max_size=max_size), *_finish()])
+    return v2.Compose([v2.Resize(size, max_size=max_size), *model_input_transforms()])

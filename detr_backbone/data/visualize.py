@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
+from torchvision.ops import box_convert
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes, make_grid
 
@@ -58,6 +59,15 @@ def draw_boxes(
         label_colors=(255, 255, 255),
         fill_labels=True,
     )
+
+
+def target_panel(image: Tensor, target: dict[str, Tensor], captions: Sequence[str], side: int) -> tuple[Tensor, float]:
+    """A padded, normalized model input (3, H, W) as uint8 pixels of its unpadded region, scaled to ``side`` on its
+    longer side, with its target's boxes (DETR's normalized cxcywh, in the unpadded ``size``); and the scale used."""
+    height, width = target["size"].tolist()
+    panel, scale = resize_longer_side(denormalize(image[:, :height, :width]), side)
+    truth = box_convert(target["boxes"].float().cpu(), "cxcywh", "xyxy") * torch.tensor([width, height, width, height])
+    return draw_boxes(panel, truth * scale, captions, TRUTH_COLOR), scale
 
 
 def caption(tile: Tensor, text: str) -> Tensor:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..config import BackboneConfig, PositionConfig, backbone_config, position_config
+from ..data.augment import FILES_SIZE, check_augment
 from ..detection import HEADS, head_config
 from ..inference.coco_metrics import check_coco_backend
 from ..validation import require
@@ -68,6 +69,21 @@ class DataConfig:
     val_resize: int = 800
     bad_samples: str = "skip"  # an image that cannot be read: error (stop, naming it) | skip (a stand-in, warned once)
     max_bad_fraction: float = 0.01  # skip: stop once more than this fraction of a split's images could not be read
+    # training augmentation, data/augment.py and docs/training.md#augmentation-policies
+    augment: Optional[str] = None  # detr | rtdetr | deim | none; null: detr for image folders, none for shapes
+    size: int = FILES_SIZE  # image folders: the square side of rtdetr and deim (shapes: max_size)
+    multi_scale: list[int] = field(default_factory=list)  # one side per batch drawn from these (RT-DETR); []: off
+    # the policies' probabilities; null: the reference's (flip 0.5, photometric 0.5, zoom-out 0.5, IoU crop 0.8,
+    # Mosaic 0.5, MixUp 0.5)
+    flip_prob: Optional[float] = None
+    photometric_prob: Optional[float] = None
+    zoom_out_prob: Optional[float] = None
+    iou_crop_prob: Optional[float] = None
+    mosaic_prob: Optional[float] = None
+    mixup_prob: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        check_augment(vars(self))
 
 
 @dataclass

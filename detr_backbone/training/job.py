@@ -24,6 +24,7 @@ from ..config import JoinerConfig
 from ..data import build_datamodule
 from ..detection import HEADS, record_of
 from ..validation import require
+from .callbacks.augment_phase import AugmentPhase
 from .callbacks.ema import EmaWeights
 from .callbacks.last_checkpoint import LastCheckpoint
 from .callbacks.loss_guard import NON_FINITE_ACTIONS, NonFiniteLossGuard
@@ -104,6 +105,7 @@ def build_callbacks(cfg: CallbacksConfig, run_dir: Path) -> list[Callback]:
         NonFiniteLossGuard(cfg.non_finite_loss),
         # there with the average off too: it resumes a checkpoint written with it on from the trained weights
         EmaWeights(cfg.ema.decay if cfg.ema.enabled else None, cfg.ema.warmup_steps),
+        AugmentPhase(),  # does nothing when the data has no augmentation policy
     ]
     stopping = cfg.early_stopping
     if stopping.enabled:

@@ -11,17 +11,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
-from torchvision.ops import box_convert
 
-from ...data.visualize import (
-    PREDICTION_COLOR,
-    TRUTH_COLOR,
-    denormalize,
-    draw_boxes,
-    resize_longer_side,
-    tile_grid,
-    write_png,
-)
+from ...data.visualize import PREDICTION_COLOR, draw_boxes, target_panel, tile_grid, write_png
 from ...detection.boxes import per_image
 from ...file_writes import atomic_write, remove_stale_temporaries
 from ...nested_tensor import NestedTensor
@@ -48,10 +39,7 @@ def prediction_panel(
     ``target`` holds DETR's normalized cxcywh ``boxes`` and the unpadded ``size`` (h, w); ``detection``
     holds ``scores``, ``labels`` and XYXY ``boxes`` in pixels of that unpadded image.
     """
-    height, width = target["size"].tolist()
-    panel, scale = resize_longer_side(denormalize(image[:, :height, :width]), side)
-    truth = box_convert(target["boxes"].float().cpu(), "cxcywh", "xyxy") * torch.tensor([width, height, width, height])
-    panel = draw_boxes(panel, truth * scale, [""] * len(truth), TRUTH_COLOR)
+    panel, scale = target_panel(image, target, [""] * len(target["boxes"]), side)
     keep = detection["scores"] >= score_threshold
     captions = [
         f"{class_name(int(label), class_names)} {float(score):.2f}"
