@@ -4,6 +4,7 @@ and batches padded to few shapes whenever the config compiles."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from detr_backbone.compilation import COMPILE_SIZE_DIVISIBILITY, compile_in_plac
 from detr_backbone.data import build_datamodule
 from detr_backbone.data.collate import DetectionCollate
 from detr_backbone.training import compile_padding
+from detr_backbone.training.compile_padding import CompileCostWarning
 from detr_backbone.training.job import build_module, validated
 
 from .jobs import SMALL, compose_config
@@ -121,3 +123,11 @@ def test_compiling_pads_batches_to_multiples_of_32_unless_a_multiple_is_set(over
 def test_break_even_counts_the_steps_until_the_compiled_run_is_ahead():
     assert break_even_steps(compile_s=10.0, eager_s=0.10, compiled_s=0.08) == pytest.approx(500)
     assert break_even_steps(compile_s=10.0, eager_s=0.08, compiled_s=0.10) is None  # never: compiled is slower
+
+
+def test_compiling_dino_says_before_compiling_why_it_will_not_pay():
+    with pytest.warns(CompileCostWarning, match="^model.compile=true: DINO builds its denoising queries"):
+        validated(compose_config("model.compile=true"))  # the default job's DINO
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileCostWarning)
+        validated(compose_config(*SMALL, "model.compile=true"))  # DETR's head compiles once per shape

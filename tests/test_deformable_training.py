@@ -56,6 +56,16 @@ def test_backbone_levels_given_are_kept_and_an_extra_level_is_added(tmp_path):
     assert module.detector.backbone.strides == [16, 32] and len(module.detector.input_proj) == 3
 
 
+@pytest.mark.parametrize(("levels", "strides", "body_ends"), [(1, [32], "layer4"), (2, [8, 16], "layer3")])
+def test_one_or_two_levels_read_layer4_alone_or_layers_2_and_3_and_the_body_stops_there(
+    tmp_path, levels, strides, body_ends
+):
+    module = job(tmp_path, f"model.num_feature_levels={levels}").module
+    joiner = module.detector.backbone
+    assert joiner.strides == strides and len(module.detector.input_proj) == levels
+    assert list(dict(joiner[0].body.named_children()))[-1] == body_ends
+
+
 @pytest.mark.parametrize("precision", ["32-true", "16-mixed", "bf16-mixed", "bf16-true"])
 @pytest.mark.slow
 def test_every_precision_trains(tmp_path, precision):

@@ -162,9 +162,11 @@ def _shapes_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSo
         values, {name: name for name in ("seed", "min_size", "max_size", "max_objects", "cache", "classes")}
     )
     train, val = shapes_policy_transforms(values)
+    # without augmentation a sample is the same every epoch: the cache keeps it transformed
+    fixed = train.policy.name == "none"
     return (
-        partial(ShapesDataset, values["train_size"], split="train", transforms=train, **options),
-        partial(ShapesDataset, values["val_size"], split="val", transforms=val, **options),
+        partial(ShapesDataset, values["train_size"], split="train", transforms=train, cache_samples=fixed, **options),
+        partial(ShapesDataset, values["val_size"], split="val", transforms=val, cache_samples=True, **options),
     )
 
 

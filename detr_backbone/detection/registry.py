@@ -59,6 +59,7 @@ class HeadRecord:
     architecture: type[PublishedArchitecture] | None = None
     files: tuple[FileLayout, ...] = ()
     folder: HuggingFaceLayout | None = None
+    compile_note: str | None = None  # why model.compile will not pay in training, said before compiling
 
     def __post_init__(self) -> None:
         check_builder(self.schema, self.builder)
@@ -116,6 +117,11 @@ HEADS: dict[str, HeadRecord] = {
             presets=("dino", "dino_small"),
             architecture=DinoArchitecture,
             files=(DINO_CHECKPOINT,),
+            compile_note=(
+                "DINO builds its denoising queries from each batch's boxes, whose number changes from batch to "
+                "batch, so training compiles new graphs at nearly every step and compiling will not pay "
+                "(docs/performance.md#compile)"
+            ),
         ),
     )
 }

@@ -1,12 +1,15 @@
-"""A compiled model compiles once per batch shape: when compiling, batches are padded to few shapes."""
+"""A compiled model compiles once per batch shape: when compiling, batches are padded to few shapes; a head that
+compiles anew at nearly every step says so before compiling."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 from ..compilation import COMPILE_SIZE_DIVISIBILITY
+from ..detection import record_of
 from .config import Config
 
 
@@ -21,3 +24,13 @@ def padded_for_compile(config: Config) -> Config:
     )
     data = dataclasses.replace(config.data, size_divisibility=COMPILE_SIZE_DIVISIBILITY)
     return dataclasses.replace(config, data=data)
+
+
+class CompileCostWarning(UserWarning):
+    """model.compile=true on a head whose training step compiles new graphs at nearly every step."""
+
+
+def warn_of_compile_cost(config: Config) -> None:
+    note = record_of(config.model).compile_note
+    if config.model.compile and note is not None:
+        rank_zero_warn(f"model.compile=true: {note}", category=CompileCostWarning)

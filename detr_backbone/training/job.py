@@ -33,7 +33,7 @@ from .callbacks.prediction_grid import PredictionGrid
 from .callbacks.preemption import cluster_plugins
 from .callbacks.saved_config import NO_COMMAND_LINE, CommandLine
 from .checkpoint_io import AtomicCheckpointIO
-from .compile_padding import padded_for_compile
+from .compile_padding import padded_for_compile, warn_of_compile_cost
 from .config import CallbacksConfig, Config
 from .faults import ended_cleanly, fault_callbacks
 from .init_from import initialize_from, without_backbone_weights
@@ -85,6 +85,7 @@ def validated(cfg: DictConfig | Config, run_dir: Path | None = None) -> Config:
         f"published weights yet; heads that do: {', '.join(readers)} (model=<name>)",
     )
     JoinerConfig.from_args(config)  # cross-field checks of the Joiner's knobs
+    warn_of_compile_cost(config)
     return resumed(padded_for_compile(config), run_dir)
 
 

@@ -52,8 +52,9 @@ class MultiScaleHeadConfig(TransformerHeadConfig):
         )
 
     def backbone_levels(self) -> list[int]:
-        """The levels Deformable-DETR's build_backbone takes: layers 2-4, or layer4 alone for one level."""
-        return [2, 3, 4] if self.num_feature_levels > 1 else [4]
+        """The backbone layers read: Deformable-DETR's layers 2-4 (strides 8-32), or layer4 alone for one level;
+        for two levels, layers 2-3 (the stride-8 and -16 maps of small images; the body stops after layer3)."""
+        return {1: [4], 2: [2, 3]}.get(self.num_feature_levels, [2, 3, 4])
 
     def parameter_groups(self, detector: nn.Module, lr: float) -> list[dict]:
         """The sampling offsets and reference points, trained at ``lr * lr_linear_proj_mult``."""
