@@ -156,6 +156,7 @@ def test_the_deformable_detr_coco_preset_is_the_published_recipe():
     )
     assert (cfg.lr, cfg.lr_backbone, cfg.model.lr_linear_proj_mult, cfg.weight_decay) == (2e-4, 2e-5, 0.1, 1e-4)
     assert (cfg.trainer.max_epochs, cfg.lr_drop, cfg.clip_max_norm) == (50, 40, 0.1)
+    assert (cfg.optimizer.schedule, cfg.optimizer.warmup_steps) == ("step", 0)  # not the default job's
     assert cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes == 32 and cfg.trainer.strategy == "ddp"
     assert recipe_mismatch(cfg) is None
 

@@ -182,11 +182,12 @@ needs_fusion = pytest.mark.skipif(
 
 
 def frozen_bn_detector(backbone: str, *overrides: str, seed: int = 0) -> torch.nn.Module:
-    """A small random detector of the default head (DINO's) on a torchvision ResNet with frozen BatchNorm
-    whose buffers are far from identity."""
+    """A small random detector of the default head (DINO's, on three levels: the whole ResNet) on a torchvision
+    ResNet with frozen BatchNorm whose buffers are far from identity."""
     torch.manual_seed(seed)
     cfg = compose_config(
         f"backbone={backbone}",
+        "model.num_feature_levels=3",
         "hidden_dim=32",
         "model.enc_layers=1",
         "model.dec_layers=1",

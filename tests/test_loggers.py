@@ -72,7 +72,10 @@ def flat_keys(tree: dict, prefix: str = "") -> set[str]:
     keys = set()
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        keys |= flat_keys(value, f"{name}/") if isinstance(value, dict) else {name}  # {}: no param
+        if isinstance(value, dict):
+            keys |= flat_keys(value, f"{name}/")  # {}: no param
+        elif value != []:  # Lightning's flattening logs no param for an empty list either
+            keys.add(name)
     return keys
 
 

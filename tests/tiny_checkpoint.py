@@ -29,6 +29,7 @@ TINY_RUN = [
 
 # the multi-scale heads on layers 2-4 (three levels), as small as the DETR head above
 MULTI_SCALE = [
+    "model.num_feature_levels=3",
     f"model.num_queries={NUM_QUERIES}",
     "model.enc_layers=1",
     "model.dec_layers=2",
