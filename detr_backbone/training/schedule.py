@@ -48,10 +48,7 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class LrFactor:
-    """The lr of optimizer step ``step`` (from 0) as a fraction of the peak, for a run of ``total_steps``.
-
-    A plain object, not a closure: ``LambdaLR`` saves its fields in checkpoints.
-    """
+    """The lr of optimizer step ``step`` (from 0) as a fraction of the peak, for a run of ``total_steps``."""
 
     schedule: str
     total_steps: int
@@ -96,10 +93,6 @@ class RunSchedule(LambdaLR):
         self.planned = LrFactor(config.schedule, 0, 1, lr_drop=lr_drop, **fields)
         self.epochs_done: int | None = None  # set by a checkpoint of the epoch-wise StepLR of earlier versions
         super().__init__(optimizer, at_peak)
-
-    @property
-    def factor(self) -> LrFactor:
-        return self.lr_lambdas[0]
 
     def fit_to_run(self, total_steps: float, steps_per_epoch: int) -> None:
         """Follow the schedule over a run of ``total_steps`` optimizer steps (inf: no end set), ``steps_per_epoch``
