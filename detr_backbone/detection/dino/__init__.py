@@ -6,7 +6,7 @@ training, its criterion, schema and published layout, on the encoder and attenti
 
 from .config import DinoConfig
 from .criterion import DinoCriterion, dino_criterion
-from .denoising import DenoisingQueries, contrastive_denoising
+from ..multiscale.denoising import DenoisingQueries, contrastive_denoising
 from .dino import DINO, build_dino
 from .transformer import DinoTransformer
 

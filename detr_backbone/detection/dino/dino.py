@@ -19,7 +19,7 @@ from ..multiscale.levels import check_levels, level_projections, linear_projecti
 from ..multiscale.postprocess import topk_detections
 from ..multiscale.refinement import inverse_sigmoid
 from ..postprocess import Detections
-from .denoising import DenoisingQueries, contrastive_denoising
+from ..multiscale.denoising import DenoisingQueries, contrastive_denoising
 from .transformer import LOGIT_EPS, DinoTransformer
 
 
