@@ -84,7 +84,7 @@ class RtDetrV2Config(TransformerHeadConfig):
         )
         require(self.dn_number >= 0, f"model.dn_number={self.dn_number} must be >= 0")
         require(0 < self.focal_alpha < 1, f"model.focal_alpha={self.focal_alpha} must be in (0, 1)")
-        require(0 < self.vfl_alpha, f"model.vfl_alpha={self.vfl_alpha} must be > 0")
+        require(self.vfl_alpha > 0, f"model.vfl_alpha={self.vfl_alpha} must be > 0")
         require(self.vfl_gamma >= 0, f"model.vfl_gamma={self.vfl_gamma} must be >= 0")
 
     def backbone_levels(self) -> list[int]:
