@@ -19,7 +19,8 @@ a YOLO or VOC folder the ground truth as ``ground_truth.json`` (a COCO folder's 
 ground truth),
 and ``metrics.json``. Every number is COCOeval's of those two files (pycocotools', or
 faster-coco-eval's with ``backend=faster_coco_eval``), so anyone can recompute them. Images are resized and normalised by the data config's evaluation transform, as
-the training job's validation does. Keys: conf/evaluate.yaml and the data group, as Hydra overrides.
+the training job's validation does, following the detector's input record (``model.input``: ImageNet
+normalisation or not, DETR's resize or a square of ``data.size``). Keys: conf/evaluate.yaml and the data group, as Hydra overrides.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def evaluate(cfg: EvaluateConfig, own_data: bool = False) -> CocoMetrics:
     saved_data = run_data(run_config) if own_data else None
     if saved_data is not None:
         cfg = replace(cfg, data=saved_data)
-    datamodule = build_datamodule(cfg.data)
+    datamodule = build_datamodule(cfg.data, loaded.input)  # images prepared as the detector takes them
     dataset = datamodule.dataset("val")
     require(len(dataset) > 0, f"the data={cfg.data.kind} validation set has no images")
     names, ids = dataset_categories(dataset)

@@ -43,7 +43,9 @@ class PredictConfig:
     output_dir: str = "predictions"
     threshold: float = 0.5  # detections scoring below are dropped
     top_k: Optional[int] = None  # at most this many per image, best first; null: all above the threshold
-    size: Optional[int] = None  # shorter side images are resized to; null: the checkpoint's evaluation size; 0: none
+    # the evaluation side: the shorter side, or the square's side for a detector whose model.input.resize is square;
+    # null: the checkpoint's evaluation size; 0: none
+    size: Optional[int] = None
     max_size: int = 1333  # longest side after resizing
     batch_size: int = 4
     device: str = "cpu"

@@ -31,6 +31,7 @@ from torch import Tensor
 from ..config import JoinerConfig
 from ..data import DetectionDataModule, build_datamodule
 from ..data.images import load_rgb_image
+from ..data.transforms import pixel_statistics
 from ..data.visualize import (
     caption,
     denormalize,
@@ -41,6 +42,7 @@ from ..data.visualize import (
     tile_grid,
     valid_size,
 )
+from ..image_input import InputConfig
 from ..inference.preprocess import EvalTransform
 from ..joiner import Joiner, build_backbone
 from ..nested_tensor import NestedTensor, nested_tensor_from_tensor_list
@@ -94,19 +96,24 @@ def compose_config(overrides: Sequence[str], config_dir: Optional[str] = None) -
         return validated(compose(config_name="config", overrides=list(overrides)))
 
 
-def load_joiner(cfg: Config, ckpt: str | None) -> Joiner:
-    """The Joiner of a train.py checkpoint, or a freshly built one from the config (seeded by ``cfg.seed``)."""
+def load_joiner(cfg: Config, ckpt: str | None) -> tuple[Joiner, InputConfig]:
+    """The Joiner of a train.py checkpoint, or a freshly built one from the config (seeded by ``cfg.seed``), and
+    how its detector takes its images."""
     if ckpt is None:
         torch.manual_seed(cfg.seed)
-        return build_backbone(JoinerConfig(cfg.backbone, cfg.position, cfg.hidden_dim, cfg.lr_backbone))
-    return load_training_module(ckpt).detector.backbone
+        return build_backbone(
+            JoinerConfig(cfg.backbone, cfg.position, cfg.hidden_dim, cfg.lr_backbone)
+        ), cfg.model.input
+    module = load_training_module(ckpt)
+    return module.detector.backbone, module.config.head.input
 
 
-def model_input(cfg: Config, image: str | None, index: int) -> Tensor:
-    """A normalized (3, H, W) image: the file at ``image``, else validation sample ``index`` of the configured data."""
+def model_input(cfg: Config, image: str | None, index: int, input: InputConfig) -> Tensor:
+    """A (3, H, W) model input prepared as ``input`` says: the file at ``image`` (not resized), else validation
+    sample ``index`` of the configured data."""
     if image is not None:
-        return EvalTransform()(load_rgb_image(Path(image), as_viewed=True))[0]
-    dataset = build_datamodule(cfg.data).dataset("val")
+        return EvalTransform(input=input)(load_rgb_image(Path(image), as_viewed=True))[0]
+    dataset = build_datamodule(cfg.data, input).dataset("val")
     if not 0 <= index < len(dataset):
         raise ValueError(f"index={index} is out of range: the validation set has {len(dataset)} images")
     return dataset[index][0]
@@ -170,12 +177,21 @@ def feature_grid(image: Tensor, features: list[NestedTensor], top_k: int, side: 
     return tile_grid(tiles, nrow=len(tiles) // len(features))
 
 
-def render(joiner: Joiner, image: Tensor, out: Path, channels: int = 6, top_k: int = 6, side: int = 128) -> list[Path]:
-    """Writes input.png, position.png and features.png under ``out``; returns their paths."""
+def render(
+    joiner: Joiner,
+    image: Tensor,
+    out: Path,
+    channels: int = 6,
+    top_k: int = 6,
+    side: int = 128,
+    normalized: bool = True,
+) -> list[Path]:
+    """Writes input.png, position.png and features.png under ``out`` for a model input (ImageNet-``normalized``
+    or pixels / 255); returns their paths."""
     joiner.eval()
     with torch.no_grad():
         features, positions = joiner(nested_tensor_from_tensor_list([image]))
-    pixels = denormalize(image)
+    pixels = denormalize(image, *pixel_statistics(normalized))
     return [
         save_png(pixels, out / "input.png"),
         save_png(position_grid(joiner[1], positions, features, channels, side), out / "position.png"),
@@ -183,7 +199,7 @@ def render(joiner: Joiner, image: Tensor, out: Path, channels: int = 6, top_k: i
     ]
 
 
-def augment_grid(datamodule: DetectionDataModule, samples: int, side: int) -> Tensor:
+def augment_grid(datamodule: DetectionDataModule, samples: int, side: int, normalized: bool = True) -> Tensor:
     """The first ``samples`` training samples with their boxes, one row per phase of the train set's policy
     (each drawn as in the first epoch of its phase), every tile scaled to ``side`` on its longer side."""
     dataset = datamodule.dataset("train")
@@ -194,7 +210,8 @@ def augment_grid(datamodule: DetectionDataModule, samples: int, side: int) -> Te
         schedule.state.set(0, phase.start)
         for index in range(min(samples, len(dataset))):
             image, target = dataset[index]
-            panel, _ = target_panel(image, target, [names[int(label)] for label in target["labels"]], side)
+            captions = [names[int(label)] for label in target["labels"]]
+            panel, _ = target_panel(image, target, captions, side, normalized)
             tiles.append(caption(panel, f"{schedule.policy.name} from {phase.start:.2f}") if index == 0 else panel)
     return tile_grid(tiles, nrow=min(samples, len(dataset)))
 
@@ -222,13 +239,15 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         options, overrides, config_dir = parse_args(argv or [])
         cfg = compose_config(overrides, config_dir)
         if options.kind == "augment":
-            grid = augment_grid(build_datamodule(cfg.data), options.samples, options.tile)
+            record = cfg.model.input
+            grid = augment_grid(build_datamodule(cfg.data, record), options.samples, options.tile, record.normalize)
             paths = [save_png(grid, Path(options.output_dir) / "augment.png")]
             print(paths[0])
             return paths
-        joiner = load_joiner(cfg, options.ckpt_path)
-        image = model_input(cfg, options.image, options.index)
-        paths = render(joiner, image, Path(options.output_dir), options.channels, options.top_k, options.tile)
+        joiner, record = load_joiner(cfg, options.ckpt_path)
+        image = model_input(cfg, options.image, options.index, record)
+        out = Path(options.output_dir)
+        paths = render(joiner, image, out, options.channels, options.top_k, options.tile, record.normalize)
     for path in paths:
         print(path)
     return paths

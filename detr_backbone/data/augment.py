@@ -29,6 +29,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from ..image_input import InputConfig
 from ..validation import require
 from .shapes import MAX_SIDE
 from .transforms import (
@@ -104,15 +105,18 @@ def rtdetr_pieces(probabilities: Mapping[str, float], mosaic: bool = False) -> l
     return [*pieces, v2.SanitizeBoundingBoxes(min_size=1)]
 
 
-def square_transforms(size: int, flip_prob: float, pieces: Sequence[Callable] = ()) -> v2.Compose:
-    """``pieces``, the flip, a resize to ``size`` x ``size`` (no aspect ratio kept, as RT-DETR), then the model's format."""
+def square_transforms(
+    size: int, flip_prob: float, pieces: Sequence[Callable] = (), normalize: bool = True
+) -> v2.Compose:
+    """``pieces``, the flip, a resize to ``size`` x ``size`` (no aspect ratio kept, as RT-DETR), then the model's
+    format (ImageNet-normalised with ``normalize``)."""
     return v2.Compose(
         [
             *pieces,
             v2.RandomHorizontalFlip(p=flip_prob),
             v2.Resize([size, size]),
             v2.SanitizeBoundingBoxes(min_size=1),
-            *model_input_transforms(),
+            *model_input_transforms(normalize),
         ]
     )
 
@@ -300,9 +304,11 @@ def build_policy(
     detr_train: Callable[[], SampleTransform],
     plain: SampleTransform,
     probabilities: Mapping[str, float | None] | None = None,
+    normalize: bool = True,
 ) -> Policy:
     """The phases of ``name``: ``detr_train`` builds DETR's augmentation, ``plain`` is the no-augmentation
-    transform of ``none`` (resize and normalise only), ``square_size`` the side of rtdetr and deim."""
+    transform of ``none`` (resize and normalise only), ``square_size`` the side of rtdetr and deim, whose
+    inputs are ImageNet-normalised with ``normalize``."""
     probabilities = probabilities or {}
     p = {
         key: default if probabilities.get(key) is None else probabilities[key] for key, default in PROBABILITIES.items()
@@ -311,8 +317,8 @@ def build_policy(
         return Policy(name, square_size, (Phase(0.0, detr_train()),))
     if name == "none":
         return Policy(name, square_size, (Phase(0.0, plain),))
-    rtdetr = square_transforms(square_size, p["flip_prob"], rtdetr_pieces(p))
-    flip_only = square_transforms(square_size, p["flip_prob"])
+    rtdetr = square_transforms(square_size, p["flip_prob"], rtdetr_pieces(p), normalize)
+    flip_only = square_transforms(square_size, p["flip_prob"], normalize=normalize)
     if name == "rtdetr":
         return Policy(name, square_size, (Phase(0.0, rtdetr), Phase(RTDETR_STOP, flip_only, multi_scale=False)))
     mosaic_on, mosaic_off, stop = DEIM_POINTS
@@ -320,14 +326,14 @@ def build_policy(
         mosaic_on,
         rtdetr,
         mosaic_prob=p["mosaic_prob"],
-        mosaic_transforms=square_transforms(square_size, p["flip_prob"], rtdetr_pieces(p, mosaic=True)),
+        mosaic_transforms=square_transforms(square_size, p["flip_prob"], rtdetr_pieces(p, mosaic=True), normalize),
         mixup_prob=p["mixup_prob"],
     )
     phases = (Phase(0.0, flip_only), mosaic_phase, Phase(mosaic_off, rtdetr), Phase(stop, flip_only, multi_scale=False))
     return Policy(name, square_size, phases, Mosaic(square_size // 2))  # DEIM: 320-pixel cells for a 640 input
 
 
-def scaled_detr_train(side: int) -> Callable[[], v2.Compose]:
+def scaled_detr_train(side: int, normalize: bool = True) -> Callable[[], v2.Compose]:
     """DETR's training augmentation with every size scaled by ``side / 800`` (DETR's evaluation side)."""
     factor = side / DETR_VAL_SIDE
 
@@ -336,7 +342,7 @@ def scaled_detr_train(side: int) -> Callable[[], v2.Compose]:
 
     crop_min, crop_max = scaled((384, 600))
     return lambda: detr_train_transforms(
-        scaled(DETR_SCALES), round(1333 * factor), scaled((400, 500, 600)), crop_min, crop_max
+        scaled(DETR_SCALES), round(1333 * factor), scaled((400, 500, 600)), crop_min, crop_max, normalize=normalize
     )
 
 
@@ -347,27 +353,43 @@ def _probabilities(values: Mapping[str, Any]) -> dict[str, float | None]:
 def policy_transforms(
     values: Mapping[str, Any],
     default: str,
-    square_size: int,
     detr_train: Callable[[], SampleTransform],
     plain: SampleTransform,
+    input: InputConfig,
 ) -> tuple[PolicyTransforms, SampleTransform]:
-    """Train and val transforms of ``values["augment"]`` (``default`` when unset); rtdetr and deim validate on
-    the square size, detr and none on ``plain``."""
+    """Train and val transforms of ``values["augment"]`` (``default`` when unset), normalised as ``input`` says;
+    rtdetr and deim, and a detector evaluated on squares (``input.resize``), validate on the square side, detr and
+    none otherwise on ``plain``."""
     check_augment(values)
-    name = values.get("augment") or default
-    policy = build_policy(name, square_size, detr_train, plain, _probabilities(values))
-    val = square_transforms(square_size, 0.0) if name in ("rtdetr", "deim") else plain
+    name, side = values.get("augment") or default, square_side(values)
+    policy = build_policy(name, side, detr_train, plain, _probabilities(values), input.normalize)
+    squares = name in ("rtdetr", "deim") or input.resize == "square"
+    val = square_transforms(side, 0.0, normalize=input.normalize) if squares else plain
     return PolicyTransforms(policy, values.get("seed") or 0), val
 
 
-def shapes_policy_transforms(values: Mapping[str, Any]) -> tuple[PolicyTransforms, SampleTransform]:
-    """The shapes data's: no augmentation by default; its square side is the data's ``max_size``."""
-    side = values.get("max_size") or MAX_SIDE
-    return policy_transforms(values, "none", side, scaled_detr_train(side), detr_base_transforms())
+def square_side(values: Mapping[str, Any]) -> int:
+    """The side of a data config's square inputs (rtdetr's and deim's, and a square evaluation): the shapes data's
+    ``max_size``, an image folder's ``size`` (640)."""
+    if values.get("kind", "shapes") == "shapes":
+        return values.get("max_size") or MAX_SIDE
+    return values.get("size") or FILES_SIZE
+
+
+def shapes_policy_transforms(
+    values: Mapping[str, Any], input: InputConfig | None = None
+) -> tuple[PolicyTransforms, SampleTransform]:
+    """The shapes data's: no augmentation by default."""
+    input = input or InputConfig()
+    detr_train = scaled_detr_train(square_side(values), input.normalize)
+    return policy_transforms(values, "none", detr_train, detr_base_transforms(input.normalize), input)
 
 
 def files_policy_transforms(
-    values: Mapping[str, Any], detr_train: Callable[[], SampleTransform], detr_val: SampleTransform
+    values: Mapping[str, Any],
+    detr_train: Callable[[], SampleTransform],
+    detr_val: SampleTransform,
+    input: InputConfig | None = None,
 ) -> tuple[PolicyTransforms, SampleTransform]:
-    """An image folder's: DETR's by default; its square side is ``values["size"]`` (640)."""
-    return policy_transforms(values, "detr", values.get("size") or FILES_SIZE, detr_train, detr_val)
+    """An image folder's: DETR's by default."""
+    return policy_transforms(values, "detr", detr_train, detr_val, input or InputConfig())

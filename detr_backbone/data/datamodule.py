@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from ..image_input import InputConfig
 from .augment import MultiScale, PolicyTransforms, files_policy_transforms, shapes_policy_transforms
 from .bad_samples import check_bad_samples
 from .coco import CocoDetection
@@ -156,12 +157,12 @@ def _require(values: Mapping[str, Any], fields: Sequence[str], kind: str) -> Non
         raise ValueError(f"data config of kind {kind!r} is missing {', '.join(missing)}")
 
 
-def _shapes_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSource]:
+def _shapes_sources(values: Mapping[str, Any], input: InputConfig) -> tuple[DatasetSource, DatasetSource]:
     _require(values, ("train_size", "val_size"), "shapes")
     options = _present(
         values, {name: name for name in ("seed", "min_size", "max_size", "max_objects", "cache", "classes")}
     )
-    train, val = shapes_policy_transforms(values)
+    train, val = shapes_policy_transforms(values, input)
     # without augmentation a sample is the same every epoch: the cache keeps it transformed
     fixed = train.policy.name == "none"
     return (
@@ -170,12 +171,14 @@ def _shapes_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSo
     )
 
 
-def folder_transforms(values: Mapping[str, Any]) -> tuple[SampleTransform, SampleTransform]:
+def folder_transforms(values: Mapping[str, Any], input: InputConfig) -> tuple[SampleTransform, SampleTransform]:
     """The train and val transforms of a dataset read from files (coco, yolo, voc): the policy of ``augment``
-    (DETR's by default, data/augment.py), and its evaluation transform."""
-    val = detr_val_transforms(**_present(values, {"val_resize": "size", "max_resize": "max_size"}))
+    (DETR's by default, data/augment.py), and its evaluation transform, both as the detector's ``input`` says."""
+    resize = _present(values, {"val_resize": "size", "max_resize": "max_size"})
+    val = detr_val_transforms(**resize, normalize=input.normalize)
+    train_sizes = _present(values, {"scales": "scales", "max_resize": "max_size"})
     return files_policy_transforms(
-        values, partial(detr_train_transforms, **_present(values, {"scales": "scales", "max_resize": "max_size"})), val
+        values, partial(detr_train_transforms, **train_sizes, normalize=input.normalize), val, input
     )
 
 
@@ -189,10 +192,10 @@ def _refuse_shapes_keys(values: Mapping[str, Any], kind: str, classes_are: str |
 
 
 def _folder_sources(
-    values: Mapping[str, Any], dataset: Callable[..., Dataset], **splits: Any
+    values: Mapping[str, Any], input: InputConfig, dataset: Callable[..., Dataset], **splits: Any
 ) -> tuple[partial, partial]:
     """The train and val factories of a file-backed ``dataset``, ``splits``' values its per-split arguments."""
-    train_transforms, val_transforms = folder_transforms(values)
+    train_transforms, val_transforms = folder_transforms(values, input)
     bad_samples = _present(values, {"bad_samples": "bad_samples"})
     train, val = ({key: value[index] for key, value in splits.items()} for index in (0, 1))
     return (
@@ -201,11 +204,12 @@ def _folder_sources(
     )
 
 
-def _coco_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSource]:
+def _coco_sources(values: Mapping[str, Any], input: InputConfig) -> tuple[DatasetSource, DatasetSource]:
     _require(values, ("train_images", "train_annotations", "val_images", "val_annotations"), "coco")
     _refuse_shapes_keys(values, "COCO", "a COCO folder's classes are the categories of its annotations")
     return _folder_sources(
         values,
+        input,
         CocoDetection,
         image_dir=(values["train_images"], values["val_images"]),
         annotation_file=(values["train_annotations"], values["val_annotations"]),
@@ -216,21 +220,24 @@ def _split_names(values: Mapping[str, Any]) -> tuple[str, str]:
     return values.get("train_split") or "train", values.get("val_split") or "val"
 
 
-def _yolo_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSource]:
+def _yolo_sources(values: Mapping[str, Any], input: InputConfig) -> tuple[DatasetSource, DatasetSource]:
     _require(values, ("root",), "yolo")
     _refuse_shapes_keys(values, "YOLO", "a YOLO folder's classes are the names of its data.yaml")
-    return _folder_sources(values, YoloDetection, root=(values["root"],) * 2, split=_split_names(values))
+    return _folder_sources(values, input, YoloDetection, root=(values["root"],) * 2, split=_split_names(values))
 
 
-def _voc_sources(values: Mapping[str, Any]) -> tuple[DatasetSource, DatasetSource]:
+def _voc_sources(values: Mapping[str, Any], input: InputConfig) -> tuple[DatasetSource, DatasetSource]:
     _require(values, ("root",), "voc")
     _refuse_shapes_keys(values, "VOC", None)
     options = {key: (values[key],) * 2 for key in ("classes", "difficult") if values.get(key) is not None}
-    return _folder_sources(values, VocDetection, root=(values["root"],) * 2, split=_split_names(values), **options)
+    return _folder_sources(
+        values, input, VocDetection, root=(values["root"],) * 2, split=_split_names(values), **options
+    )
 
 
-def build_datamodule(cfg: Any) -> DetectionDataModule:
-    """A DetectionDataModule from a data config (mapping, DictConfig or dataclass).
+def build_datamodule(cfg: Any, input: InputConfig | None = None) -> DetectionDataModule:
+    """A DetectionDataModule from a data config (mapping, DictConfig or dataclass), its images prepared as the
+    detector's ``input`` record says (None: DETR's, ImageNet-normalised and resized by the shorter side).
 
     Fields: kind ("shapes" | "coco" | "yolo" | "voc") and the loader fields of DetectionDataModule; shapes adds
     train_size, val_size (image counts), min_size, max_size (image sides), max_objects, cache, classes; coco adds
@@ -245,5 +252,5 @@ def build_datamodule(cfg: Any) -> DetectionDataModule:
     if kind not in builders:
         raise ValueError(f"unknown data kind {kind!r}; valid kinds: {', '.join(DATA_KINDS)}")
     check_bad_samples(values.get("bad_samples", "skip"), values.get("max_bad_fraction", 0.0))
-    train, val = builders[kind](values)
+    train, val = builders[kind](values, input or InputConfig())
     return DetectionDataModule(train, val, **_present(values, {field: field for field in LOADER_FIELDS}))

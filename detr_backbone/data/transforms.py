@@ -22,6 +22,7 @@ SampleTransform = Callable[[Any, Target], tuple[Tensor, Target]]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+UNNORMALIZED = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # pixels / 255 as they are (RT-DETR's input)
 DETR_SCALES = tuple(range(480, 801, 32))  # 480, 512, ..., 800: DETR's multi-scale training sizes
 
 
@@ -80,20 +81,26 @@ class RandomSizeCrop(v2.Transform):
         return self._call_kernel(F.crop, inpt, **params)
 
 
-def model_input_transforms() -> list[Callable]:
-    """Tensor conversion, ImageNet normalization, box clean-up and DETR's target format."""
+def pixel_statistics(normalize: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) a model input is ``(pixels / 255 - mean) / std`` with: ImageNet's, or none (0 and 1)."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if normalize else UNNORMALIZED
+
+
+def model_input_transforms(normalize: bool = True) -> list[Callable]:
+    """Tensor conversion, ImageNet normalization (``normalize``; else pixels / 255 only), box clean-up and DETR's
+    target format."""
     return [
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        *([v2.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)] if normalize else []),
         v2.SanitizeBoundingBoxes(),  # drops degenerate boxes and the labels that go with them
         ToDetrFormat(),
     ]
 
 
-def detr_base_transforms() -> v2.Compose:
+def detr_base_transforms(normalize: bool = True) -> v2.Compose:
     """No augmentation, no resizing: the default of the datasets in this package."""
-    return v2.Compose(model_input_transforms())
+    return v2.Compose(model_input_transforms(normalize))
 
 
 def detr_train_transforms(
@@ -103,6 +110,7 @@ def detr_train_transforms(
     crop_min: int = 384,
     crop_max: int = 600,
     flip_prob: float = 0.5,
+    normalize: bool = True,
 ) -> v2.Compose:
     """DETR's training augmentation (``make_coco_transforms("train")``)."""
     # DETR's RandomResize(sizes, max_size) resizes the shorter side to one of `sizes`: v2's RandomShortestSize.
@@ -122,11 +130,11 @@ def detr_train_transforms(
                     ),
                 ]
             ),
-            *model_input_transforms(),
+            *model_input_transforms(normalize),
         ]
     )
 
 
-def detr_val_transforms(size: int = 800, max_size: int = 1333) -> v2.Compose:
+def detr_val_transforms(size: int = 800, max_size: int = 1333, normalize: bool = True) -> v2.Compose:
     """DETR's evaluation transform: shorter side to ``size``, longer side at most ``max_size``."""
-    return v2.Compose([v2.Resize(size, max_size=max_size), *model_input_transforms()])
+    return v2.Compose([v2.Resize(size, max_size=max_size), *model_input_transforms(normalize)])

@@ -15,7 +15,7 @@ from torchvision.ops import box_convert
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes, make_grid
 
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, pixel_statistics
 
 GRID_PADDING = 2
 BACKGROUND = 255  # white between and around tiles
@@ -61,11 +61,14 @@ def draw_boxes(
     )
 
 
-def target_panel(image: Tensor, target: dict[str, Tensor], captions: Sequence[str], side: int) -> tuple[Tensor, float]:
-    """A padded, normalized model input (3, H, W) as uint8 pixels of its unpadded region, scaled to ``side`` on its
-    longer side, with its target's boxes (DETR's normalized cxcywh, in the unpadded ``size``); and the scale used."""
+def target_panel(
+    image: Tensor, target: dict[str, Tensor], captions: Sequence[str], side: int, normalized: bool = True
+) -> tuple[Tensor, float]:
+    """A padded model input (3, H, W), ImageNet-``normalized`` or pixels / 255, as uint8 pixels of its unpadded
+    region, scaled to ``side`` on its longer side, with its target's boxes (DETR's normalized cxcywh, in the
+    unpadded ``size``); and the scale used."""
     height, width = target["size"].tolist()
-    panel, scale = resize_longer_side(denormalize(image[:, :height, :width]), side)
+    panel, scale = resize_longer_side(denormalize(image[:, :height, :width], *pixel_statistics(normalized)), side)
     truth = box_convert(target["boxes"].float().cpu(), "cxcywh", "xyxy") * torch.tensor([width, height, width, height])
     return draw_boxes(panel, truth * scale, captions, TRUTH_COLOR), scale
 

@@ -10,11 +10,12 @@ asks which head it holds.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Protocol
 
 from torch import Tensor, nn
 
+from ..image_input import InputConfig
 from ..joiner import Joiner
 from ..nested_tensor import NestedTensor
 from ..targets import instantiate_target
@@ -59,7 +60,7 @@ def layer_outputs(logits: Tensor, boxes: Tensor, aux_loss: bool) -> dict[str, An
 @dataclass
 class HeadConfig:
     """What every head's schema holds (conf/model/): ``_target_`` builds the detector from the schema's fields
-    less ``TRAINING_FIELDS`` (each one a keyword of the builder: ``registry`` checks both ways); the costs and
+    less ``input`` (how it takes its images) and ``TRAINING_FIELDS`` (each one a keyword of the builder: ``registry`` checks both ways); the costs and
     loss weights set the criterion. A schema's field defaults are the head's defaults, written nowhere else."""
 
     _target_: str = ""
@@ -73,6 +74,8 @@ class HeadConfig:
     loss_giou: float = 2.0
     # torch.compile the whole detector in place (backbone.compile: the Joiner only); off: no CPU gain measured
     compile: bool = False
+    # how the detector takes its images (the data, the Predictor, evaluate and export read it); not the builder's
+    input: InputConfig = field(default_factory=InputConfig)
 
     POSITIVE: ClassVar[tuple[str, ...]] = ("num_queries",)
     # fields the criterion, the optimizer or the job read, which the builder does not take
@@ -100,8 +103,9 @@ class HeadConfig:
 
     @classmethod
     def builder_fields(cls) -> list[str]:
-        """The fields the builder takes as keywords: all but ``_target_`` and ``TRAINING_FIELDS``."""
-        return [field.name for field in fields(cls) if field.name not in {"_target_", *cls.TRAINING_FIELDS}]
+        """The fields the builder takes as keywords: all but ``_target_``, ``input`` and ``TRAINING_FIELDS``."""
+        left_out = {"_target_", "input", *cls.TRAINING_FIELDS}
+        return [each.name for each in fields(cls) if each.name not in left_out]
 
     def build(self, backbone: Joiner, num_classes: int, hidden_dim: int) -> Detector:
         """The detector ``_target_`` builds around a Joiner whose positional maps are ``hidden_dim`` wide."""

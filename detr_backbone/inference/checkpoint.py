@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..data.augment import square_side
 from ..detection import (
     Detector,
     DetectorConfig,
@@ -26,6 +27,7 @@ from ..detection import (
     published_sources,
     published_weights,
 )
+from ..image_input import InputConfig
 from ..weights import first_keys, load_weights_file
 
 TRAINING_SOURCE = "train.py checkpoint"
@@ -34,6 +36,8 @@ TRAINING_PREFIX = "detector."  # the training module's attribute: its detector's
 RUN_CONFIG_KEY = "config"  # a train.py checkpoint's copy of its run's composed config (data included)
 ANY_CHECKPOINT = f"a train.py checkpoint, {published_sources()}"
 DETR_EVAL_SIZE, DETR_EVAL_MAX_SIZE = 800, 1333  # DETR's evaluation resize: shorter side, longer side at most
+# the side published weights are evaluated at, by their input record's resize: DETR's shorter side, RT-DETR's square
+PUBLISHED_EVAL_SIZES = {"shorter_side": DETR_EVAL_SIZE, "square": 640}
 
 
 class UnnamedClassesWarning(UserWarning):
@@ -46,7 +50,8 @@ class LoadedDetector:
 
     ``category_ids[label]`` is the dataset id of each class row: COCO's ids for published COCO
     weights (row i is id i), 1..K for train.py checkpoints (COCO's convention; their files keep
-    names, not ids). ``size`` is the shorter side images were evaluated at (None: as they are).
+    names, not ids). ``size`` is the side images were evaluated at (None: as they are): the shorter side, or the
+    square's, as ``input`` (the detector's record of how it takes its images) says.
     """
 
     detector: Detector
@@ -58,6 +63,7 @@ class LoadedDetector:
     max_size: int = DETR_EVAL_MAX_SIZE
     names_known: bool = True  # False: the file does not name its classes, ``class_names`` are "class N"
     run_config: Mapping[str, Any] | None = None  # a train.py checkpoint's run config (its data among it)
+    input: InputConfig = field(default_factory=InputConfig)
 
     def __post_init__(self) -> None:
         inference_ready(self.detector)
@@ -158,8 +164,9 @@ def named_classes(names: Sequence[str] | None, count: int, path: str | os.PathLi
     return [f"class {label}" for label in range(count)]
 
 
-def published_detector(weights: DetectorWeights, dilation: bool | None) -> Detector:
-    """A detector built from what published weights record about their architecture, with the weights loaded."""
+def published_detector(weights: DetectorWeights, dilation: bool | None) -> tuple[Detector, DetectorConfig]:
+    """A detector built from what published weights record about their architecture, with the weights loaded,
+    and its config."""
     config = weights.detector_config(dilation)
     detector = config.build()
     mismatch = key_mismatch(*detector.load_state_dict(weights.state, strict=False))
@@ -168,7 +175,7 @@ def published_detector(weights: DetectorWeights, dilation: bool | None) -> Detec
             f"{weights.path} ({weights.source}: {weights.architecture}) does not load into the detector it "
             f"describes: {mismatch}"
         )
-    return detector
+    return detector, config
 
 
 def load_detector(
@@ -191,17 +198,37 @@ def load_detector(
             ids = list(range(1, config.num_classes + 1))
             known = config.class_names is not None
             run_config = content.get(RUN_CONFIG_KEY) if isinstance(content.get(RUN_CONFIG_KEY), Mapping) else None
+            record = config.head.input
             return LoadedDetector(
-                detector, names, ids, TRAINING_SOURCE, os.fspath(path), None, names_known=known, run_config=run_config
+                detector,
+                names,
+                ids,
+                TRAINING_SOURCE,
+                os.fspath(path),
+                training_eval_size(record, run_config),
+                names_known=known,
+                run_config=run_config,
+                input=record,
             )
         weights = published_weights(content, path)
         if weights is None:
             raise ValueError(f"{os.fspath(path)} is not {ANY_CHECKPOINT}: none of their layouts matches its keys")
-    detector = published_detector(weights, dilation)
+    detector, config = published_detector(weights, dilation)
     names = named_classes(weights.class_names, weights.num_class_rows, path)
     ids = list(range(weights.num_class_rows))  # published class rows are COCO ids
     known = weights.class_names is not None
-    return LoadedDetector(detector, names, ids, weights.source, os.fspath(path), DETR_EVAL_SIZE, names_known=known)
+    record = config.head.input
+    size = PUBLISHED_EVAL_SIZES[record.resize]
+    return LoadedDetector(detector, names, ids, weights.source, os.fspath(path), size, names_known=known, input=record)
+
+
+def training_eval_size(record: InputConfig, run_config: Mapping[str, Any] | None) -> int | None:
+    """The side a train.py run evaluated at: none (its validation images as they are, the shapes data's way) for a
+    detector resized by its shorter side; the square side of the run's data for one evaluated on squares."""
+    if record.resize != "square":
+        return None
+    data = run_config.get("data") if run_config is not None else None
+    return square_side(data if isinstance(data, Mapping) else {})
 
 
 def inference_ready(detector: Detector) -> Detector:

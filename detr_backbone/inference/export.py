@@ -4,7 +4,7 @@ Both come from one ``torch.export`` trace of ``(images, mask) -> (pred_logits, p
 height and width dynamic; the ONNX file is translated from that program by ``torch.onnx.export(dynamo=True)``.
 (With torch 2.14 the legacy TorchScript exporter also keeps height and width dynamic for this model,
 but it traces the model a second time and is deprecated.) The class names, the normalisation and
-the resize go into the file's metadata. Before a file is kept, it is run (ONNX Runtime for ONNX)
+the resize (the detector's input record) go into the file's metadata. Before a file is kept, it is run (ONNX Runtime for ONNX)
 on a batch of another size than the traced one and compared with eager PyTorch: every output
 element must be within ``atol + rtol * |eager|`` (``Tolerance``), or the file is removed and
 ``ExportCheckError`` says by how much it missed.
@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,10 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim, ExportedProgram
 
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..data.transforms import pixel_statistics
 from ..detection import Detector
 from ..file_writes import atomic_write
+from ..image_input import InputConfig
 from ..nested_tensor import NestedTensor
 from .checkpoint import LoadedDetector
 from .exported import METADATA_FILE, load_exported
@@ -90,10 +91,12 @@ class ExportableDetector(nn.Module):
         return (logits, boxes, *self.detector.detections(outputs, sizes))
 
 
-def example_batch(batch: int, height: int, width: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Random normalised images and their mask; the last image is padded at its bottom and right."""
+def example_batch(batch: int, height: int, width: int, seed: int = 0, normalize: bool = True) -> tuple[Tensor, Tensor]:
+    """Random images as the detector takes them (ImageNet-normalised with ``normalize``: about N(0, 1); else
+    pixels / 255 in [0, 1]) and their mask; the last image is padded at its bottom and right."""
     generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, height, width, generator=generator)
+    draw = torch.randn if normalize else torch.rand
+    images = draw(batch, 3, height, width, generator=generator)
     mask = torch.zeros(batch, height, width, dtype=torch.bool)
     mask[-1, height - min(PADDING[0], height // 4) :, :] = True
     mask[-1, :, width - min(PADDING[1], width // 4) :] = True
@@ -101,7 +104,7 @@ def example_batch(batch: int, height: int, width: int, seed: int = 0) -> tuple[T
     return images, mask
 
 
-def trace(model: ExportableDetector, height: int, width: int) -> ExportedProgram:
+def trace(model: ExportableDetector, height: int, width: int, normalize: bool = True) -> ExportedProgram:
     """The ``torch.export`` program of ``model`` with batch, height and width dynamic.
 
     Height and width are left for the tracer to bound (``Dim.DYNAMIC``): a ResNet needs at least 33
@@ -111,7 +114,8 @@ def trace(model: ExportableDetector, height: int, width: int) -> ExportedProgram
     spatial = {2: Dim.DYNAMIC, 3: Dim.DYNAMIC}
     dynamic = {"images": {0: batch, **spatial}, "mask": {0: batch, 1: spatial[2], 2: spatial[3]}}
     with torch.no_grad():
-        return torch.export.export(model.eval(), example_batch(TRACE_BATCH, height, width), dynamic_shapes=dynamic)
+        example = example_batch(TRACE_BATCH, height, width, normalize=normalize)
+        return torch.export.export(model.eval(), example, dynamic_shapes=dynamic)
 
 
 def dynamic_ranges(program: ExportedProgram) -> dict[str, list[int | None]]:
@@ -131,16 +135,24 @@ def export_metadata(
 ) -> dict[str, Any]:
     """What a user of the file needs beside the graph: classes, input preparation, output meanings."""
     outputs = {name: loaded.detector.OUTPUTS[name] for name in model.output_names}  # in the head's own words
+    record = loaded.input
+    mean, std = pixel_statistics(record.normalize)
+    normalised = "pixels / 255, minus mean, divided by std" if record.normalize else "pixels / 255, not normalised"
+    if record.resize == "square":
+        resize = {"square": loaded.size}
+    else:
+        resize = {"shorter_side": loaded.size, "max_size": loaded.max_size}
     return {
         "class_names": loaded.class_names,
         "category_ids": loaded.category_ids,
         "inputs": {
-            "images": "(batch, 3, height, width) float32 RGB: pixels / 255, minus mean, divided by std; padded at bottom/right",
+            "images": f"(batch, 3, height, width) float32 RGB: {normalised}; padded at bottom/right",
             "mask": "(batch, height, width) bool, True on padding",
         },
         "outputs": outputs,
-        "normalization": {"pixel_scale": 1 / 255, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "resize": {"shorter_side": loaded.size, "max_size": loaded.max_size},
+        "input": asdict(record),  # the detector's input record (model.input)
+        "normalization": {"pixel_scale": 1 / 255, "mean": list(mean), "std": list(std)},
+        "resize": resize,
         "dynamic_shapes": ranges,
         "source": {"path": os.path.abspath(loaded.path), "kind": loaded.source},
         "torch": torch.__version__,
@@ -177,13 +189,21 @@ SERIALIZERS: dict[str, Callable[[ExportedProgram, ExportableDetector, dict[str, 
 
 
 def check_exported(
-    path: Path, format: str, model: ExportableDetector, height: int, width: int, tolerance: Tolerance
+    path: Path,
+    format: str,
+    model: ExportableDetector,
+    height: int,
+    width: int,
+    tolerance: Tolerance,
+    input: InputConfig | None = None,
 ) -> dict[str, float]:
-    """Runs the written file on a (CHECK_BATCH, 3, height, width) batch and compares it with eager PyTorch.
+    """Runs the written file on a (CHECK_BATCH, 3, height, width) batch of images prepared as ``input`` says
+    (None: DETR's) and compares it with eager PyTorch.
 
     Returns the largest |difference| per output; raises ExportCheckError above the tolerance.
     """
-    images, mask = example_batch(CHECK_BATCH, height, width, seed=1)
+    normalize = (input or InputConfig()).normalize
+    images, mask = example_batch(CHECK_BATCH, height, width, seed=1, normalize=normalize)
     with torch.inference_mode():
         expected = model(images, mask)
     got = load_exported(path, format)(images, mask)
@@ -244,6 +264,7 @@ class Traced:
     size: tuple[int, int]  # (height, width) of the example batch
     metadata: dict[str, Any]
     seconds: float
+    input: InputConfig  # how the detector takes its images: the trace's and the check's example batches
 
 
 def traced_detector(
@@ -252,9 +273,9 @@ def traced_detector(
     """``loaded``'s detector traced by ``torch.export`` in float32 on the CPU, batch, height and width dynamic."""
     start = time.perf_counter()
     model = ExportableDetector(loaded.detector.float().cpu(), postprocess).eval()
-    program = trace(model, *trace_size)
+    program = trace(model, *trace_size, normalize=loaded.input.normalize)
     metadata = export_metadata(loaded, model, dynamic_ranges(program))
-    return Traced(model, program, tuple(trace_size), metadata, time.perf_counter() - start)
+    return Traced(model, program, tuple(trace_size), metadata, time.perf_counter() - start, loaded.input)
 
 
 def write_exported(
@@ -275,7 +296,7 @@ def write_exported(
     content = SERIALIZERS[format](traced.program, traced.model, traced.metadata)
     target = atomic_write(path, lambda stream: stream.write(content))
     try:
-        diffs = check_exported(target, format, traced.model, *check_size, tolerance)
+        diffs = check_exported(target, format, traced.model, *check_size, tolerance, traced.input)
     except BaseException:
         target.unlink(missing_ok=True)
         raise

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..image_input import InputConfig
 from ..nested_tensor import NestedTensor
 from .predictor import Detections, ranked_detections
 
@@ -86,6 +87,8 @@ class ExportedPredictor:
         self.category_ids: list[int] = list(metadata["category_ids"])
         self.names_known = True
         self.source: dict[str, Any] = metadata.get("source") or {}
+        # how the detector takes its images; files written before the record: DETR's
+        self.input = InputConfig(**(metadata.get("input") or {}))
 
     def predict_batch(self, images: NestedTensor, original_sizes: Tensor) -> list[Detections]:
         outputs = dict(zip(self.output_names, self.model(images.tensors, images.mask)))

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..compilation import COMPILE_SIZE_DIVISIBILITY, compile_in_place
 from ..detection import Detector
+from ..image_input import InputConfig
 from ..nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 from .checkpoint import LoadedDetector, load_detector
 from .fusion import fuse_resnet_blocks, fusion_supported
@@ -58,8 +59,9 @@ class Predictor:
     ``torch.inference_mode``, the head's own post-processing (DETR's softmax over classes, or Deformable
     DETR's top-k over query x class sigmoid scores), then a score threshold and a top-k per image.
 
-    ``size`` / ``max_size``: the evaluation resize (shorter side / longest side; ``size=None`` keeps
-    images as they are). ``dtype``: the weights and inputs are cast to it (float32, bfloat16 or
+    ``size`` / ``max_size``: the evaluation resize (shorter side / longest side, or the square's side, as
+    ``input`` says; ``size=None`` keeps images as they are). ``input``: how the detector takes its images
+    (its schema's record; None: DETR's, ImageNet-normalised and resized by the shorter side). ``dtype``: the weights and inputs are cast to it (float32, bfloat16 or
     float16). ``compile``: torch.compile the detector (each new padded shape compiles once, so batches
     are then padded to multiples of 32 unless ``size_divisibility`` says otherwise).
     ``fuse``: run a torchvision ResNet backbone with frozen BatchNorm as oneDNN-fused convolutions
@@ -87,6 +89,7 @@ class Predictor:
         dtype: torch.dtype | str = torch.float32,
         compile: bool = False,
         fuse: bool | None = None,
+        input: InputConfig | None = None,
     ):
         if len(class_names) != detector.num_classes:
             raise ValueError(f"{len(class_names)} class names for a detector of {detector.num_classes} classes")
@@ -108,7 +111,7 @@ class Predictor:
             size_divisibility = size_divisibility or COMPILE_SIZE_DIVISIBILITY
         self.class_names = [str(name) for name in class_names]
         self.category_ids = list(category_ids) if category_ids is not None else list(range(1, len(class_names) + 1))
-        self.transform = EvalTransform(size, max_size)
+        self.transform = EvalTransform(size, max_size, input)
         self.threshold, self.top_k = check_selection(threshold, top_k)
         self.batch_size, self.size_divisibility = batch_size, size_divisibility
 
@@ -118,15 +121,22 @@ class Predictor:
     ) -> Predictor:
         """A predictor of a train.py checkpoint or any head's published weights (``load_detector``).
 
-        The resize defaults to the source's evaluation size: none for train.py checkpoints of the shapes
-        data, DETR's 800 / 1333 for published weights. ``options`` are those of the constructor.
+        The resize defaults to the source's evaluation size: none for train.py checkpoints of a detector resized
+        by its shorter side, the run's square side for one evaluated on squares, for published weights DETR's
+        800 / 1333 or RT-DETR's 640 x 640, as the detector's input record says. ``options`` are those of the constructor.
         """
         return cls.from_loaded(load_detector(path, dilation, allowed_targets), **options)
 
     @classmethod
     def from_loaded(cls, loaded: LoadedDetector, **options) -> Predictor:
-        """A predictor of a detector read by ``load_detector``, with its classes and evaluation resize."""
-        options = {"size": loaded.size, "max_size": loaded.max_size, "category_ids": loaded.category_ids, **options}
+        """A predictor of a detector read by ``load_detector``, with its classes, input record and evaluation resize."""
+        options = {
+            "size": loaded.size,
+            "max_size": loaded.max_size,
+            "category_ids": loaded.category_ids,
+            "input": loaded.input,
+            **options,
+        }
         return cls(loaded.detector, loaded.class_names, **options)
 
     def __call__(

@@ -11,8 +11,10 @@ from PIL import Image
 from torch import Tensor
 from torchvision import tv_tensors
 
+from ..data.augment import square_transforms
 from ..data.images import load_rgb_image, upright
 from ..data.transforms import detection_target, detr_base_transforms, detr_val_transforms
+from ..image_input import InputConfig
 
 ImageInput = Union[str, os.PathLike, Image.Image, Tensor]  # a file, a PIL image, or a (3, H, W) tensor
 
@@ -40,17 +42,27 @@ def image_size(image: Image.Image | Tensor) -> tuple[int, int]:
 
 
 class EvalTransform:
-    """The data pipeline's evaluation transform for one image: DETR's resize when ``size`` is set (shorter side
-    ``size``, longer side at most ``max_size``), else none, then ImageNet normalisation.
+    """The data pipeline's evaluation transform for one image, as the detector's ``input`` record says: when
+    ``size`` is set, DETR's resize (shorter side ``size``, longer side at most ``max_size``) or a ``size`` x
+    ``size`` square; else none; then ImageNet normalisation, or pixels / 255 only.
 
     Returns the (3, h, w) float32 model input and the original (height, width), for boxes in its pixels.
     """
 
-    def __init__(self, size: int | None = None, max_size: int = 1333):
-        if size is not None and not 0 < size <= max_size:
-            raise ValueError(f"resize needs 0 < size <= max_size, got size={size} and max_size={max_size}")
+    def __init__(self, size: int | None = None, max_size: int = 1333, input: InputConfig | None = None):
+        self.input = input or InputConfig()
+        square = self.input.resize == "square"
+        if size is not None and (size <= 0 or (not square and size > max_size)):
+            bound = "0 < size (a square's side)" if square else "0 < size <= max_size"
+            raise ValueError(f"resize needs {bound}, got size={size} and max_size={max_size}")
         self.size, self.max_size = size, max_size
-        self.pipeline = detr_val_transforms(size, max_size) if size else detr_base_transforms()
+        normalize = self.input.normalize
+        if not size:
+            self.pipeline = detr_base_transforms(normalize)
+        elif square:
+            self.pipeline = square_transforms(size, 0.0, normalize=normalize)
+        else:
+            self.pipeline = detr_val_transforms(size, max_size, normalize)
 
     def __call__(self, image: Image.Image | Tensor) -> tuple[Tensor, tuple[int, int]]:
         height, width = image_size(image)

@@ -178,7 +178,7 @@ class Job:
         warn_of_recipe_mismatch(cfg)
         self.cfg = cfg
         self.run_dir = run_dir
-        self.datamodule = build_datamodule(cfg.data)
+        self.datamodule = build_datamodule(cfg.data, cfg.model.input)
         class_names = self.datamodule.class_names
         if cfg.ckpt_path is not None:
             check_resume_classes(cfg.ckpt_path, class_names)  # before the model is built

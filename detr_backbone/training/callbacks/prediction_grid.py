@@ -32,14 +32,15 @@ def prediction_panel(
     class_names: Sequence[str] | None,
     score_threshold: float,
     side: int,
+    normalized: bool = True,
 ) -> Tensor:
-    """One padded, normalized model input (3, H, W) as uint8 pixels of its unpadded region, scaled to
+    """One padded model input (3, H, W), ImageNet-``normalized`` or pixels / 255, as uint8 pixels of its unpadded region, scaled to
     ``side`` on its longer side, with its target's boxes and the detections scoring >= ``score_threshold``.
 
     ``target`` holds DETR's normalized cxcywh ``boxes`` and the unpadded ``size`` (h, w); ``detection``
     holds ``scores``, ``labels`` and XYXY ``boxes`` in pixels of that unpadded image.
     """
-    panel, scale = target_panel(image, target, [""] * len(target["boxes"]), side)
+    panel, scale = target_panel(image, target, [""] * len(target["boxes"]), side, normalized)
     keep = detection["scores"] >= score_threshold
     captions = [
         f"{class_name(int(label), class_names)} {float(score):.2f}"
@@ -85,8 +86,9 @@ class PredictionGrid(Callback):
         module.train(was_training)
         sizes = torch.stack([target["size"] for target in targets]).to(module.device)
         detections = per_image(*module.detector.detections(outputs, sizes))
+        normalized = module.config.head.input.normalize  # the detector's own input record
         panels = [
-            prediction_panel(image, target, detection, class_names, self.score_threshold, self.image_side)
+            prediction_panel(image, target, detection, class_names, self.score_threshold, self.image_side, normalized)
             for image, target, detection in zip(images.tensors, targets, detections)
         ]
         return tile_grid(panels, nrow=min(len(panels), PANELS_PER_ROW))
