@@ -3,11 +3,12 @@ rtdetrv2_pytorch/configs/rtdetrv2/include/rtdetrv2_r50vd.yml)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from torch import nn
 
+from ...image_input import InputConfig
 from ...param_groups import make_group
 from ...validation import require
 from ..head import TransformerHeadConfig
@@ -50,6 +51,8 @@ class RtDetrV2Config(TransformerHeadConfig):
     vfl_alpha: float = 0.75  # the varifocal loss: alpha p^gamma weighs the negatives
     vfl_gamma: float = 2.0
     loss_ce: float = 1.0  # the varifocal loss's weight
+    # RT-DETR takes pixels / 255 without mean / std, evaluated on a square (the aspect ratio not kept)
+    input: InputConfig = field(default_factory=lambda: InputConfig(normalize=False, resize="square"))
 
     POSITIVE: ClassVar[tuple[str, ...]] = (
         *TransformerHeadConfig.POSITIVE,
