@@ -154,3 +154,111 @@ def test_norms_of_the_encoder_and_decoder_have_no_weight_decay():
 def test_bad_settings_are_named(values):
     with pytest.raises(ValueError, match=f"model.{next(iter(values))}"):
         RtDetrV2Config(**values)
+
+
+# Every position of a 128x96 image's three levels is a query: random weights score the proposals within float
+# noise of each other, so which 20 are the best would be decided by rounding; with all of them, the decoder's
+# outputs are the same set in any order (its self-attention does not see the order)
+QUERIES = 16 * 12 + 8 * 6 + 4 * 3
+# a small RT-DETRv2-R18 in Hugging Face's terms: R18 backbone, hidden 64, 2 decoder layers, 20 queries
+HUGGING_FACE_SMALL = dict(
+    backbone_config={
+        "model_type": "rt_detr_resnet",
+        "layer_type": "basic",
+        "depths": [2, 2, 2, 2],
+        "hidden_sizes": [64, 128, 256, 512],
+        "out_features": ["stage2", "stage3", "stage4"],
+    },
+    encoder_in_channels=[128, 256, 512],
+    decoder_in_channels=[64, 64, 64],
+    encoder_hidden_dim=64,
+    d_model=64,
+    encoder_ffn_dim=128,
+    decoder_ffn_dim=128,
+    decoder_layers=2,
+    num_queries=QUERIES,
+    hidden_expansion=0.5,
+    num_labels=3,
+    id2label={0: "cat", 1: "dog", 2: "bird"},
+    label2id={"cat": 0, "dog": 1, "bird": 2},
+    num_denoising=10,
+)
+
+
+def randomise_batch_norms(model: torch.nn.Module) -> None:
+    """Running statistics and affine terms away from 0 / 1, so that a misplaced BatchNorm shows."""
+    generator = torch.Generator().manual_seed(3)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d) or type(module).__name__.endswith("FrozenBatchNorm2d"):
+            for name in ("weight", "bias", "running_mean"):
+                getattr(module, name).data.copy_(
+                    torch.randn(getattr(module, name).shape, generator=generator) * 0.1 + (name == "weight")
+                )
+            module.running_var.data.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+
+
+@pytest.fixture(scope="module")
+def hugging_face_folder(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.RTDetrV2ForObjectDetection(transformers.RTDetrV2Config(**HUGGING_FACE_SMALL)).eval()
+    randomise_batch_norms(model)
+    folder = tmp_path_factory.mktemp("rtdetrv2_hf")
+    model.save_pretrained(folder)
+    images = torch.rand(2, 3, 128, 96)  # not square: the encoder's grid order shows
+    with torch.no_grad():
+        out = model(pixel_values=images)
+    return folder, images, out.logits, out.pred_boxes
+
+
+def test_a_hugging_face_rtdetrv2_folder_gives_its_own_logits_and_boxes(hugging_face_folder):
+    from detr_backbone.inference import load_detector
+
+    folder, images, logits, boxes = hugging_face_folder
+    loaded = load_detector(folder)
+    assert loaded.class_names == ["cat", "dog", "bird"]
+    assert (loaded.input.normalize, loaded.input.resize) == (False, "square")
+    with torch.no_grad():
+        out = loaded.detector(list(images))
+    assert_same_queries(out, logits, boxes)
+
+
+def assert_same_queries(out: dict, logits: torch.Tensor, boxes: torch.Tensor) -> None:
+    """Each image's queries (logits and box) equal the reference's within 1e-4, one to one in some order."""
+    ours = torch.cat([out["pred_logits"], out["pred_boxes"]], -1)
+    reference = torch.cat([logits, boxes], -1)
+    for image in range(len(ours)):
+        distance = torch.cdist(ours[image], reference[image], p=float("inf"))
+        nearest = distance.min(1)
+        assert nearest.values.max() < 1e-4
+        assert sorted(nearest.indices.tolist()) == list(range(reference.shape[1]))
+
+
+def test_the_released_layout_loads_strictly_with_its_ema_weights(hugging_face_folder, tmp_path):
+    # our detector's tensors under RT-DETRv2's names (the backbone's from the reference's key list), with its
+    # derived buffers, saved as a training checkpoint: {"ema": {"module": state}, "model": other weights}
+    from detr_backbone.backbones.resnet_vd import presnet_to_timm
+    from detr_backbone.inference import load_detector
+
+    from .test_resnet_vd import PRESNET_KEYS
+
+    folder, images, logits, boxes = hugging_face_folder
+    ours = load_detector(folder).detector.state_dict()
+    reference_keys = [key for key in PRESNET_KEYS["resnet18d"] if not key.endswith("num_batches_tracked")]
+    backbone_names = {next(iter(presnet_to_timm({key: torch.zeros(1)}))): key for key in reference_keys}
+    released = {backbone_names.get(key, key): value for key, value in ours.items()}
+    assert not any(key.startswith("backbone.0.") for key in released)
+    for layer in range(2):
+        released[f"decoder.decoder.layers.{layer}.cross_attn.num_points_scale"] = torch.full((12,), 0.25)
+    released["decoder.anchors"], released["decoder.valid_mask"] = torch.zeros(1, 10, 4), torch.ones(1, 10, 1)
+    stale = {key: torch.zeros_like(value) for key, value in released.items()}
+    path = tmp_path / "rtdetrv2_r18vd_small.pth"
+    torch.save({"ema": {"module": released, "updates": 10}, "model": stale, "last_epoch": 3}, path)
+    loaded = load_detector(path)
+    assert loaded.source == "RT-DETRv2 checkpoint"
+    # released files do not record the query count: every published config has 300, this small model QUERIES
+    assert loaded.detector.decoder.num_queries == 300
+    loaded.detector.decoder.num_queries = QUERIES
+    with torch.no_grad():
+        out = loaded.detector(list(images))
+    assert_same_queries(out, logits, boxes)

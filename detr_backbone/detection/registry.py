@@ -32,6 +32,8 @@ from .hugging_face import HuggingFaceLayout
 from .multiscale.criterion import focal_criterion
 from .published import DetectorWeights, PublishedArchitecture
 from .rtdetrv2 import RtDetrV2Config, build_rtdetrv2, rtdetrv2_criterion
+from .rtdetrv2.hugging_face import HUGGING_FACE_RTDETRV2
+from .rtdetrv2.weights import RTDETRV2_CHECKPOINT, RtDetrV2Architecture
 
 # what the package gives every builder besides the schema's fields
 INJECTED = ("backbone", "num_classes", "hidden_dim")
@@ -130,6 +132,9 @@ HEADS: dict[str, HeadRecord] = {
             builder=build_rtdetrv2,
             criterion=rtdetrv2_criterion,
             presets=("rtdetrv2", "rtdetrv2_small"),
+            architecture=RtDetrV2Architecture,
+            files=(RTDETRV2_CHECKPOINT, HUGGING_FACE_RTDETRV2),
+            folder=HUGGING_FACE_RTDETRV2,
         ),
     )
 }

@@ -136,7 +136,11 @@ RTDETR_HEAD_FIELDS = (
 
 def is_rtdetrv2_state(state: Mapping[str, Any]) -> bool:
     """Whether ``state`` is a whole RT-DETRv2 (or RT-DETR) under RT-DETR's names, on PResNet-vd."""
-    heads = ("decoder.dec_score_head.0.weight", "encoder.input_proj.0.conv.weight", "decoder.query_pos_head.layers.0.weight")
+    heads = (
+        "decoder.dec_score_head.0.weight",
+        "encoder.input_proj.0.conv.weight",
+        "decoder.query_pos_head.layers.0.weight",
+    )
     return all(key in state for key in heads) and "backbone.conv1.conv1_1.conv.weight" in state
 
 
@@ -187,7 +191,7 @@ class RtDetrV2CheckpointLayout:
     """RT-DETRv2's released checkpoints, read into our names."""
 
     source = "RT-DETRv2 checkpoint"
-    described = f"a {source}"
+    described = "an RT-DETRv2 checkpoint"
 
     def read(self, content: Any, path: str | os.PathLike) -> DetectorWeights | None:
         found = released_state(content)
