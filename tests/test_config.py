@@ -144,7 +144,7 @@ def test_train_py_reports_a_bad_value_in_one_line(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
         "error: backbone._target_='detr_backbone.ResNet' is not one of detr_backbone.Backbone, "
-        "detr_backbone.GroupNormBackbone, detr_backbone.TimmBackbone"
+        "detr_backbone.GroupNormBackbone, detr_backbone.TimmBackbone, detr_backbone.ResNetVdBackbone"
     )
 
 
