@@ -26,6 +26,9 @@ def test_every_group_option_composes_against_the_schema():
     backbones = sorted(p.stem for p in (ROOT / "conf" / "backbone").glob("*.yaml"))
     assert backbones == [
         "custom",
+        "hgnetv2_h",
+        "hgnetv2_l",
+        "hgnetv2_x",
         "resnet101",
         "resnet101_gn",
         "resnet101vd",
