@@ -26,6 +26,9 @@ def test_every_group_option_composes_against_the_schema():
     backbones = sorted(p.stem for p in (ROOT / "conf" / "backbone").glob("*.yaml"))
     assert backbones == [
         "custom",
+        "hgnetv2_h",
+        "hgnetv2_l",
+        "hgnetv2_x",
         "resnet101",
         "resnet101_gn",
         "resnet101vd",
@@ -144,7 +147,7 @@ def test_train_py_reports_a_bad_value_in_one_line(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
         "error: backbone._target_='detr_backbone.ResNet' is not one of detr_backbone.Backbone, "
-        "detr_backbone.GroupNormBackbone, detr_backbone.TimmBackbone"
+        "detr_backbone.GroupNormBackbone, detr_backbone.TimmBackbone, detr_backbone.ResNetVdBackbone"
     )
 
 

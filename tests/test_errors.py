@@ -37,7 +37,7 @@ def one_line_error(error: pytest.ExceptionInfo) -> str:
     [
         (
             ["backbone._target_=detr_backbone.ResNet"],
-            "backbone._target_='detr_backbone.ResNet' is not one of detr_backbone.Backbone, detr_backbone.GroupNormBackbone, detr_backbone.TimmBackbone",
+            "backbone._target_='detr_backbone.ResNet' is not one of detr_backbone.Backbone, detr_backbone.GroupNormBackbone, detr_backbone.TimmBackbone, detr_backbone.ResNetVdBackbone",
         ),
         (
             ["position._target_=detr_backbone.Cosine"],

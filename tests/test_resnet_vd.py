@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from detr_backbone import JoinerConfig, NestedTensor, ResNetVdBackbone, build_backbone
+from detr_backbone.backbones.hgnetv2 import rtdetr_hgnetv2_to_timm
 from detr_backbone.backbones.resnet_vd import hugging_face_resnet_to_timm, presnet_to_timm
 from detr_backbone.training import validated
 
@@ -168,3 +169,28 @@ def test_freeze_norm_is_checked():
         JoinerConfig.from_args({"backbone": {"name": "resnet50", "freeze_norm": False}})
     with pytest.raises(ValueError, match=r"backbone.freeze_norm=false keeps BatchNorms live, backbone.freeze=true"):
         JoinerConfig.from_args({"backbone": {"kind": "timm", "freeze_norm": False, "freeze": True}})
+
+
+HGNETV2_KEYS = json.loads((Path(__file__).parent / "data" / "hgnetv2_keys.json").read_text())
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n != "L" else n for n in HGNETV2_KEYS])
+def test_rtdetr_hgnetv2_layout_loads_strictly_into_its_timm_preset(name):
+    """RT-DETRv2's HGNetv2 L/X/H (keys and shapes from its own code) are timm's hgnetv2_b4/b5/b6."""
+    layout = HGNETV2_KEYS[name]
+    state = {key: torch.rand(shape) for key, shape in layout.items()}
+    backbone = preset(f"hgnetv2_{name.lower()}")
+    backbone.load_state_dict(rtdetr_hgnetv2_to_timm(state, prefix_out="body."), strict=True)
+    ours = backbone.state_dict()
+    stem = "backbone.stem.stem2a.conv.1.weight"  # RT-DETR's padded 2x2 convolution
+    assert torch.equal(ours["body.stem.stem2a.conv.weight"], state[stem])
+    squeeze = "backbone.stages.2.blocks.0.aggregation_squeeze_conv.bn.running_var"
+    assert torch.equal(ours["body.stages_2.blocks.0.aggregation.0.bn.running_var"], state[squeeze])
+
+
+def test_hgnetv2_preset_freezes_the_stem_and_every_batch_norm():
+    backbone = preset("hgnetv2_l")
+    assert backbone.strides == [8, 16, 32] and backbone.num_channels == [512, 1024, 2048]
+    trained = {name.partition(".")[0] for name, p in backbone.body.named_parameters() if p.requires_grad}
+    assert trained == {"stages_0", "stages_1", "stages_2", "stages_3"}  # the stem frozen (freeze_at 0)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.body.modules())

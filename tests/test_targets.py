@@ -117,7 +117,7 @@ def test_own_encoding_is_called_with_num_pos_feats_and_its_arguments():
         ),
         (
             {"_target_": "detr_backbone.ResNet"},
-            "backbone._target_='detr_backbone.ResNet' is not one of detr_backbone.Backbone, detr_backbone.GroupNormBackbone, detr_backbone.TimmBackbone",
+            "backbone._target_='detr_backbone.ResNet' is not one of detr_backbone.Backbone, detr_backbone.GroupNormBackbone, detr_backbone.TimmBackbone, detr_backbone.ResNetVdBackbone",
         ),
     ],
 )

@@ -14,13 +14,14 @@ The key maps read RT-DETR's checkpoints (``presnet_to_timm``) and Hugging Face's
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
 from ..weights import BODY_KEY
 from .backbone import TimmBackbone, create_timm_features
+from .key_maps import Rule, rename_state
 
 RESNET_VD_NAMES = ("resnet18d", "resnet34d", "resnet50d", "resnet101d")
 STEM_CONVS = ("conv1.0", "conv1.3", "conv1.6")  # timm's deep stem, conv1_1..conv1_3
@@ -54,11 +55,6 @@ def identity_projection(channels: int) -> nn.Sequential:
     return nn.Sequential(nn.Identity(), conv, nn.BatchNorm2d(channels))
 
 
-# Module paths (without the leaf: weight, bias, running_mean, ...) -> timm's, one table a source.
-# A rule is (pattern, function of the match giving the timm module path).
-Rule = tuple[str, Callable[[re.Match], str]]
-
-
 def _stage(match: re.Match) -> str:
     return f"layer{int(match['stage']) + 1}.{match['block']}"
 
@@ -90,32 +86,6 @@ HUGGING_FACE_RESNET_RULES: Sequence[Rule] = (
         lambda m: f"{_stage(m)}.downsample.{1 if m['kind'] == 'convolution' else 2}",
     ),
 )
-
-
-def rename_state(
-    state: Mapping[str, Tensor], prefix_in: str, prefix_out: str, rules: Sequence[Rule], source: str
-) -> dict[str, Tensor]:
-    """The tensors of ``state`` under ``prefix_in``, renamed by ``rules`` and put under ``prefix_out``.
-
-    Keys outside ``prefix_in`` are not returned (the caller maps the rest of a detector); a key
-    under it that no rule knows is an error. ``num_batches_tracked`` is dropped: a frozen BatchNorm
-    has no such buffer and a live one fills it in when a state dict lacks it.
-    """
-    compiled = [(re.compile(pattern), rename) for pattern, rename in rules]
-    renamed = {}
-    for key, tensor in state.items():
-        if not key.startswith(prefix_in):
-            continue
-        module, _, leaf = key[len(prefix_in) :].rpartition(".")
-        if leaf == "num_batches_tracked":
-            continue
-        for pattern, rename in compiled:
-            if match := pattern.fullmatch(module):
-                renamed[f"{prefix_out}{rename(match)}.{leaf}"] = tensor
-                break
-        else:
-            raise ValueError(f"{key!r} is not a tensor of {source} (under prefix {prefix_in!r})")
-    return renamed
 
 
 def presnet_to_timm(
