@@ -9,6 +9,7 @@ library (the root modules and ``backbones``), ``detection`` (detectors and their
 from .backbones.backbone import Backbone, BackboneBase, GroupNorm32, GroupNormBackbone, TimmBackbone, downsample_mask
 from .backbones.freezing import freeze_stages, parameter_stages
 from .backbones.frozen_batch_norm import FrozenBatchNorm2d
+from .backbones.resnet_vd import ResNetVdBackbone
 from .config import BackboneConfig, JoinerConfig, PositionConfig
 from .joiner import Joiner, build_backbone, build_position_encoding
 from .nested_tensor import NestedTensor, nested_tensor_from_tensor_list
@@ -31,6 +32,7 @@ __all__ = [
     "PositionConfig",
     "PositionEmbeddingLearned",
     "PositionEmbeddingSine",
+    "ResNetVdBackbone",
     "TimmBackbone",
     "build_backbone",
     "build_position_encoding",

@@ -22,7 +22,9 @@ BACKBONE_TARGETS = {
     "torchvision": "detr_backbone.Backbone",
     "groupnorm": "detr_backbone.GroupNormBackbone",
     "timm": "detr_backbone.TimmBackbone",
+    "resnet_vd": "detr_backbone.ResNetVdBackbone",
 }
+TIMM_KINDS = ("timm", "resnet_vd")  # built by timm: kwargs, lr_layer_decay and freeze_norm apply
 POSITION_TARGETS = {"sine": "detr_backbone.PositionEmbeddingSine", "learned": "detr_backbone.PositionEmbeddingLearned"}
 DETR_POSITION_NAMES = {"sine": "sine", "v2": "sine", "learned": "learned", "v3": "learned"}
 
@@ -83,7 +85,8 @@ class BackboneOptions:
 
 @dataclass
 class BackboneConfig(BackboneOptions):
-    """One of our backbones (conf/backbone/*.yaml): ``_target_`` is Backbone, GroupNormBackbone or TimmBackbone."""
+    """One of our backbones (conf/backbone/*.yaml): ``_target_`` is Backbone, GroupNormBackbone, TimmBackbone or
+    ResNetVdBackbone."""
 
     _target_: str = BACKBONE_TARGETS["torchvision"]
     name: str = "resnet50"  # torchvision ResNet name, or any timm model name for TimmBackbone
@@ -94,23 +97,29 @@ class BackboneConfig(BackboneOptions):
     kwargs: dict[str, Any] = field(default_factory=dict)
     # timm transformers: block i of n trains at lr_backbone * decay ** (n - i), the embeddings at decay ** (n + 1)
     lr_layer_decay: Optional[float] = None
+    # timm kinds: false keeps the BatchNorms of trained stages live (RT-DETR's R18/R34 recipe)
+    freeze_norm: bool = True
 
     def __post_init__(self) -> None:
         valid = ", ".join(BACKBONE_TARGETS.values())
         require(self.kind is not None, f"backbone._target_={self._target_!r} is not one of {valid}")
         super().__post_init__()
         require(-4 <= self.main_layer <= 3, f"backbone.main_layer={self.main_layer} must be in -4..3")
-        highest = 5 if self.kind == "timm" else 4
+        highest = 5 if self.kind in TIMM_KINDS else 4
         require(
             self.levels is None or max(self.levels) <= highest,
             f"backbone.levels={self.levels} must be increasing stage numbers in 1..4, e.g. [2, 3, 4] (or null)"
             + (" (2..5 for a single-stride ViT's pyramid)" if highest == 5 else ""),
         )
-        for key in ("kwargs", "lr_layer_decay"):
+        for key, unset in (("kwargs", {}), ("lr_layer_decay", None), ("freeze_norm", True)):
             require(
-                self.kind == "timm" or not getattr(self, key),
-                f"backbone.{key}={getattr(self, key)} applies to timm models only (backbone=timm), not to {self._target_}",
+                self.kind in TIMM_KINDS or getattr(self, key) == unset,
+                f"backbone.{key}={getattr(self, key)} applies to backbones timm builds only (backbone=timm, resnet18vd, ...), not to {self._target_}",
             )
+        require(
+            self.freeze_norm or not self.freeze,
+            "backbone.freeze_norm=false keeps BatchNorms live, backbone.freeze=true freezes everything; set one",
+        )
         require(
             self.lr_layer_decay is None or 0 < self.lr_layer_decay <= 1,
             f"backbone.lr_layer_decay={self.lr_layer_decay} must be null (off) or in (0, 1], e.g. 0.75",
@@ -118,7 +127,7 @@ class BackboneConfig(BackboneOptions):
 
     @property
     def max_trainable_layers(self) -> int | None:
-        return None if self.kind == "timm" else NUM_STAGES
+        return None if self.kind in TIMM_KINDS else NUM_STAGES
 
     @property
     def kind(self) -> str | None:

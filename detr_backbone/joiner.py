@@ -20,7 +20,7 @@ from .weights import load_checkpoint
 # Where NHWC measured faster on a CPU (docs/performance.md): oneDNN's convolutions gain, while
 # GroupNorm's NHWC kernels lose more than the convolutions gain. A backbone of the user's own stays
 # NCHW unless its config says otherwise.
-CHANNELS_LAST_BY_DEFAULT = {"torchvision": True, "groupnorm": False, "timm": True}
+CHANNELS_LAST_BY_DEFAULT = {"torchvision": True, "groupnorm": False, "timm": True, "resnet_vd": True}
 
 
 class Joiner(nn.Sequential):
@@ -76,6 +76,8 @@ def build_backbone_network(cfg: JoinerConfig) -> BackboneBase:
         arguments = {"name": spec.name, "dilation": spec.dilation, "pretrained": spec.pretrained, **selection}
         if spec.kwargs:
             arguments["kwargs"] = spec.kwargs
+        if not spec.freeze_norm:
+            arguments["freeze_norm"] = False
         backbone = instantiate_target(spec._target_, arguments, "backbone")
         if spec.fold_frozen_bn:
             fold_frozen_batch_norm(backbone.body)

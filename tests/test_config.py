@@ -28,10 +28,14 @@ def test_every_group_option_composes_against_the_schema():
         "custom",
         "resnet101",
         "resnet101_gn",
+        "resnet101vd",
         "resnet18",
         "resnet18_gn",
+        "resnet18vd",
+        "resnet34vd",
         "resnet50",
         "resnet50_gn",
+        "resnet50vd",
         "timm",
     ]
     models = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))

@@ -202,7 +202,7 @@ def test_swin_layer_decay_counts_blocks_across_stages():
 def test_bad_transformer_options_fail_in_one_line():
     with pytest.raises(ValueError, match=r"backbone.lr_layer_decay=1.5 must be null \(off\) or in \(0, 1\]"):
         JoinerConfig.from_args({"backbone": {"kind": "timm", "lr_layer_decay": 1.5}})
-    with pytest.raises(ValueError, match=r"backbone.kwargs=\{'depth': 2\} applies to timm models only"):
+    with pytest.raises(ValueError, match=r"backbone.kwargs=\{'depth': 2\} applies to backbones timm builds only"):
         JoinerConfig.from_args({"backbone": {"name": "resnet18", "kwargs": {"depth": 2}}})
     with pytest.raises(
         ValueError, match=r"timm model 'vit_small_patch16_224' does not take backbone.kwargs=\{'depths': 2\}"

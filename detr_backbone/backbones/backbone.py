@@ -239,6 +239,9 @@ class TimmBackbone(BackboneBase):
     NCHW. A single-stride model (a plain ViT) returns its last block's map alone, or with ``levels``
     (2..5) or ``return_interm_layers`` the levels of a ``SimpleFeaturePyramid`` built on it; its
     ``trainable_layers`` counts transformer blocks. ``kwargs`` go to ``timm.create_model``.
+
+    ``freeze_norm=False`` keeps the BatchNorms of the stages that train live (batch statistics,
+    learned affine), as RT-DETR's R18/R34 recipes train them; those of frozen stages are frozen.
     """
 
     def __init__(
@@ -252,6 +255,7 @@ class TimmBackbone(BackboneBase):
         pretrained: bool = False,
         trainable_layers: int | None = None,
         levels: Sequence[int] | None = None,
+        freeze_norm: bool = True,
         kwargs: Mapping[str, Any] | None = None,
     ):
         probe = meta_model(name, kwargs or {}) if timm.is_model(name) else None
@@ -262,8 +266,9 @@ class TimmBackbone(BackboneBase):
             out_indices = (-1,)
         else:
             out_indices = tuple(level - LEVELS for level in select_levels(return_interm_layers, main_layer, levels))
-        body = create_timm_features(name, out_indices, dilation, pretrained, kwargs)
-        freeze_batch_norm_2d(body)
+        body = self.create_body(name, out_indices, dilation, pretrained, kwargs)
+        if freeze_norm:
+            freeze_batch_norm_2d(body)
         info = body.feature_info
         blocks = transformer_blocks(body) if probe is not None and is_single_stride(probe) else []
         if blocks:  # a plain ViT: its blocks are its stages
@@ -283,10 +288,18 @@ class TimmBackbone(BackboneBase):
         if pyramid is not None:
             channels, strides = pyramid.channels, pyramid.strides
         super().__init__(body, stage_modules, trainable_layers, channels, strides, levels is not None, num_stages)
+        if not freeze_norm:
+            freeze_untrained_norms(body)
         self.pyramid = pyramid
         self.patch = patch_size(body, name)
         self.nhwc = getattr(body, "output_fmt", "NCHW") == "NHWC"
         self.attention_mask = isinstance(body, FeatureGetterNet) and takes_attention_mask(body.model)
+
+    def create_body(
+        self, name: str, out_indices: tuple[int, ...], dilation: bool, pretrained: bool, kwargs: Mapping[str, Any]
+    ) -> nn.Module:
+        """The timm feature network (a subclass may adapt it: it runs before any freezing)."""
+        return create_timm_features(name, out_indices, dilation, pretrained, kwargs)
 
     def pad_images(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         return pad_to_multiple(images, mask, self.patch)
@@ -329,6 +342,15 @@ def create_timm_features(
             f"{body.feature_info.reduction()[-1]}); it does not support dilation=true"
         )
     return body
+
+
+def freeze_untrained_norms(body: nn.Module) -> None:
+    """Freeze (timm's way) every BatchNorm whose parameters do not train: a frozen stage must not
+    move its running statistics either."""
+    for name, module in list(body.named_modules()):
+        parameters = list(module.parameters(recurse=False))
+        if isinstance(module, nn.BatchNorm2d) and parameters and not any(p.requires_grad for p in parameters):
+            body.set_submodule(name, freeze_batch_norm_2d(module))
 
 
 def find_module(body: nn.Module, name: str) -> str | None:

@@ -23,8 +23,9 @@ from ..weights import BODY_KEY, DDP_PREFIX
 from .building import DetectorConfig
 from .coco_names import COCO_NAMES
 
-# a linear layer with one row per class (DINO's proposals have their own, enc_out_class_embed)
-CLASS_HEAD = re.compile(r"(?:.+\.)?(?:enc_out_)?class_embed(?:\.\d+)?")
+# a linear layer with one row per class (DINO's proposals have their own, enc_out_class_embed; RT-DETRv2's are
+# score heads)
+CLASS_HEAD = re.compile(r"(?:.+\.)?(?:(?:enc_out_)?class_embed|(?:enc|dec)_score_head)(?:\.\d+)?")
 # blocks per stage (layer1..layer4) and whether they are bottlenecks -> torchvision's name
 RESNET_BLOCKS: dict[tuple[tuple[int, ...], bool], str] = {
     ((2, 2, 2, 2), False): "resnet18",

@@ -31,6 +31,7 @@ from .head import Detector, HeadConfig
 from .hugging_face import HuggingFaceLayout
 from .multiscale.criterion import focal_criterion
 from .published import DetectorWeights, PublishedArchitecture
+from .rtdetrv2 import RtDetrV2Config, build_rtdetrv2, rtdetrv2_criterion
 
 # what the package gives every builder besides the schema's fields
 INJECTED = ("backbone", "num_classes", "hidden_dim")
@@ -122,6 +123,13 @@ HEADS: dict[str, HeadRecord] = {
                 "batch, so training compiles new graphs at nearly every step and compiling will not pay "
                 "(docs/performance.md#compile)"
             ),
+        ),
+        HeadRecord(
+            name="rtdetrv2",
+            schema=RtDetrV2Config,
+            builder=build_rtdetrv2,
+            criterion=rtdetrv2_criterion,
+            presets=("rtdetrv2", "rtdetrv2_small"),
         ),
     )
 }

@@ -4,9 +4,9 @@ Mixed query selection, an anchor-box decoder with look-forward-twice refinement,
 training, its criterion, schema and published layout, on the encoder and attention of ``detection.multiscale``.
 """
 
+from ..multiscale.denoising import DenoisingQueries, contrastive_denoising
 from .config import DinoConfig
 from .criterion import DinoCriterion, dino_criterion
-from .denoising import DenoisingQueries, contrastive_denoising
 from .dino import DINO, build_dino
 from .transformer import DinoTransformer
 

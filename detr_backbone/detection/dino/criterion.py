@@ -1,10 +1,6 @@
 """DINO's set loss: the multi-scale heads' focal criterion on the matching queries, their earlier layers and the
-encoder's selected proposals (``_interm``, matched with their classes), plus the denoising queries' losses.
-
-A denoising query is assigned by construction, not matched: each group's positive copy of a target must
-restore it (focal, L1 and GIoU losses against the original label and box); the negatives and the padding
-only enter the focal loss, as "no object". Their losses are normalised by the box count times the number
-of groups, and named ``loss_ce_dn``, ``loss_bbox_dn_0``, ...: each carries its base loss's weight.
+encoder's selected proposals (``_interm``, matched with their classes), plus the denoising queries' losses
+(``multiscale.denoising.denoising_losses``).
 """
 
 from __future__ import annotations
@@ -15,6 +11,7 @@ from torch import Tensor
 
 from ..criterion import identity
 from ..multiscale.criterion import FocalSetCriterion, focal_criterion
+from ..multiscale.denoising import denoising_losses
 from .config import DinoConfig
 
 
@@ -22,20 +19,7 @@ class DinoCriterion(FocalSetCriterion):
     def extra_losses(
         self, outputs: Mapping, targets: Sequence[Mapping[str, Tensor]], num_boxes: Tensor
     ) -> dict[str, Tensor]:
-        dn_outputs = outputs.get("dn_outputs")
-        if dn_outputs is None:
-            return {}
-        meta = outputs["dn_meta"]
-        indices = meta.positive_indices(targets)
-        layers = [("", dn_outputs)] + [(f"_{i}", aux) for i, aux in enumerate(dn_outputs.get("aux_outputs", []))]
-        losses = {}
-        for suffix, layer in layers:
-            layer_losses = self.assigned_losses(
-                layer["pred_logits"].float(), layer["pred_boxes"].float(), targets, indices, num_boxes * meta.groups
-            )
-            del layer_losses["class_error"]  # a metric of the matching queries only
-            losses.update({f"{name}_dn{suffix}": value for name, value in layer_losses.items()})
-        return losses
+        return denoising_losses(self, outputs, targets, num_boxes)
 
 
 def dino_criterion(

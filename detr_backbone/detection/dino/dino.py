@@ -15,11 +15,11 @@ from ...nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 from ..head import layer_outputs
 from ..mlp import MLP
 from ..multiscale.criterion import set_prior_bias
+from ..multiscale.denoising import DenoisingQueries, contrastive_denoising
 from ..multiscale.levels import check_levels, level_projections, linear_projection_parameters, project_levels
 from ..multiscale.postprocess import topk_detections
 from ..multiscale.refinement import inverse_sigmoid
 from ..postprocess import Detections
-from .denoising import DenoisingQueries, contrastive_denoising
 from .transformer import LOGIT_EPS, DinoTransformer
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .sampling import SpatialShapes, multi_scale_deformable_attention, resolve_attention_impl
+from .sampling.discrete import discrete_attention
 
 
 class MSDeformAttn(nn.Module):
@@ -24,11 +25,18 @@ class MSDeformAttn(nn.Module):
     ``reference_points`` is (N, Q, L, 2) points (x, y) or (N, Q, L, 4) boxes (cx, cy, w, h), in [0, 1]
     of each level's padded map. Offsets are in pixels of the level around a point, in units of
     half the box (over ``n_points``) around a box. ``padding_mask`` (N, S) is True on padding,
-    whose values are zeroed so that no query reads them.
+    whose values are zeroed so that no query reads them. ``discrete``: each point reads its nearest value
+    (RT-DETRv2's deployment variant, ``sampling.discrete``) and the offsets, which then get no gradient, are frozen.
     """
 
     def __init__(
-        self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, attention_impl: str = "auto"
+        self,
+        d_model: int = 256,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+        attention_impl: str = "auto",
+        discrete: bool = False,
     ):
         super().__init__()
         resolve_attention_impl(attention_impl)  # an unknown name fails here, not at the first forward
@@ -46,7 +54,9 @@ class MSDeformAttn(nn.Module):
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
+        self.discrete = discrete
         self._reset_parameters()
+        self.sampling_offsets.requires_grad_(not discrete)
 
     def _reset_parameters(self) -> None:
         # At first every query looks the same way: head h along angle 2*pi*h/M, its points 1, 2, ...
@@ -84,7 +94,10 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(batch, queries, heads, levels * points)
         weights = weights.softmax(-1).view(batch, queries, heads, levels, points)
         locations = self.sampling_locations(reference_points, offsets, spatial_shapes)
-        sampled = multi_scale_deformable_attention(value, spatial_shapes, locations, weights, self.attention_impl)
+        if self.discrete:
+            sampled = discrete_attention(value, spatial_shapes, locations, weights)
+        else:
+            sampled = multi_scale_deformable_attention(value, spatial_shapes, locations, weights, self.attention_impl)
         return self.output_proj(sampled)
 
     def sampling_locations(self, reference_points: Tensor, offsets: Tensor, spatial_shapes: SpatialShapes) -> Tensor:

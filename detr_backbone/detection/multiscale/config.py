@@ -16,6 +16,12 @@ from .matcher import FOCAL_ALPHA
 from .sampling import ATTENTION_IMPLS
 
 
+def levels_read(num_feature_levels: int) -> list[int]:
+    """The backbone layers a multi-scale head reads: layers 2-4 (strides 8-32), or layer4 alone for one level;
+    for two levels, layers 2-3 (the stride-8 and -16 maps of small images; the body stops after layer3)."""
+    return {1: [4], 2: [2, 3]}.get(num_feature_levels, [2, 3, 4])
+
+
 @dataclass
 class MultiScaleHeadConfig(TransformerHeadConfig):
     """What the heads on multi-scale deformable attention share (Deformable DETR, DINO): the levels they read,
@@ -52,9 +58,7 @@ class MultiScaleHeadConfig(TransformerHeadConfig):
         )
 
     def backbone_levels(self) -> list[int]:
-        """The backbone layers read: Deformable-DETR's layers 2-4 (strides 8-32), or layer4 alone for one level;
-        for two levels, layers 2-3 (the stride-8 and -16 maps of small images; the body stops after layer3)."""
-        return {1: [4], 2: [2, 3]}.get(self.num_feature_levels, [2, 3, 4])
+        return levels_read(self.num_feature_levels)
 
     def parameter_groups(self, detector: nn.Module, lr: float) -> list[dict]:
         """The sampling offsets and reference points, trained at ``lr * lr_linear_proj_mult``."""

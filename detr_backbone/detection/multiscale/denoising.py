@@ -1,10 +1,11 @@
-"""DINO's contrastive denoising queries: noised copies of the ground truth that the decoder learns to restore.
+"""Contrastive denoising queries (DINO's, also RT-DETR's): noised copies of the ground truth that the decoder
+learns to restore, and their losses.
 
 Training only. Each group holds a positive and a negative copy of every object of an image: the
 positive's box is moved by less than half its size on each edge, the negative's by half to once
 (``box_noise_scale`` 1), so the positive should be pulled back onto its object and the negative
 called "no object". Labels are swapped for random classes with probability ``label_noise_ratio / 2``.
-Images with fewer objects than the batch's most are padded (zero content, box logits 0). The
+Images with fewer objects than the batch's most leave padding slots, whose content each head sets. The
 attention mask keeps the matching queries from seeing the denoising ones (which know the answer)
 and each group from seeing the others.
 
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_convert
 
+from ..criterion import BaseSetCriterion
 from ..matcher import Indices
 
 
@@ -129,3 +131,30 @@ def contrastive_denoising(
     valid[image, slot] = True
     mask = denoising_attention_mask(groups, most, num_queries, device)
     return DenoisingQueries(placed_labels, placed_boxes, valid, mask, groups, most)
+
+
+def denoising_losses(
+    criterion: BaseSetCriterion, outputs: Mapping, targets: Sequence[Mapping[str, Tensor]], num_boxes: Tensor
+) -> dict[str, Tensor]:
+    """The losses of ``outputs["dn_outputs"]`` (a decoder's outputs for the denoising queries of
+    ``outputs["dn_meta"]``), empty without them.
+
+    A denoising query is assigned by construction, not matched: each group's positive copy of a target must
+    restore it (class and box losses against the original label and box); the negatives and the padding only
+    enter the class loss, as "no object". The losses are normalised by the box count times the number of
+    groups and named ``<loss>_dn``, ``<loss>_dn_0``, ... (each carries its base loss's weight).
+    """
+    dn_outputs = outputs.get("dn_outputs")
+    if dn_outputs is None:
+        return {}
+    meta = outputs["dn_meta"]
+    indices = meta.positive_indices(targets)
+    layers = [("", dn_outputs)] + [(f"_{i}", aux) for i, aux in enumerate(dn_outputs.get("aux_outputs", []))]
+    losses = {}
+    for suffix, layer in layers:
+        layer_losses = criterion.assigned_losses(
+            layer["pred_logits"].float(), layer["pred_boxes"].float(), targets, indices, num_boxes * meta.groups
+        )
+        del layer_losses["class_error"]  # a metric of the matching queries only
+        losses.update({f"{name}_dn{suffix}": value for name, value in layer_losses.items()})
+    return losses

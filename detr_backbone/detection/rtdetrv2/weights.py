@@ -1,0 +1,210 @@
+"""RT-DETRv2's published layout: lyuwenyu/RT-DETR's checkpoints (``rtdetrv2_r18vd_120e_coco_rerun_48.1.pth``),
+read as its solver and ``hubconf.py`` read them: ``{"ema": {"module": state}}`` when the file has an EMA, else
+``{"model": state}``.
+
+Its ``encoder.*`` and ``decoder.*`` keys are ours; its PResNet-vd backbone (``backbone.conv1.conv1_1.*``,
+``backbone.res_layers.N.blocks.M.*``) is mapped onto timm's ResNet-D (``backbones.resnet_vd``). Buffers derived
+from the settings are dropped: the attention's ``num_points_scale`` and the anchors cached for the evaluation
+size (``decoder.anchors``, ``decoder.valid_mask``). The class heads have one row per class (80 for COCO, in
+COCO's category order).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from ...backbones.resnet_vd import presnet_to_timm
+from ...config import BACKBONE_TARGETS, JoinerConfig, PositionConfig
+from ...weights import DDP_PREFIX
+from ..building import DetectorConfig
+from ..coco_names import COCO_NAMES
+from ..published import DetectorWeights, configured_backbone, count_layers
+from .config import RtDetrV2Config
+
+PUBLISHED_HEADS = 8  # RT-DETRv2's attention heads: the shapes hold heads x points, not each
+DERIVED = re.compile(r"(.*\.num_points_scale|decoder\.anchors|decoder\.valid_mask)")
+# (blocks per stage, bottleneck) -> timm's ResNet-D
+PRESNET_DEPTHS = {
+    ((2, 2, 2, 2), False): "resnet18d",
+    ((3, 4, 6, 3), False): "resnet34d",
+    ((3, 4, 6, 3), True): "resnet50d",
+    ((3, 4, 23, 3), True): "resnet101d",
+}
+COCO_80 = tuple(name for name in COCO_NAMES if name != "N/A")  # the 80 classes in category id order
+
+
+@dataclass(frozen=True)
+class RtDetrV2Architecture:
+    """The RT-DETRv2 a set of weights fits, as far as its source tells; None where it does not."""
+
+    backbone_kind: str | None = None
+    backbone_name: str | None = None
+    levels: tuple[int, ...] | None = None
+    dilation: bool | None = False  # RT-DETR never dilates
+    hidden_dim: int | None = None
+    num_feature_levels: int | None = None
+    enc_layers: int | None = None
+    dec_layers: int | None = None
+    dim_feedforward: int | None = None
+    nheads: int | None = None
+    num_points: int | None = None
+    expansion: float | None = None
+    depth_mult: float | None = None
+    dn_number: int | None = None
+    num_queries: int | None = None
+    cross_attn_method: str | None = None
+
+    HEAD: ClassVar[str] = "rtdetrv2"
+    NO_OBJECT_ROWS: ClassVar[int] = 0
+    QUERIES: ClassVar[str] = ""  # RT-DETRv2's queries are selected from the encoder, none is learned
+    CLASS_TABLES: ClassVar[Mapping[str, int]] = {"decoder.denoising_class_embed.weight": 1}  # + the padding row
+    OVERRIDES: ClassVar[Mapping[str, str]] = {
+        "backbone_kind": "backbone._target_",
+        "backbone_name": "backbone.name",
+        "levels": "backbone.levels",
+        "hidden_dim": "hidden_dim",
+        "num_feature_levels": "model.num_feature_levels",
+        "enc_layers": "model.enc_layers",
+        "dec_layers": "model.dec_layers",
+        "dim_feedforward": "model.dim_feedforward",
+        "nheads": "model.nheads",
+        "num_points": "model.num_points",
+        "expansion": "model.expansion",
+        "depth_mult": "model.depth_mult",
+        "cross_attn_method": "model.cross_attn_method",
+    }
+    UNSEEN_IN_SHAPES: ClassVar[tuple[str, ...]] = ("nheads", "num_points", "cross_attn_method")
+
+    def __str__(self) -> str:
+        return ", ".join(
+            [
+                self.backbone_name or "unknown backbone",
+                f"hidden_dim {self.hidden_dim}",
+                f"{self.num_feature_levels} levels",
+                f"{self.enc_layers} encoder + {self.dec_layers} decoder layers",
+                f"expansion {self.expansion}",
+            ]
+        )
+
+    @classmethod
+    def configured(cls, config: DetectorConfig) -> RtDetrV2Architecture:
+        head = config.head
+        levels = getattr(config.joiner.backbone, "levels", None)
+        return cls(
+            **configured_backbone(config),
+            levels=None if levels is None else tuple(levels),
+            hidden_dim=config.joiner.hidden_dim,
+            **{name: getattr(head, name) for name in RTDETR_HEAD_FIELDS},
+        )
+
+    def detector_config(self, num_classes: int, class_names: list[str] | None, dilation: bool | None) -> DetectorConfig:
+        """The RT-DETRv2 these weights describe (the schema's defaults where they do not say), on PResNet-vd with
+        RT-DETR's R50 freezing (stem and BatchNorm frozen)."""
+        defaults = RtDetrV2Config()
+        fields = {name: getattr(self, name) for name in RTDETR_HEAD_FIELDS if getattr(self, name) is not None}
+        head = RtDetrV2Config(**{**fields, "num_queries": self.num_queries or defaults.num_queries})
+        backbone = {
+            "_target_": BACKBONE_TARGETS[self.backbone_kind or "resnet_vd"],
+            "name": self.backbone_name or "resnet50d",
+            "levels": list(self.levels or (2, 3, 4)),
+        }
+        joiner = JoinerConfig.from_args(
+            {"backbone": backbone, "position": PositionConfig(), "hidden_dim": self.hidden_dim or 256}
+        )
+        return DetectorConfig(joiner, head, num_classes, class_names)
+
+
+RTDETR_HEAD_FIELDS = (
+    "num_feature_levels",
+    "enc_layers",
+    "dec_layers",
+    "dim_feedforward",
+    "nheads",
+    "num_points",
+    "expansion",
+    "depth_mult",
+    "dn_number",
+    "cross_attn_method",
+)
+
+
+def is_rtdetrv2_state(state: Mapping[str, Any]) -> bool:
+    """Whether ``state`` is a whole RT-DETRv2 (or RT-DETR) under RT-DETR's names, on PResNet-vd."""
+    heads = ("decoder.dec_score_head.0.weight", "encoder.input_proj.0.conv.weight", "decoder.query_pos_head.layers.0.weight")
+    return all(key in state for key in heads) and "backbone.conv1.conv1_1.conv.weight" in state
+
+
+def presnet_name(state: Mapping[str, Tensor]) -> str | None:
+    stages = [count_layers(state, f"backbone.res_layers.{stage}.blocks.") for stage in range(4)]
+    bottleneck = "backbone.res_layers.0.blocks.0.branch2c.conv.weight" in state
+    return PRESNET_DEPTHS.get((tuple(stages), bottleneck))
+
+
+def architecture_of_state(state: Mapping[str, Tensor], backbone_name: str | None) -> RtDetrV2Architecture:
+    """What the keys and shapes of an RT-DETRv2 state dict under our names show."""
+    hidden = state["encoder.input_proj.0.conv.weight"].shape[0]
+    levels = count_layers(state, "encoder.input_proj.")
+    attention = state["decoder.decoder.layers.0.cross_attn.attention_weights.weight"].shape[0]
+    blocks = count_layers(state, "encoder.fpn_blocks.0.bottlenecks.")
+    return RtDetrV2Architecture(
+        backbone_kind="resnet_vd",
+        backbone_name=backbone_name,
+        levels=tuple(range(5 - levels, 5)),
+        hidden_dim=hidden,
+        num_feature_levels=levels,
+        enc_layers=count_layers(state, "encoder.encoder.0.layers."),
+        dec_layers=count_layers(state, "decoder.decoder.layers."),
+        dim_feedforward=state["decoder.decoder.layers.0.linear1.weight"].shape[0],
+        nheads=PUBLISHED_HEADS,
+        num_points=attention // (levels * PUBLISHED_HEADS) if attention % (levels * PUBLISHED_HEADS) == 0 else None,
+        expansion=state["encoder.fpn_blocks.0.conv1.conv.weight"].shape[0] / hidden,
+        depth_mult=blocks / 3,
+        dn_number=100 if "decoder.denoising_class_embed.weight" in state else 0,
+        cross_attn_method=None,
+    )
+
+
+def released_state(content: Any) -> tuple[dict[str, Tensor], list[str]] | None:
+    """The model state of a released file (``ema.module`` if the file has one, else ``model``), DDP's prefix
+    dropped, and the file's other keys; None for another kind of file."""
+    if not isinstance(content, Mapping):
+        return None
+    ema = content.get("ema")
+    state = ema.get("module") if isinstance(ema, Mapping) else content.get("model")
+    if not isinstance(state, Mapping) or not all(isinstance(value, Tensor) for value in state.values()):
+        return None
+    others = [key for key in content if key != ("ema" if isinstance(ema, Mapping) else "model")]
+    return {key.removeprefix(DDP_PREFIX): value for key, value in state.items()}, others
+
+
+class RtDetrV2CheckpointLayout:
+    """RT-DETRv2's released checkpoints, read into our names."""
+
+    source = "RT-DETRv2 checkpoint"
+    described = f"a {source}"
+
+    def read(self, content: Any, path: str | os.PathLike) -> DetectorWeights | None:
+        found = released_state(content)
+        if found is None or not is_rtdetrv2_state(found[0]):
+            return None
+        released, skipped = found
+        backbone_name = presnet_name(released)
+        state = presnet_to_timm(released)
+        state.update(
+            (key, value)
+            for key, value in released.items()
+            if not key.startswith("backbone.") and not DERIVED.fullmatch(key)
+        )
+        architecture = architecture_of_state(state, backbone_name)
+        rows = state["decoder.dec_score_head.0.weight"].shape[0]
+        names = list(COCO_80) if rows == len(COCO_80) else None
+        return DetectorWeights(self.source, os.fspath(path), state, names, architecture, skipped=skipped)
+
+
+RTDETRV2_CHECKPOINT = RtDetrV2CheckpointLayout()

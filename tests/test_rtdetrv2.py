@@ -1,0 +1,156 @@
+"""The RT-DETRv2 head: its encoder's position encoding, discrete sampling and varifocal loss against hand
+computations, the denoising queries' padding, and the detector in training and evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from detr_backbone.detection import build_detector
+from detr_backbone.detection.matcher import BaseHungarianMatcher
+from detr_backbone.detection.multiscale.matcher import FocalHungarianMatcher
+from detr_backbone.detection.multiscale.sampling.discrete import discrete_attention
+from detr_backbone.detection.rtdetrv2 import RTDETRv2, RtDetrV2Config, grid_sine_embedding, rtdetrv2_criterion
+from detr_backbone.detection.rtdetrv2.criterion import VarifocalSetCriterion
+
+TARGETS = [
+    {"labels": torch.tensor([2, 0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.2], [0.2, 0.3, 0.2, 0.4]])},
+    {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.7, 0.6, 0.2, 0.2]])},
+]
+JOINER = {
+    "backbone": {"_target_": "detr_backbone.Backbone", "name": "resnet18", "levels": [2, 3]},
+    "position": {"_target_": "detr_backbone.PositionEmbeddingSine"},
+    "hidden_dim": 32,
+}
+SMALL = dict(num_queries=6, dec_layers=2, nheads=4, dim_feedforward=64, num_feature_levels=2, dn_number=4)
+
+
+def small_rtdetrv2(**overrides) -> RTDETRv2:
+    torch.manual_seed(0)
+    return build_detector(JOINER, RtDetrV2Config(**{**SMALL, **overrides}), num_classes=3)
+
+
+def test_the_encoders_position_encoding_is_rt_detrs_grid_order():
+    # RT-DETR's: meshgrid(arange(w), arange(h), indexing="ij") flattened gives position k the coordinates
+    # (k // h, k % h); channels sin/cos of the first, then sin/cos of the second, at dim / 4 frequencies
+    height, width, dim = 3, 5, 8
+    encoding = grid_sine_embedding(height, width, dim)[0]
+    for k in range(height * width):
+        first, second = k // height, k % height
+        expected = []
+        for function in (math.sin, math.cos):
+            expected += [function(first / 10000 ** (i / 2)) for i in range(2)]
+        for function in (math.sin, math.cos):
+            expected += [function(second / 10000 ** (i / 2)) for i in range(2)]
+        torch.testing.assert_close(encoding[k], torch.tensor(expected))
+
+
+def test_discrete_sampling_reads_the_nearest_value():
+    # one image, two levels (2x3 and 1x2), one head of 2 channels, one query, one point per level
+    value = torch.arange(16, dtype=torch.float32).view(1, 8, 1, 2)
+    locations = torch.tensor([[0.6, 0.9], [0.1, 0.2]]).view(1, 1, 1, 2, 1, 2)  # (x, y) per level
+    weights = torch.tensor([0.25, 0.75]).view(1, 1, 1, 2, 1)
+    # level 0: column int(0.6 * 3 + 0.5) = 2, row int(0.9 * 2 + 0.5) = 2 -> clamped to 1: position 1 * 3 + 2 = 5
+    # level 1: column int(0.1 * 2 + 0.5) = 0, row int(0.2 * 1 + 0.5) = 0: position 6 + 0 = 6
+    expected = 0.25 * value[0, 5, 0] + 0.75 * value[0, 6, 0]
+    output = discrete_attention(value, [(2, 3), (1, 2)], locations, weights)
+    torch.testing.assert_close(output[0, 0], expected)
+
+
+def test_the_varifocal_loss_on_a_hand_computed_case():
+    logits = torch.tensor([[[0.5, -1.0], [2.0, 0.0]]])  # one image, two queries, two classes
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.2, 0.2]]])
+    target = {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.4]])}
+    criterion = VarifocalSetCriterion(2, FocalHungarianMatcher(), 0.75, 2.0, {"loss_ce": 1.0})
+    losses = criterion.assigned_losses(
+        logits, boxes, [target], [(torch.tensor([0]), torch.tensor([0]))], torch.tensor(1.0)
+    )
+    iou = 0.5  # the 0.2x0.2 box inside the 0.2x0.4 one, same centre
+    total = 0.0
+    for query in range(2):
+        for label in range(2):
+            x = logits[0, query, label].item()
+            p = 1 / (1 + math.exp(-x))
+            positive = query == 0 and label == 1
+            t = iou if positive else 0.0
+            weight = iou if positive else 0.75 * p**2
+            total += -weight * (t * math.log(p) + (1 - t) * math.log(1 - p))
+    assert losses["loss_ce"].item() == pytest.approx(total, rel=1e-6)
+    assert losses["loss_giou"].item() == pytest.approx(1 - iou, rel=1e-6)
+
+
+def test_the_criterion_has_rt_detrs_costs_weights_and_losses():
+    criterion = rtdetrv2_criterion(RtDetrV2Config(), num_classes=3)
+    assert isinstance(criterion.matcher, BaseHungarianMatcher)
+    assert (criterion.matcher.cost_class, criterion.matcher.cost_bbox, criterion.matcher.cost_giou) == (2, 5, 2)
+    assert (criterion.matcher.alpha, criterion.alpha, criterion.gamma) == (0.25, 0.75, 2.0)
+    assert criterion.loss_weights == {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+
+
+def test_training_outputs_every_layer_the_proposals_and_the_denoising_queries():
+    model = small_rtdetrv2().train()
+    torch.manual_seed(1)
+    out = model([torch.rand(3, 64, 64), torch.rand(3, 64, 64)], TARGETS)
+    assert out["pred_logits"].shape == (2, 6, 3) and out["pred_boxes"].shape == (2, 6, 4)
+    assert len(out["aux_outputs"]) == 1 and out["interm_outputs"]["pred_logits"].shape == (2, 6, 3)
+    dn = out["dn_meta"]
+    assert (dn.groups, dn.group_size) == (2, 2) and out["dn_outputs"]["pred_logits"].shape == (2, 8, 3)
+    losses = rtdetrv2_criterion(RtDetrV2Config(**SMALL), num_classes=3)(out, TARGETS)
+    assert {"loss_ce", "loss_ce_0", "loss_ce_interm", "loss_ce_dn", "loss_ce_dn_0", "loss_giou_dn"} <= set(losses)
+    assert all(torch.isfinite(value) for value in losses.values())
+
+
+def test_padding_slots_of_the_denoising_queries_hold_rt_detrs_zero_content_and_zero_box():
+    model = small_rtdetrv2().train()
+    seen = {}
+    model.decoder.register_forward_hook(lambda module, args, output: seen.update(args=args))
+    torch.manual_seed(2)
+    model([torch.rand(3, 64, 64), torch.rand(3, 64, 64)], TARGETS)
+    _, dn_content, dn_box_logits, _ = seen["args"]
+    # the second image has one object of the batch's two: its odd slots are padding
+    assert not dn_content[1, 1::2].any()  # the embedding's padding row is zero
+    torch.testing.assert_close(dn_box_logits[1, 1::2], torch.full((4, 4), math.log(1e-5)))
+
+
+def test_evaluation_stops_at_eval_idx_and_gives_its_boxes():
+    model = small_rtdetrv2(dec_layers=3, eval_idx=1).eval()
+    images = [torch.rand(3, 64, 80)]
+    with torch.no_grad():
+        out = model(images)
+        model.train()  # every layer's outputs (no denoising without targets), BatchNorm on its running statistics
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.eval()
+        layers = model(images)
+    assert set(out) == {"pred_logits", "pred_boxes"}
+    torch.testing.assert_close(out["pred_boxes"], layers["aux_outputs"][1]["pred_boxes"])
+    torch.testing.assert_close(out["pred_logits"], layers["aux_outputs"][1]["pred_logits"])
+
+
+def test_discrete_cross_attention_freezes_the_sampling_offsets():
+    model = small_rtdetrv2(cross_attn_method="discrete")
+    offsets = [p for n, p in model.named_parameters() if "cross_attn.sampling_offsets" in n]
+    assert offsets and not any(p.requires_grad for p in offsets)
+    with torch.no_grad():
+        assert model.eval()([torch.rand(3, 64, 64)])["pred_boxes"].isfinite().all()
+
+
+def test_norms_of_the_encoder_and_decoder_have_no_weight_decay():
+    model = small_rtdetrv2()
+    groups = RtDetrV2Config(**SMALL).parameter_groups(model, 1e-4)
+    (norms,) = groups
+    expected = {
+        id(p)
+        for name, module in model.named_modules()
+        if name.startswith(("encoder.", "decoder.")) and isinstance(module, (torch.nn.BatchNorm2d, torch.nn.LayerNorm))
+        for p in module.parameters(recurse=False)
+    }
+    assert {id(p) for p in norms["params"]} == expected and norms["weight_decay"] == 0.0 and norms["lr"] == 1e-4
+
+
+@pytest.mark.parametrize("values", [{"eval_idx": 6}, {"cross_attn_method": "nearest"}, {"num_feature_levels": 4}])
+def test_bad_settings_are_named(values):
+    with pytest.raises(ValueError, match=f"model.{next(iter(values))}"):
+        RtDetrV2Config(**values)
