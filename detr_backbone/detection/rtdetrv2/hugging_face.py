@@ -51,7 +51,9 @@ DROPPED = (r"^(class_embed|bbox_embed)\.", r"\.n_points_scale$")
 
 
 def is_hugging_face_state(state: Mapping[str, Any]) -> bool:
-    return "model.decoder.class_embed.0.weight" in state and any(key.startswith("model.encoder_input_proj.") for key in state)
+    return "model.decoder.class_embed.0.weight" in state and any(
+        key.startswith("model.encoder_input_proj.") for key in state
+    )
 
 
 def architecture_of_config(config: Mapping[str, Any], path: str | os.PathLike) -> RtDetrV2Architecture:
@@ -79,7 +81,9 @@ def architecture_of_config(config: Mapping[str, Any], path: str | os.PathLike) -
     if config.get("num_feature_levels", 3) != levels:
         unsupported.append("num_feature_levels differs from the encoder's levels")
     if unsupported:
-        raise ValueError(f"{os.fspath(path)!r} describes an RT-DETRv2 this package cannot hold: {'; '.join(unsupported)}")
+        raise ValueError(
+            f"{os.fspath(path)!r} describes an RT-DETRv2 this package cannot hold: {'; '.join(unsupported)}"
+        )
     depths = tuple(backbone.get("depths", [3, 4, 6, 3]))
     bottleneck = backbone.get("layer_type", "bottleneck") == "bottleneck"
     return RtDetrV2Architecture(

@@ -136,7 +136,11 @@ RTDETR_HEAD_FIELDS = (
 
 def is_rtdetrv2_state(state: Mapping[str, Any]) -> bool:
     """Whether ``state`` is a whole RT-DETRv2 (or RT-DETR) under RT-DETR's names, on PResNet-vd."""
-    heads = ("decoder.dec_score_head.0.weight", "encoder.input_proj.0.conv.weight", "decoder.query_pos_head.layers.0.weight")
+    heads = (
+        "decoder.dec_score_head.0.weight",
+        "encoder.input_proj.0.conv.weight",
+        "decoder.query_pos_head.layers.0.weight",
+    )
     return all(key in state for key in heads) and "backbone.conv1.conv1_1.conv.weight" in state
 
 
