@@ -17,7 +17,14 @@ from detr_backbone.detection import detector_config
 from detr_backbone.image_input import InputConfig
 from detr_backbone.inference import Predictor, load_detector
 from detr_backbone.inference.checkpoint import RUN_CONFIG_KEY
-from detr_backbone.inference.export import ExportableDetector, example_batch, export_metadata
+from detr_backbone.inference.export import (
+    ExportableDetector,
+    Tolerance,
+    example_batch,
+    export_detector,
+    export_metadata,
+)
+from detr_backbone.inference.exported import ExportedPredictor
 from detr_backbone.training.job import build_module, validated
 
 from .jobs import TINY, compose_config
@@ -140,3 +147,18 @@ def test_export_metadata_says_what_input_the_file_takes(square_checkpoint):
     assert "not normalised" in metadata["inputs"]["images"]
     images = example_batch(3, 64, 64, normalize=False)[0]  # the trace's and the check's batches: pixels / 255
     assert images.min() >= 0 and images.max() <= 1
+
+
+@pytest.mark.slow
+def test_an_exported_file_carries_the_record_to_whoever_runs_it(square_checkpoint, tmp_path):
+    report = export_detector(
+        load_detector(square_checkpoint),
+        "torch_export",
+        tmp_path / "square.pt2",
+        postprocess=True,
+        trace_size=(64, 80),
+        check_size=(72, 64),
+    )  # the check ran on images in [0, 1], as the detector takes them
+    assert max(report.max_abs_diff.values()) <= Tolerance().atol
+    exported = ExportedPredictor(report.path)
+    assert exported.input == InputConfig(normalize=False, resize="square")
