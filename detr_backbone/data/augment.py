@@ -358,13 +358,15 @@ def policy_transforms(
     input: InputConfig,
 ) -> tuple[PolicyTransforms, SampleTransform]:
     """Train and val transforms of ``values["augment"]`` (``default`` when unset), normalised as ``input`` says;
-    rtdetr and deim, and a detector evaluated on squares (``input.resize``), validate on the square side, detr and
-    none otherwise on ``plain``."""
+    rtdetr and deim, and a detector taking squares (``input.resize``), validate on the square side, detr and
+    none otherwise on ``plain``; for a detector taking squares, ``none`` trains on them."""
     check_augment(values)
     name, side = values.get("augment") or default, square_side(values)
+    square = square_transforms(side, 0.0, normalize=input.normalize)
+    if input.resize == "square":  # a detector taking squares trains on them too, as RT-DETR's "none" does
+        plain = square
     policy = build_policy(name, side, detr_train, plain, _probabilities(values), input.normalize)
-    squares = name in ("rtdetr", "deim") or input.resize == "square"
-    val = square_transforms(side, 0.0, normalize=input.normalize) if squares else plain
+    val = square if name in ("rtdetr", "deim") or input.resize == "square" else plain
     return PolicyTransforms(policy, values.get("seed") or 0), val
 
 
