@@ -19,7 +19,7 @@ from detr_backbone.inference.export import traced_detector, write_exported
 from detr_backbone.nested_tensor import nested_tensor_from_tensor_list
 from detr_backbone.training import DetrModule
 
-from .tiny_checkpoint import CLASS_NAMES, DEFORMABLE_HEAD, DINO_HEAD, NUM_QUERIES, train_tiny_checkpoint
+from .tiny_checkpoint import CLASS_NAMES, DEFORMABLE_HEAD, DINO_HEAD, MULTI_SCALE, NUM_QUERIES, train_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -160,7 +160,12 @@ def test_export_command_writes_and_checks_the_file(checkpoint, tmp_path, capsys)
 # --- the multi-scale heads (DINO's, the default job's, and Deformable DETR's): sigmoid classes, top-k detections ---
 
 # Deformable DETR with box refinement: its decoder's boxes are the detector's (the plain head's path is DINO's)
-MULTI_SCALE_HEADS = {"dino": DINO_HEAD, "deformable_detr": [*DEFORMABLE_HEAD, "model.with_box_refine=true"]}
+# RT-DETRv2: its hybrid encoder and query selection, fed pixels / 255 on squares (its input record)
+MULTI_SCALE_HEADS = {
+    "dino": DINO_HEAD,
+    "deformable_detr": [*DEFORMABLE_HEAD, "model.with_box_refine=true"],
+    "rtdetrv2": ["model=rtdetrv2_small", *MULTI_SCALE, "lr=1e-3", "lr_backbone=1e-3"],  # 40 steps learn something
+}
 
 
 @pytest.fixture(scope="module", params=list(MULTI_SCALE_HEADS))
@@ -246,9 +251,9 @@ def test_an_exported_file_is_evaluated_as_its_checkpoint_and_compared_with_it(
     assert_evaluated_as_its_checkpoint(checkpoint, onnx_export(traced).path, tmp_path, capsys)
 
 
-@pytest.mark.parametrize("multi_scale_checkpoint", ["dino"], indirect=True)  # the default job's head
+@pytest.mark.parametrize("multi_scale_checkpoint", ["dino", "rtdetrv2"], indirect=True)  # the default job's head
 @pytest.mark.slow
-def test_an_exported_dino_is_evaluated_as_its_checkpoint(
+def test_an_exported_dino_or_rtdetrv2_is_evaluated_as_its_checkpoint(
     multi_scale_checkpoint, multi_scale_traced, onnx_export, tmp_path, capsys
 ):
     assert_evaluated_as_its_checkpoint(multi_scale_checkpoint, onnx_export(multi_scale_traced).path, tmp_path, capsys)
@@ -275,3 +280,26 @@ def test_an_exported_file_without_detections_or_metadata_is_refused_in_one_line(
         "give a file written by python -m detr_backbone export"
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("multi_scale_checkpoint", ["rtdetrv2"], indirect=True)
+@pytest.mark.slow
+def test_rtdetrv2s_discrete_sampling_exports_without_grid_sample(multi_scale_checkpoint, tmp_path):
+    """The same weights with ``cross_attn_method=discrete``: one gather a level, no GridSample in the graph, and the
+    file equal to eager PyTorch on the export's own check."""
+    import onnx
+
+    loaded = load_detector(multi_scale_checkpoint)
+    for module in loaded.detector.modules():
+        if hasattr(module, "discrete"):
+            module.discrete = True
+    report = write_exported(
+        traced_detector(loaded, postprocess=True, trace_size=TRACE), "onnx", tmp_path / "d.onnx", CHECK
+    )
+    assert max(report.max_abs_diff.values()) <= Tolerance().atol
+    operators = {node.op_type for node in onnx.load(report.path).graph.node}
+    assert "GridSample" not in operators and "GatherElements" in operators
+    bilinear = write_exported(
+        traced_detector(load_detector(multi_scale_checkpoint), trace_size=TRACE), "onnx", tmp_path / "b.onnx", CHECK
+    )
+    assert "GridSample" in {node.op_type for node in onnx.load(bilinear.path).graph.node}

@@ -108,9 +108,13 @@ def grid_sine_embedding(height: int, width: int, dim: int, device: torch.device 
         raise ValueError(
             f"the 2-D sine encoding needs hidden_dim divisible by 4 (sin/cos of two coordinates), got {dim}"
         )
-    index = torch.arange(height * width, dtype=torch.int64, device=device)
-    first = torch.div(index, height, rounding_mode="floor").to(torch.float32)
-    second = (index % height).to(torch.float32)
+    # a (width, height) grid flattened: position k is (k // height, k % height)
+    first, second = torch.meshgrid(
+        torch.arange(width, dtype=torch.float32, device=device),
+        torch.arange(height, dtype=torch.float32, device=device),
+        indexing="ij",
+    )
+    first, second = first.flatten(), second.flatten()
     quarter = dim // 4
     omega = 1.0 / SINE_TEMPERATURE ** (torch.arange(quarter, dtype=torch.float32, device=device) / quarter)
     first, second = first[:, None] * omega, second[:, None] * omega
