@@ -111,8 +111,10 @@ def test_the_validation_loader_of_a_run_with_the_record_yields_unnormalised_squa
     assert any(image.size != (SIDE, SIDE) for image in raw)  # the resize is the pipeline's, not the data's
     for index, image in enumerate(raw):
         torch.testing.assert_close(images.tensors[index], unnormalised_square(image, SIDE))
-    train_images = next(iter(datamodule.train_dataloader()))[0].tensors
-    assert train_images.min() >= 0 and train_images.max() <= 1  # training takes pixels / 255 too
+    train_batch = next(iter(datamodule.train_dataloader()))[0]
+    # training takes pixels / 255 on squares too (no augmentation on the shapes data: the resize alone)
+    assert train_batch.tensors.shape[-2:] == (SIDE, SIDE) and not train_batch.mask.any()
+    assert train_batch.tensors.min() >= 0 and train_batch.tensors.max() <= 1
     detr = build_datamodule(square_config.data)  # no record: DETR's, normalised and not resized
     assert next(iter(detr.val_dataloader()))[0].tensors.min() < 0
 
