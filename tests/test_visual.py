@@ -314,7 +314,7 @@ def test_render_from_a_training_checkpoint(tmp_path, fitted):
     ckpt = fitted.dir / "checkpoints" / "last.ckpt"
     paths = render_main([f"ckpt_path={ckpt}", f"output_dir={tmp_path}", "data.min_size=64", "data.max_size=80"])
     assert all(p.stat().st_size > 0 for p in paths)
-    joiner = load_joiner(render_config([]), str(ckpt))
+    joiner, _ = load_joiner(render_config([]), str(ckpt))
     saved = torch.load(ckpt, weights_only=True)["state_dict"]
     for key, value in joiner.state_dict().items():
         assert torch.equal(value, saved[f"detector.backbone.{key}"]), key
