@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from detr_backbone.detection.criterion import identity
 from detr_backbone.detection.registry import build_criterion, published_folder
 from detr_backbone.inference import load_detector
 from detr_backbone.inference.checkpoint import published_detector
@@ -138,7 +139,7 @@ def train_section(folder: Path, theirs, args, generator: torch.Generator) -> dic
     # RT-DETRv2-R18 trains its whole backbone (freeze_at -1), as Hugging Face's model does; the reader keeps
     # DETR's rule (stem and layer1 frozen), so every parameter is opened here to time the same work
     ours = ours.to(args.device).train().requires_grad_(True)
-    criterion = build_criterion(config, lambda count: count)
+    criterion = build_criterion(config, identity)  # one process: the box count needs no reduction
     theirs.train()
 
     def our_step() -> None:
