@@ -126,11 +126,14 @@ def default_job(overrides: Sequence[str], steps: int, repeats: int, warmup: int,
     }
 
 
-def random_targets(batch_size: int, boxes: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+def random_targets(
+    batch_size: int, boxes: int, device: torch.device, num_classes: int = COCO_CLASSES
+) -> list[dict[str, torch.Tensor]]:
+    """``boxes`` random (cx, cy, w, h) boxes and labels per image, the same at every call."""
     generator = torch.Generator().manual_seed(0)
     centres = torch.rand(batch_size, boxes, 2, generator=generator) * 0.6 + 0.2
     sides = torch.rand(batch_size, boxes, 2, generator=generator) * 0.3 + 0.05
-    labels = torch.randint(0, COCO_CLASSES, (batch_size, boxes), generator=generator)
+    labels = torch.randint(0, num_classes, (batch_size, boxes), generator=generator)
     return [
         {"boxes": torch.cat((centre, side), dim=1).to(device), "labels": label.to(device)}
         for centre, side, label in zip(centres, sides, labels)

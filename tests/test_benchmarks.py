@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import joiner as joiner_bench
-from benchmarks import run
+from benchmarks import rtdetrv2, run
 from benchmarks.machine import peak_memory_mb, theoretical_cpu_peak
 from benchmarks.reference import ReferenceJoiner
 
@@ -88,4 +88,52 @@ def test_quick_run_writes_every_section(tmp_path):
 def test_bad_flags_are_named(argv, fragment, capsys):
     with pytest.raises(SystemExit):
         run.parse_args(argv)
+    assert fragment in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_rtdetrv2_run_checks_the_same_outputs_and_writes_its_keys(tmp_path):
+    output = tmp_path / "rtdetrv2.json"
+    argv = ["--size", "128x128", "--train-size", "128x128", "--train-batch", "1", "--repeats", "1", "--warmup", "0"]
+    rtdetrv2.main([*argv, "--device", "cpu", "--output", str(output)])
+    results = json.loads(output.read_text())
+    assert set(results) == {"machine", "settings", "check", "forward", "train"}
+    assert results["check"]["queries"] == 300 and results["check"]["max_abs_difference"] < 1e-4
+    assert results["settings"]["forward_images"] == [1, 3, 128, 128]
+    assert results["settings"]["train_images"] == [1, 3, 128, 128]
+    for section in ("forward", "train"):
+        seconds = results[section]["seconds"]
+        assert set(seconds) == {"ours", "hugging_face"} and all(t["repeats"] == 1 for t in seconds.values())
+        ratio = seconds["hugging_face"]["median_s"] / seconds["ours"]["median_s"]
+        assert results[section]["hf_over_ours"] == pytest.approx(ratio)
+    # both sides train the whole model: transformers' R18 holds 20,174,608 parameters (ResNet-18-vd 11,190,112)
+    assert results["train"]["trained_parameters"] == {"ours": 20_174_608, "hugging_face": 20_174_608}
+
+
+def test_rtdetrv2_check_pairs_queries_in_any_order_and_refuses_a_moved_one():
+    torch.manual_seed(0)
+    logits, boxes = torch.randn(2, 6, 3), torch.rand(2, 6, 4)
+    order = torch.tensor([3, 0, 5, 1, 4, 2])
+    shifted = logits[:, order] + 5e-5
+    ours = {"pred_logits": shifted, "pred_boxes": boxes[:, order]}
+    largest = (shifted - logits[:, order]).abs().max().item()  # 5e-5 after float32 rounding
+    assert rtdetrv2.max_query_difference(ours, logits, boxes) == largest
+    ours["pred_boxes"] = ours["pred_boxes"].clone()
+    ours["pred_boxes"][1, 2, 0] += 1e-3
+    with pytest.raises(RuntimeError, match="image 1: largest difference 1.0"):
+        rtdetrv2.max_query_difference(ours, logits, boxes)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--size", "96x96"], "fewer than the 300 queries"),
+        (["--train-size", "96x128"], "--train-size 96x128 gives 252"),
+        (["--sections", "forward,speed"], "unknown section"),
+        (["--train-batch", "0"], "must be >= 1"),
+    ],
+)
+def test_rtdetrv2_bad_flags_are_named(argv, fragment, capsys):
+    with pytest.raises(SystemExit):
+        rtdetrv2.parse_args(argv)
     assert fragment in capsys.readouterr().err
