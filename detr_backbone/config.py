@@ -92,7 +92,7 @@ class BackboneConfig(BackboneOptions):
     name: str = "resnet50"  # torchvision ResNet name, or any timm model name for TimmBackbone
     dilation: bool = False  # DC5: the last stage dilated instead of strided (stride 16)
     pretrained: bool = False  # torchvision / timm ImageNet weights (needs network or a filled cache)
-    fold_frozen_bn: bool = True  # frozen BatchNorm applied through the conv weights (torchvision kind)
+    fold_frozen_bn: bool = True  # frozen BatchNorm applied through the conv weights (ResNets: torchvision's, timm's)
     # timm: more timm.create_model arguments, one a key: +backbone.kwargs.drop_path_rate=0.1
     kwargs: dict[str, Any] = field(default_factory=dict)
     # timm transformers: block i of n trains at lr_backbone * decay ** (n - i), the embeddings at decay ** (n + 1)

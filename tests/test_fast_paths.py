@@ -123,10 +123,24 @@ def test_folded_norm_buffers_still_load_from_a_detr_checkpoint(tmp_path):
         assert_close(fast(images)[0][0].tensors, source(images)[0][0].tensors)
 
 
-def test_folding_leaves_groupnorm_and_timm_norms_alone():
+def test_folding_leaves_groupnorm_alone():
     assert fold_frozen_batch_norm(joiner_with("resnet18", kind="groupnorm", **PLAIN)) == 0
-    timm_joiner = joiner_with("resnet18", kind="timm", **PLAIN)
-    assert fold_frozen_batch_norm(timm_joiner) == 0
+
+
+def test_timms_frozen_resnet_norms_fold_with_the_same_outputs_and_gradients():
+    # timm freezes its ResNets' BatchNorms as torchvision's FrozenBatchNorm2d: stem + 8 blocks x 2 + 3 shortcuts
+    plain = joiner_with("resnet18", kind="timm", **PLAIN)
+    randomize_frozen_norms(plain)
+    plain, folded = pair(plain, {"name": "resnet18", "kind": "timm", "channels_last": False, "fold_frozen_bn": True})
+    assert sum(isinstance(m, FoldedConv2d) for m in folded.modules()) == 20
+    images = padded_batch(seed=4)
+    expected, expected_grads = outputs_and_grads(plain, images)
+    actual, grads = outputs_and_grads(folded, images)
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL_FRACTION * expected.abs().max().item())
+    assert grads.keys() == expected_grads.keys() and grads
+    for name, grad in grads.items():
+        scale = expected_grads[name].abs().max().item()
+        torch.testing.assert_close(grad, expected_grads[name], rtol=RTOL, atol=ATOL_FRACTION * max(scale, 1e-12))
 
 
 def test_folded_convolution_keeps_bf16_under_autocast():

@@ -13,10 +13,13 @@ from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 
 from .frozen_batch_norm import FoldedFrozenBatchNorm2d, FrozenBatchNorm2d, as_folded
 
 ConvType = TypeVar("ConvType", bound=nn.Conv2d)
+# ours, and torchvision's, which timm's freeze_batch_norm_2d puts in its ResNets (the same buffers)
+FOLDABLE = (FrozenBatchNorm2d, TorchvisionFrozenBatchNorm2d)
 
 
 def sharing_parameters(cls: type[ConvType], conv: nn.Conv2d, norm: FrozenBatchNorm2d) -> ConvType:
@@ -76,8 +79,8 @@ def _norm_after(conv_name: str) -> str | None:
 def fold_frozen_batch_norm(module: nn.Module) -> int:
     """Fold every FrozenBatchNorm2d of ``module`` into the convolution that feeds it; returns how many.
 
-    Pairs are found by torchvision's ResNet naming (``convK``/``bnK`` siblings, and consecutive
-    entries of a Sequential); other norms (GroupNorm, timm's frozen norms) are left as they are.
+    Pairs are found by torchvision's and timm's ResNet naming (``convK``/``bnK`` siblings, and consecutive
+    entries of a Sequential); other norms (GroupNorm, timm's frozen norms with an activation) are left as they are.
     """
     folded = 0
     for parent in list(module.modules()):
@@ -85,7 +88,7 @@ def fold_frozen_batch_norm(module: nn.Module) -> int:
         for name, conv in children.items():
             norm_name = _norm_after(name)
             norm = children.get(norm_name)
-            if type(conv) is nn.Conv2d and type(norm) is FrozenBatchNorm2d and norm.weight.numel() == conv.out_channels:
+            if type(conv) is nn.Conv2d and type(norm) in FOLDABLE and norm.weight.numel() == conv.out_channels:
                 identity = as_folded(norm)
                 setattr(parent, norm_name, identity)
                 setattr(parent, name, FoldedConv2d.folding(conv, identity))

@@ -199,7 +199,6 @@ class RtDetrTransformer(nn.Module):
         proposals, keep = encoder_proposals(no_padding, spatial_shapes)
         output_memory = self.enc_output(memory * keep.to(memory.dtype))
         class_logits = self.enc_score_head(output_memory)
-        box_logits = self.enc_bbox_head(output_memory) + proposals
         if self.query_select_method == "one2many":
             # the best (position, class) pairs, a position as often as it has good classes
             flat = torch.topk(class_logits.flatten(1), count, dim=1).indices
@@ -210,7 +209,9 @@ class RtDetrTransformer(nn.Module):
         def take(values: Tensor) -> Tensor:
             return values.gather(1, chosen[..., None].expand(-1, -1, values.shape[-1]))
 
-        return take(output_memory), take(box_logits), take(class_logits)
+        # the box head moves only the chosen proposals (row by row, so the same as RT-DETR's on every position)
+        content = take(output_memory)
+        return content, self.enc_bbox_head(content) + take(proposals), take(class_logits)
 
     def decode(
         self,
