@@ -125,9 +125,10 @@ def test_break_even_counts_the_steps_until_the_compiled_run_is_ahead():
     assert break_even_steps(compile_s=10.0, eager_s=0.08, compiled_s=0.10) is None  # never: compiled is slower
 
 
-def test_compiling_dino_says_before_compiling_why_it_will_not_pay():
-    with pytest.warns(CompileCostWarning, match="^model.compile=true: DINO builds its denoising queries"):
-        validated(compose_config("model.compile=true"))  # the default job's DINO
+@pytest.mark.parametrize("head, name", [("dino_small", "DINO"), ("rtdetrv2_small", "RT-DETRv2")])
+def test_compiling_a_denoising_head_says_before_compiling_why_it_will_not_pay(head, name):
+    with pytest.warns(CompileCostWarning, match=f"^model.compile=true: {name} builds its denoising queries"):
+        validated(compose_config(f"model={head}", "model.compile=true"))
     with warnings.catch_warnings():
         warnings.simplefilter("error", CompileCostWarning)
         validated(compose_config(*SMALL, "model.compile=true"))  # DETR's head compiles once per shape

@@ -264,7 +264,8 @@ def test_no_progress_bar_means_none_at_all(tmp_path):
 
 
 def test_render_a_shapes_sample_with_a_fresh_model(tmp_path):
-    paths = render_main([f"output_dir={tmp_path}", *RENDER_MODEL])
+    # DINO's input record: the sample as drawn (the default RT-DETRv2's would be the 80x80 square)
+    paths = render_main([f"output_dir={tmp_path}", *RENDER_MODEL, "model=dino_small"])
     assert [p.name for p in paths] == ["input.png", "position.png", "features.png"]
     width, height = ShapesDataset(1, min_size=64, max_size=80, split="val").render(0)[0].size
     assert png(tmp_path / "input.png").shape == (height, width, 3)

@@ -37,6 +37,10 @@ from .rtdetrv2.weights import RTDETRV2_CHECKPOINT, RtDetrV2Architecture
 
 # what the package gives every builder besides the schema's fields
 INJECTED = ("backbone", "num_classes", "hidden_dim")
+DENOISING_COMPILE_NOTE = (
+    "{head} builds its denoising queries from each batch's boxes, whose number changes from batch to batch, so "
+    "training compiles new graphs at nearly every step and compiling will not pay (docs/performance.md#compile)"
+)
 
 
 class FileLayout(Protocol):
@@ -120,11 +124,7 @@ HEADS: dict[str, HeadRecord] = {
             presets=("dino", "dino_small"),
             architecture=DinoArchitecture,
             files=(DINO_CHECKPOINT,),
-            compile_note=(
-                "DINO builds its denoising queries from each batch's boxes, whose number changes from batch to "
-                "batch, so training compiles new graphs at nearly every step and compiling will not pay "
-                "(docs/performance.md#compile)"
-            ),
+            compile_note=DENOISING_COMPILE_NOTE.format(head="DINO"),
         ),
         HeadRecord(
             name="rtdetrv2",
@@ -135,6 +135,7 @@ HEADS: dict[str, HeadRecord] = {
             architecture=RtDetrV2Architecture,
             files=(RTDETRV2_CHECKPOINT, HUGGING_FACE_RTDETRV2),
             folder=HUGGING_FACE_RTDETRV2,
+            compile_note=DENOISING_COMPILE_NOTE.format(head="RT-DETRv2"),
         ),
     )
 }
