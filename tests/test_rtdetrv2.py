@@ -262,3 +262,50 @@ def test_the_released_layout_loads_strictly_with_its_ema_weights(hugging_face_fo
     with torch.no_grad():
         out = loaded.detector(list(images))
     assert_same_queries(out, logits, boxes)
+
+
+def test_a_hugging_face_rtdetrv2_onto_the_shapes_classes_by_name(hugging_face_folder, tmp_path):
+    import json
+    import shutil
+
+    from detr_backbone.training.job import Job, validated
+
+    from .jobs import TINY, compose_config
+
+    folder = tmp_path / "hf"
+    shutil.copytree(hugging_face_folder[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["id2label"] = {"0": "Rectangle", "1": "dog", "2": "ellipse"}
+    (folder / "config.json").write_text(json.dumps(config))
+    size = ["backbone=resnet18vd", "hidden_dim=64", "model.num_queries=20", "model.dec_layers=2"]
+    size += ["model.dim_feedforward=128", "model.expansion=0.5", "model.dn_number=10"]
+    overrides = [*TINY, "model=rtdetrv2", *size]
+    run = Job(validated(compose_config(*overrides, f"init_from={folder}")), tmp_path / "run")
+    fresh = Job(validated(compose_config(*overrides)), tmp_path / "fresh")
+    state, fresh_state = run.module.detector.state_dict(), fresh.module.detector.state_dict()
+    published = load_detector_state(folder)
+    heads = ["decoder.enc_score_head", "decoder.dec_score_head.0", "decoder.dec_score_head.1"]
+    for head in heads:
+        for suffix in ("weight", "bias"):
+            key = f"{head}.{suffix}"
+            # rectangle <- row 0 (case aside), ellipse <- row 2, triangle fresh
+            assert torch.equal(state[key][0], published[key][0]) and torch.equal(state[key][1], published[key][2])
+            assert torch.equal(state[key][2], fresh_state[key][2])
+    table = "decoder.denoising_class_embed.weight"
+    assert torch.equal(state[table][:2], published[table][[0, 2]]) and torch.equal(state[table][3], published[table][3])
+    carried = [key for key in published if not key.startswith(tuple(heads)) and key != table]
+    assert all(torch.equal(state[key], published[key]) for key in carried)
+    # the R18 preset keeps its BatchNorms live (RT-DETR's recipe); the published frozen ones had no count
+    live_counts = {key for key in state if key.startswith("backbone.") and key.endswith("num_batches_tracked")}
+    assert set(state) - set(published) == live_counts and len(live_counts) == 23
+    report = (tmp_path / "run" / "init_from.txt").read_text()
+    assert (
+        "classes carried over (2): rectangle <- row 0 (Rectangle), ellipse <- row 2\n" in report
+        and "new classes (1): triangle" in report
+    )
+
+
+def load_detector_state(folder) -> dict[str, torch.Tensor]:
+    from detr_backbone.inference import load_detector
+
+    return load_detector(folder).detector.state_dict()
