@@ -309,3 +309,23 @@ def load_detector_state(folder) -> dict[str, torch.Tensor]:
     from detr_backbone.inference import load_detector
 
     return load_detector(folder).detector.state_dict()
+
+
+def test_a_hugging_face_rtdetr_v1_folder_and_its_weights_file_read_as_rtdetrv2(tmp_path):
+    # RT-DETR's decoder is RT-DETRv2's with bilinear sampling, under the same names
+    transformers = pytest.importorskip("transformers")
+    from detr_backbone.inference import load_detector
+
+    config = {key: value for key, value in HUGGING_FACE_SMALL.items() if key != "num_denoising"}
+    torch.manual_seed(1)
+    model = transformers.RTDetrForObjectDetection(transformers.RTDetrConfig(**config)).eval()
+    randomise_batch_norms(model)
+    model.save_pretrained(tmp_path)
+    images = torch.rand(1, 3, 128, 96)
+    with torch.no_grad():
+        reference = model(pixel_values=images)
+    for path in (tmp_path, tmp_path / "model.safetensors"):
+        loaded = load_detector(path)
+        assert loaded.source == "Hugging Face RT-DETR (Hub names)" and loaded.class_names == ["cat", "dog", "bird"]
+        with torch.no_grad():
+            assert_same_queries(loaded.detector(list(images)), reference.logits, reference.pred_boxes)

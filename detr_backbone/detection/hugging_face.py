@@ -179,10 +179,14 @@ class HuggingFaceLayout:
         return self.weights(state, folder, config)
 
     def read(self, content: Any, path: str | os.PathLike) -> DetectorWeights | None:
-        """A weights file given alone, read with the config.json beside it; None if it holds another model."""
+        """A weights file given alone, read with the config.json beside it; None if it holds another model
+        (RT-DETR's and RT-DETRv2's share their names: the config's model_type tells them apart)."""
         if not isinstance(content, Mapping) or not self.recognised(content):
             return None
-        return self.weights(content, path, config_beside(path, self.model))
+        config = config_beside(path, self.model)
+        if config.get("model_type", "detr") != self.model_type:
+            return None
+        return self.weights(content, path, config)
 
     def weights(self, state: Mapping[str, Tensor], path: str | os.PathLike, config: dict[str, Any]) -> DetectorWeights:
         """A state dict in either naming and its config.json, under our names."""

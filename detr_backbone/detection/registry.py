@@ -32,7 +32,7 @@ from .hugging_face import HuggingFaceLayout
 from .multiscale.criterion import focal_criterion
 from .published import DetectorWeights, PublishedArchitecture
 from .rtdetrv2 import RtDetrV2Config, build_rtdetrv2, rtdetrv2_criterion
-from .rtdetrv2.hugging_face import HUGGING_FACE_RTDETRV2
+from .rtdetrv2.hugging_face import HUGGING_FACE_RTDETR, HUGGING_FACE_RTDETRV2
 from .rtdetrv2.weights import RTDETRV2_CHECKPOINT, RtDetrV2Architecture
 
 # what the package gives every builder besides the schema's fields
@@ -65,7 +65,7 @@ class HeadRecord:
     presets: tuple[str, ...]
     architecture: type[PublishedArchitecture] | None = None
     files: tuple[FileLayout, ...] = ()
-    folder: HuggingFaceLayout | None = None
+    folders: tuple[HuggingFaceLayout, ...] = ()
     compile_note: str | None = None  # why model.compile will not pay in training, said before compiling
 
     def __post_init__(self) -> None:
@@ -74,7 +74,7 @@ class HeadRecord:
     @property
     def sources(self) -> list[str]:
         """The published weights the head reads, in words."""
-        layouts = [*self.files, *([self.folder] if self.folder else [])]
+        layouts = [*self.files, *self.folders]
         return list(dict.fromkeys(layout.described for layout in layouts))
 
 
@@ -104,7 +104,7 @@ HEADS: dict[str, HeadRecord] = {
             presets=("detr", "detr_small"),
             architecture=DetrArchitecture,
             files=(DETR_CHECKPOINT, HUGGING_FACE_DETR),
-            folder=HUGGING_FACE_DETR,
+            folders=(HUGGING_FACE_DETR,),
         ),
         HeadRecord(
             name="deformable_detr",
@@ -114,7 +114,7 @@ HEADS: dict[str, HeadRecord] = {
             presets=("deformable_detr", "deformable_detr_small"),
             architecture=DeformableArchitecture,
             files=(DEFORMABLE_DETR_CHECKPOINT, HUGGING_FACE_DEFORMABLE_DETR),
-            folder=HUGGING_FACE_DEFORMABLE_DETR,
+            folders=(HUGGING_FACE_DEFORMABLE_DETR,),
         ),
         HeadRecord(
             name="dino",
@@ -133,8 +133,8 @@ HEADS: dict[str, HeadRecord] = {
             criterion=rtdetrv2_criterion,
             presets=("rtdetrv2", "rtdetrv2_small"),
             architecture=RtDetrV2Architecture,
-            files=(RTDETRV2_CHECKPOINT, HUGGING_FACE_RTDETRV2),
-            folder=HUGGING_FACE_RTDETRV2,
+            files=(RTDETRV2_CHECKPOINT, HUGGING_FACE_RTDETRV2, HUGGING_FACE_RTDETR),
+            folders=(HUGGING_FACE_RTDETRV2, HUGGING_FACE_RTDETR),
             compile_note=DENOISING_COMPILE_NOTE.format(head="RT-DETRv2"),
         ),
     )
@@ -196,7 +196,7 @@ def published_weights(content: Any, path: str | os.PathLike) -> DetectorWeights 
 
 def published_folder(folder: str | os.PathLike) -> DetectorWeights:
     """The weights of a published model's folder (Hugging Face's layout) for any head."""
-    layouts = [record.folder for record in HEADS.values() if record.folder is not None]
+    layouts = [layout for record in HEADS.values() for layout in record.folders]
     weights = next((weights for layout in layouts if (weights := layout.read_folder(folder)) is not None), None)
     require(
         weights is not None,

@@ -1,4 +1,5 @@
-"""Hugging Face RT-DETRv2 (``RTDetrV2ForObjectDetection``): a folder with ``config.json`` and its weights file,
+"""Hugging Face RT-DETRv2 (``RTDetrV2ForObjectDetection``) and RT-DETR (``RTDetrForObjectDetection``, whose
+decoder is RT-DETRv2's with bilinear sampling and the same names): a folder with ``config.json`` and its weights file,
 either naming (``detection.hugging_face``: the Hub's ``encoder.encoder.N``, ``out_proj``, ``fc1``, or transformers
 5's ``encoder.aifi.N``, ``o_proj``, ``mlp.fc1``), mapped onto RT-DETRv2's names; the ResNet-D backbone
 (``RTDetrResNetBackbone``) onto timm's (``backbones.resnet_vd``).
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from torch import Tensor
@@ -128,3 +130,6 @@ HUGGING_FACE_RTDETRV2 = HuggingFaceLayout(
     class_weight="decoder.dec_score_head.0.weight",
     completed=with_backbone,
 )
+
+
+HUGGING_FACE_RTDETR = replace(HUGGING_FACE_RTDETRV2, model="RT-DETR", model_type="rt_detr")
