@@ -329,3 +329,35 @@ def test_a_hugging_face_rtdetr_v1_folder_and_its_weights_file_read_as_rtdetrv2(t
         assert loaded.source == "Hugging Face RT-DETR (Hub names)" and loaded.class_names == ["cat", "dog", "bird"]
         with torch.no_grad():
             assert_same_queries(loaded.detector(list(images)), reference.logits, reference.pred_boxes)
+
+
+def test_the_released_layout_on_hgnetv2_l_loads_strictly(tmp_path):
+    """RT-DETRv2-HGNetv2-L's released keys (the backbone's from the reference's key list): our detector on
+    timm's hgnetv2_b4, saved under them, comes back with its outputs."""
+    from detr_backbone.backbones.hgnetv2 import rtdetr_hgnetv2_to_timm
+    from detr_backbone.inference import load_detector
+
+    from .test_resnet_vd import HGNETV2_KEYS
+
+    joiner = {
+        "backbone": {"_target_": "detr_backbone.TimmBackbone", "name": "hgnetv2_b4", "levels": [2, 3, 4]},
+        "position": {"_target_": "detr_backbone.PositionEmbeddingSine"},
+        "hidden_dim": 64,
+    }
+    torch.manual_seed(0)
+    head = RtDetrV2Config(num_queries=300, dec_layers=2, dim_feedforward=128, expansion=0.5, dn_number=10)
+    ours = build_detector(joiner, head, num_classes=80).eval()
+    randomise_batch_norms(ours)
+    reference_keys = [key for key in HGNETV2_KEYS["L"] if not key.endswith("num_batches_tracked")]
+    names = {next(iter(rtdetr_hgnetv2_to_timm({key: torch.zeros(1)}))): key for key in reference_keys}
+    released = {names.get(key, key): value for key, value in ours.state_dict().items()}
+    assert not any(key.startswith("backbone.0.") for key in released)
+    torch.save({"model": released}, tmp_path / "rtdetrv2_hgnetv2_l.pth")
+    loaded = load_detector(tmp_path / "rtdetrv2_hgnetv2_l.pth")
+    assert loaded.detector.backbone[0].body.default_cfg["architecture"] == "hgnetv2_b4"
+    assert loaded.class_names[:2] == ["person", "bicycle"] and len(loaded.class_names) == 80
+    images = [torch.rand(3, 160, 128)]
+    with torch.no_grad():
+        expected, got = ours(images), loaded.detector(images)
+    torch.testing.assert_close(got["pred_logits"], expected["pred_logits"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(got["pred_boxes"], expected["pred_boxes"], atol=1e-4, rtol=0)

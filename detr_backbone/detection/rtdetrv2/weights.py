@@ -2,8 +2,10 @@
 read as its solver and ``hubconf.py`` read them: ``{"ema": {"module": state}}`` when the file has an EMA, else
 ``{"model": state}``.
 
-Its ``encoder.*`` and ``decoder.*`` keys are ours; its PResNet-vd backbone (``backbone.conv1.conv1_1.*``,
-``backbone.res_layers.N.blocks.M.*``) is mapped onto timm's ResNet-D (``backbones.resnet_vd``). Buffers derived
+Its ``encoder.*`` and ``decoder.*`` keys are ours; its backbone is mapped onto timm's: PResNet-vd
+(``backbone.conv1.conv1_1.*``, ``backbone.res_layers.N.blocks.M.*``) onto ResNet-D (``backbones.resnet_vd``),
+HGNetv2 L / X / H (``backbone.stem.stem1.*``, ``backbone.stages.N.*``) onto ``hgnetv2_b4`` / ``b5`` / ``b6``
+(``backbones.hgnetv2``). Buffers derived
 from the settings are dropped: the attention's ``num_points_scale`` and the anchors cached for the evaluation
 size (``decoder.anchors``, ``decoder.valid_mask``). The class heads have one row per class (80 for COCO, in
 COCO's category order).
@@ -19,6 +21,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from ...backbones.hgnetv2 import rtdetr_hgnetv2_to_timm
 from ...backbones.resnet_vd import presnet_to_timm
 from ...config import BACKBONE_TARGETS, JoinerConfig, PositionConfig
 from ...weights import DDP_PREFIX
@@ -36,6 +39,9 @@ PRESNET_DEPTHS = {
     ((3, 4, 6, 3), True): "resnet50d",
     ((3, 4, 23, 3), True): "resnet101d",
 }
+# HGNetv2's blocks per stage -> timm's (RT-DETR's L, X, H)
+HGNETV2_SIZES = {(1, 1, 3, 1): "hgnetv2_b4", (1, 2, 5, 2): "hgnetv2_b5", (2, 3, 6, 3): "hgnetv2_b6"}
+PRESNET_STEM, HGNETV2_STEM = "backbone.conv1.conv1_1.conv.weight", "backbone.stem.stem1.conv.weight"
 COCO_80 = tuple(name for name in COCO_NAMES if name != "N/A")  # the 80 classes in category id order
 
 
@@ -135,29 +141,35 @@ RTDETR_HEAD_FIELDS = (
 
 
 def is_rtdetrv2_state(state: Mapping[str, Any]) -> bool:
-    """Whether ``state`` is a whole RT-DETRv2 (or RT-DETR) under RT-DETR's names, on PResNet-vd."""
+    """Whether ``state`` is a whole RT-DETRv2 (or RT-DETR) under RT-DETR's names, on PResNet-vd or HGNetv2."""
     heads = (
         "decoder.dec_score_head.0.weight",
         "encoder.input_proj.0.conv.weight",
         "decoder.query_pos_head.layers.0.weight",
     )
-    return all(key in state for key in heads) and "backbone.conv1.conv1_1.conv.weight" in state
+    return all(key in state for key in heads) and (PRESNET_STEM in state or HGNETV2_STEM in state)
 
 
-def presnet_name(state: Mapping[str, Tensor]) -> str | None:
-    stages = [count_layers(state, f"backbone.res_layers.{stage}.blocks.") for stage in range(4)]
+def released_backbone(state: Mapping[str, Tensor]) -> tuple[str, str | None, dict[str, Tensor]]:
+    """(our kind, timm's name, the tensors under our names) of a released file's backbone."""
+    if HGNETV2_STEM in state:
+        blocks = tuple(count_layers(state, f"backbone.stages.{stage}.blocks.") for stage in range(4))
+        return "timm", HGNETV2_SIZES.get(blocks), rtdetr_hgnetv2_to_timm(state)
+    stages = tuple(count_layers(state, f"backbone.res_layers.{stage}.blocks.") for stage in range(4))
     bottleneck = "backbone.res_layers.0.blocks.0.branch2c.conv.weight" in state
-    return PRESNET_DEPTHS.get((tuple(stages), bottleneck))
+    return "resnet_vd", PRESNET_DEPTHS.get((stages, bottleneck)), presnet_to_timm(state)
 
 
-def architecture_of_state(state: Mapping[str, Tensor], backbone_name: str | None) -> RtDetrV2Architecture:
+def architecture_of_state(
+    state: Mapping[str, Tensor], backbone_kind: str, backbone_name: str | None
+) -> RtDetrV2Architecture:
     """What the keys and shapes of an RT-DETRv2 state dict under our names show."""
     hidden = state["encoder.input_proj.0.conv.weight"].shape[0]
     levels = count_layers(state, "encoder.input_proj.")
     attention = state["decoder.decoder.layers.0.cross_attn.attention_weights.weight"].shape[0]
     blocks = count_layers(state, "encoder.fpn_blocks.0.bottlenecks.")
     return RtDetrV2Architecture(
-        backbone_kind="resnet_vd",
+        backbone_kind=backbone_kind,
         backbone_name=backbone_name,
         levels=tuple(range(5 - levels, 5)),
         hidden_dim=hidden,
@@ -198,14 +210,13 @@ class RtDetrV2CheckpointLayout:
         if found is None or not is_rtdetrv2_state(found[0]):
             return None
         released, skipped = found
-        backbone_name = presnet_name(released)
-        state = presnet_to_timm(released)
+        backbone_kind, backbone_name, state = released_backbone(released)
         state.update(
             (key, value)
             for key, value in released.items()
             if not key.startswith("backbone.") and not DERIVED.fullmatch(key)
         )
-        architecture = architecture_of_state(state, backbone_name)
+        architecture = architecture_of_state(state, backbone_kind, backbone_name)
         rows = state["decoder.dec_score_head.0.weight"].shape[0]
         names = list(COCO_80) if rows == len(COCO_80) else None
         return DetectorWeights(self.source, os.fspath(path), state, names, architecture, skipped=skipped)
