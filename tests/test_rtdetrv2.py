@@ -361,3 +361,37 @@ def test_the_released_layout_on_hgnetv2_l_loads_strictly(tmp_path):
         expected, got = ours(images), loaded.detector(images)
     torch.testing.assert_close(got["pred_logits"], expected["pred_logits"], atol=1e-4, rtol=0)
     torch.testing.assert_close(got["pred_boxes"], expected["pred_boxes"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "experiment, backbone, epochs, lr_backbone, decoder_layers, expansion, scales",
+    [
+        ("rtdetrv2_r50vd_coco", "resnet50d", 72, 1e-5, 6, 1.0, 13),
+        ("rtdetrv2_r18vd_coco", "resnet18d", 120, 1e-4, 3, 0.5, 0),
+    ],
+)
+def test_the_published_recipes_compose(experiment, backbone, epochs, lr_backbone, decoder_layers, expansion, scales):
+    from .jobs import compose_config
+
+    cfg = compose_config(f"experiment={experiment}")
+    assert (cfg.model._target_, cfg.backbone.name, cfg.backbone.levels) == (RtDetrV2Config._target_, backbone, None)
+    assert (cfg.lr, cfg.lr_backbone, cfg.weight_decay, cfg.clip_max_norm) == (1e-4, lr_backbone, 1e-4, 0.1)
+    assert (cfg.optimizer.schedule, cfg.optimizer.warmup_steps, cfg.lr_drop) == ("step", 2000, 1000)
+    assert (cfg.callbacks.ema.enabled, cfg.callbacks.ema.decay, cfg.callbacks.ema.warmup_steps) == (True, 0.9999, 2000)
+    assert (cfg.trainer.max_epochs, cfg.trainer.devices * cfg.data.batch_size) == (epochs, 16)
+    assert (cfg.data.augment, cfg.data.size, cfg.data.val_resize, len(cfg.data.multi_scale)) == (
+        "rtdetr",
+        640,
+        640,
+        scales,
+    )
+    assert (cfg.model.dec_layers, cfg.model.expansion, cfg.model.num_queries, cfg.hidden_dim) == (
+        decoder_layers,
+        expansion,
+        300,
+        256,
+    )
+    # R18 trains its whole backbone with live BatchNorm; R50 freezes the stem and every BatchNorm
+    assert (cfg.backbone.freeze_norm, cfg.backbone.trainable_layers) == (
+        (False, 5) if backbone == "resnet18d" else (True, 4)
+    )
