@@ -22,6 +22,7 @@ from detr_backbone.data.augment import (
     MultiScale,
     PolicyTransforms,
     build_policy,
+    check_augment,
     mixup,
     sample_seed,
     shapes_policy_transforms,
@@ -347,3 +348,14 @@ def test_a_fit_with_a_persistent_worker_trains_each_epoch_in_its_phase(tmp_path)
         expected = reference[int(target["image_id"])]
         height, width = target["size"].tolist()
         assert_same_sample((image[:, :height, :width], target), expected)
+
+
+def test_augment_stop_moves_where_rtdetr_leaves_only_flips():
+    # RT-DETRv2-R18's 120 epochs: its augmentation off from epoch 117 (progress 117/120 when that epoch starts)
+    r18 = build_policy("rtdetr", 64, detr_train_transforms, detr_base_transforms(), rtdetr_stop=0.975)
+    assert [phase.start for phase in r18.phases] == [0.0, 0.975]
+    assert r18.phase_at(116 / 120) is r18.phases[0] and r18.phase_at(117 / 120) is r18.phases[1]
+    default = build_policy("rtdetr", 64, detr_train_transforms, detr_base_transforms())
+    assert default.phase_at(118 / 120) is default.phases[0] and default.phase_at(119 / 120) is default.phases[1]
+    with pytest.raises(ValueError, match=r"^data.augment_stop=1.5 must be a fraction of the run in \(0, 1\]"):
+        check_augment({"augment": "rtdetr", "augment_stop": 1.5})

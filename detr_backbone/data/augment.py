@@ -77,6 +77,11 @@ def check_augment(values: Mapping[str, Any], prefix: str = "data.") -> None:
     require(all(size >= 1 for size in sizes), f"{prefix}multi_scale={sizes} must list sides >= 1 (or []: off)")
     size = values.get("size")
     require(size is None or size >= 1, f"{prefix}size={size} must be >= 1 pixel")
+    stop = values.get("augment_stop")
+    require(
+        stop is None or 0 < stop <= 1,
+        f"{prefix}augment_stop={stop} must be a fraction of the run in (0, 1] (or null: the policy's, rtdetr 71/72)",
+    )
 
 
 class IoUCrop(v2.RandomIoUCrop):
@@ -305,6 +310,7 @@ def build_policy(
     plain: SampleTransform,
     probabilities: Mapping[str, float | None] | None = None,
     normalize: bool = True,
+    rtdetr_stop: float | None = None,
 ) -> Policy:
     """The phases of ``name``: ``detr_train`` builds DETR's augmentation, ``plain`` is the no-augmentation
     transform of ``none`` (resize and normalise only), ``square_size`` the side of rtdetr and deim, whose
@@ -320,7 +326,8 @@ def build_policy(
     rtdetr = square_transforms(square_size, p["flip_prob"], rtdetr_pieces(p), normalize)
     flip_only = square_transforms(square_size, p["flip_prob"], normalize=normalize)
     if name == "rtdetr":
-        return Policy(name, square_size, (Phase(0.0, rtdetr), Phase(RTDETR_STOP, flip_only, multi_scale=False)))
+        stop = RTDETR_STOP if rtdetr_stop is None else rtdetr_stop
+        return Policy(name, square_size, (Phase(0.0, rtdetr), Phase(stop, flip_only, multi_scale=False)))
     mosaic_on, mosaic_off, stop = DEIM_POINTS
     mosaic_phase = Phase(
         mosaic_on,
@@ -365,7 +372,9 @@ def policy_transforms(
     square = square_transforms(side, 0.0, normalize=input.normalize)
     if input.resize == "square":  # a detector taking squares trains on them too, as RT-DETR's "none" does
         plain = square
-    policy = build_policy(name, side, detr_train, plain, _probabilities(values), input.normalize)
+    policy = build_policy(
+        name, side, detr_train, plain, _probabilities(values), input.normalize, values.get("augment_stop")
+    )
     val = square if name in ("rtdetr", "deim") or input.resize == "square" else plain
     return PolicyTransforms(policy, values.get("seed") or 0), val
 

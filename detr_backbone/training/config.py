@@ -81,6 +81,8 @@ class DataConfig:
     iou_crop_prob: Optional[float] = None
     mosaic_prob: Optional[float] = None
     mixup_prob: Optional[float] = None
+    # rtdetr: the fraction of the run after which only flips remain; null: 71/72, RT-DETR's 6x schedule's
+    augment_stop: Optional[float] = None
 
     def __post_init__(self) -> None:
         check_augment(vars(self))
