@@ -76,6 +76,9 @@ class DecoderLayer(ResidualLayer):
 
 
 class Decoder(nn.Module):
+    """The decoder layers under RT-DETRv2's names (``decoder.decoder.layers.N``); ``RtDetrTransformer.decode`` runs
+    them with the heads it owns."""
+
     def __init__(self, layer: DecoderLayer, num_layers: int, eval_idx: int):
         super().__init__()
         self.layers = clones(layer, num_layers)
