@@ -86,9 +86,7 @@ class BaseSetCriterion(nn.Module):
         num_boxes: Tensor,
     ) -> dict[str, Tensor]:
         """The losses of float32 ``logits`` and ``boxes`` with queries assigned to targets by ``indices``."""
-        matched = matched_queries(indices)
-        target_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
-        target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(boxes.device, torch.float32)
+        matched, target_labels, target_boxes = assigned_targets(targets, indices, logits.device)
         return {
             **self.label_losses(logits, matched, target_labels, num_boxes),
             **self.box_losses(boxes[matched], target_boxes, num_boxes),
@@ -132,6 +130,16 @@ def auxiliary_predictions(
         )
     if "interm_outputs" in outputs:
         yield "interm", outputs["interm_outputs"], targets
+
+
+def assigned_targets(
+    targets: Sequence[Mapping[str, Tensor]], indices: Indices, device: torch.device
+) -> tuple[tuple[Tensor, Tensor], Tensor, Tensor]:
+    """(image index, query index) of every assigned query (``matched_queries``), and its target's label and float32
+    cxcywh box, on ``device``."""
+    labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(device)
+    boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(device, torch.float32)
+    return matched_queries(indices), labels, boxes
 
 
 def matched_queries(indices: Indices) -> tuple[Tensor, Tensor]:

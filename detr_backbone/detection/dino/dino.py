@@ -15,7 +15,7 @@ from ...nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 from ..head import layer_outputs
 from ..mlp import MLP
 from ..multiscale.criterion import set_prior_bias
-from ..multiscale.denoising import DenoisingQueries, contrastive_denoising
+from ..multiscale.denoising import DenoisingHead
 from ..multiscale.levels import check_levels, level_projections, linear_projection_parameters, project_levels
 from ..multiscale.postprocess import topk_detections
 from ..multiscale.refinement import inverse_sigmoid
@@ -23,7 +23,7 @@ from ..postprocess import Detections
 from .transformer import LOGIT_EPS, DinoTransformer
 
 
-class DINO(nn.Module):
+class DINO(DenoisingHead, nn.Module):
     """Predicts ``num_queries`` (classes, box) pairs per image with one sigmoid score per class.
 
     ``forward(samples, targets=None)`` returns ``pred_logits`` (B, Q, num_classes), ``pred_boxes`` (B, Q, 4)
@@ -121,18 +121,6 @@ class DINO(nn.Module):
             out["dn_outputs"] = layer_outputs(logits[:, :, :denoised], boxes[:, :, :denoised], self.aux_loss)
             out["dn_meta"] = dn
         return out
-
-    def denoising_queries(self, targets: Sequence[Mapping[str, Tensor]] | None) -> DenoisingQueries | None:
-        if not self.training or targets is None or self.dn_number <= 0:
-            return None
-        return contrastive_denoising(
-            targets,
-            self.dn_number,
-            self.dn_label_noise_ratio,
-            self.dn_box_noise_scale,
-            self.num_classes,
-            self.num_queries,
-        )
 
     def detections(self, outputs: Mapping[str, Tensor], target_sizes: Tensor) -> Detections:
         """Scores (B, K), labels (B, K) and XYXY boxes (B, K, 4) in pixels of ``target_sizes`` (B, 2) as (h, w):

@@ -133,6 +133,31 @@ def contrastive_denoising(
     return DenoisingQueries(placed_labels, placed_boxes, valid, mask, groups, most)
 
 
+class DenoisingHead:
+    """What a detector trained with contrastive denoising queries holds (DINO, RT-DETRv2): their count and noise,
+    and the queries of a training batch's targets."""
+
+    training: bool
+    num_classes: int
+    num_queries: int
+    dn_number: int
+    dn_label_noise_ratio: float
+    dn_box_noise_scale: float
+
+    def denoising_queries(self, targets: Sequence[Mapping[str, Tensor]] | None) -> DenoisingQueries | None:
+        """The batch's denoising queries in training with targets, else None (evaluation, predict, export)."""
+        if not self.training or targets is None or self.dn_number <= 0:
+            return None
+        return contrastive_denoising(
+            targets,
+            self.dn_number,
+            self.dn_label_noise_ratio,
+            self.dn_box_noise_scale,
+            self.num_classes,
+            self.num_queries,
+        )
+
+
 def denoising_losses(
     criterion: BaseSetCriterion, outputs: Mapping, targets: Sequence[Mapping[str, Tensor]], num_boxes: Tensor
 ) -> dict[str, Tensor]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_convert, box_iou
 
-from ..criterion import BaseSetCriterion, class_error, identity, matched_queries
+from ..criterion import BaseSetCriterion, assigned_targets, class_error, identity
 from ..matcher import Indices
 from ..multiscale.denoising import denoising_losses
 from ..multiscale.matcher import FOCAL_GAMMA, FocalHungarianMatcher
@@ -48,9 +48,7 @@ class VarifocalSetCriterion(BaseSetCriterion):
         indices: Indices,
         num_boxes: Tensor,
     ) -> dict[str, Tensor]:
-        matched = matched_queries(indices)
-        target_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
-        target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(boxes.device, torch.float32)
+        matched, target_labels, target_boxes = assigned_targets(targets, indices, logits.device)
         matched_boxes = boxes[matched]
         ious = torch.diag(
             box_iou(box_convert(matched_boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy"))

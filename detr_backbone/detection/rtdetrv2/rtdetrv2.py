@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ...joiner import Joiner
 from ...nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 from ..head import layer_outputs
-from ..multiscale.denoising import DenoisingQueries, contrastive_denoising
+from ..multiscale.denoising import DenoisingHead
 from ..multiscale.postprocess import topk_detections
 from ..multiscale.refinement import inverse_sigmoid
 from ..postprocess import Detections
@@ -23,7 +23,7 @@ from .transformer import RtDetrTransformer
 PADDING_BOX = 0.0  # RT-DETRv2's padding slots hold an all-zero box (its logit clamped to log(1e-5))
 
 
-class RTDETRv2(nn.Module):
+class RTDETRv2(DenoisingHead, nn.Module):
     """Predicts ``num_queries`` (classes, box) pairs per image with one sigmoid score per class.
 
     ``forward(samples, targets=None)`` returns ``pred_logits`` (B, Q, num_classes) and ``pred_boxes`` (B, Q, 4)
@@ -97,18 +97,6 @@ class RTDETRv2(nn.Module):
             # parameter to get a gradient)
             out["pred_logits"] = out["pred_logits"] + self.decoder.denoising_class_embed.weight[0, 0] * 0.0
         return out
-
-    def denoising_queries(self, targets: Sequence[Mapping[str, Tensor]] | None) -> DenoisingQueries | None:
-        if not self.training or targets is None or self.dn_number <= 0:
-            return None
-        return contrastive_denoising(
-            targets,
-            self.dn_number,
-            self.dn_label_noise_ratio,
-            self.dn_box_noise_scale,
-            self.num_classes,
-            self.num_queries,
-        )
 
     def detections(self, outputs: Mapping[str, Tensor], target_sizes: Tensor) -> Detections:
         """Scores (B, K), labels (B, K) and XYXY boxes (B, K, 4) in pixels of ``target_sizes`` (B, 2) as (h, w):
