@@ -12,8 +12,8 @@ from detr_backbone.detection import build_detector
 from detr_backbone.detection.matcher import BaseHungarianMatcher
 from detr_backbone.detection.multiscale.matcher import FocalHungarianMatcher
 from detr_backbone.detection.multiscale.sampling.discrete import discrete_attention
-from detr_backbone.detection.rtdetrv2 import RTDETRv2, RtDetrV2Config, grid_sine_embedding, rtdetrv2_criterion
-from detr_backbone.detection.rtdetrv2.criterion import VarifocalSetCriterion
+from detr_backbone.detection.realtime import VarifocalSetCriterion, grid_sine_embedding, varifocal_criterion
+from detr_backbone.detection.rtdetrv2 import RTDETRv2, RtDetrV2Config
 
 TARGETS = [
     {"labels": torch.tensor([2, 0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.2], [0.2, 0.3, 0.2, 0.4]])},
@@ -82,7 +82,7 @@ def test_the_varifocal_loss_on_a_hand_computed_case():
 
 
 def test_the_criterion_has_rt_detrs_costs_weights_and_losses():
-    criterion = rtdetrv2_criterion(RtDetrV2Config(), num_classes=3)
+    criterion = varifocal_criterion(RtDetrV2Config(), num_classes=3)
     assert isinstance(criterion.matcher, BaseHungarianMatcher)
     assert (criterion.matcher.cost_class, criterion.matcher.cost_bbox, criterion.matcher.cost_giou) == (2, 5, 2)
     assert (criterion.matcher.alpha, criterion.alpha, criterion.gamma) == (0.25, 0.75, 2.0)
@@ -97,7 +97,7 @@ def test_training_outputs_every_layer_the_proposals_and_the_denoising_queries():
     assert len(out["aux_outputs"]) == 1 and out["interm_outputs"]["pred_logits"].shape == (2, 6, 3)
     dn = out["dn_meta"]
     assert (dn.groups, dn.group_size) == (2, 2) and out["dn_outputs"]["pred_logits"].shape == (2, 8, 3)
-    losses = rtdetrv2_criterion(RtDetrV2Config(**SMALL), num_classes=3)(out, TARGETS)
+    losses = varifocal_criterion(RtDetrV2Config(**SMALL), num_classes=3)(out, TARGETS)
     assert {"loss_ce", "loss_ce_0", "loss_ce_interm", "loss_ce_dn", "loss_ce_dn_0", "loss_giou_dn"} <= set(losses)
     assert all(torch.isfinite(value) for value in losses.values())
 

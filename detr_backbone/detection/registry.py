@@ -31,7 +31,8 @@ from .head import Detector, HeadConfig
 from .hugging_face import HuggingFaceLayout
 from .multiscale.criterion import focal_criterion
 from .published import DetectorWeights, PublishedArchitecture
-from .rtdetrv2 import RtDetrV2Config, build_rtdetrv2, rtdetrv2_criterion
+from .realtime import varifocal_criterion
+from .rtdetrv2 import RtDetrV2Config, build_rtdetrv2
 from .rtdetrv2.hugging_face import HUGGING_FACE_RTDETR, HUGGING_FACE_RTDETRV2
 from .rtdetrv2.weights import RTDETRV2_CHECKPOINT, RtDetrV2Architecture
 
@@ -130,7 +131,7 @@ HEADS: dict[str, HeadRecord] = {
             name="rtdetrv2",
             schema=RtDetrV2Config,
             builder=build_rtdetrv2,
-            criterion=rtdetrv2_criterion,
+            criterion=varifocal_criterion,
             presets=("rtdetrv2", "rtdetrv2_small"),
             architecture=RtDetrV2Architecture,
             files=(RTDETRV2_CHECKPOINT, HUGGING_FACE_RTDETRV2, HUGGING_FACE_RTDETR),

@@ -17,7 +17,7 @@ from ..multiscale.denoising import DenoisingHead
 from ..multiscale.postprocess import topk_detections
 from ..multiscale.refinement import inverse_sigmoid
 from ..postprocess import Detections
-from .hybrid_encoder import HybridEncoder
+from ..realtime.hybrid_encoder import HybridEncoder
 from .transformer import RtDetrTransformer
 
 PADDING_BOX = 0.0  # RT-DETRv2's padding slots hold an all-zero box (its logit clamped to log(1e-5))

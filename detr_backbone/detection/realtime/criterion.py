@@ -1,4 +1,4 @@
-"""RT-DETRv2's set loss: the varifocal loss for the classes, L1 and GIoU for the boxes, on the matching queries,
+"""The real-time heads' set loss (RT-DETRv2's): the varifocal loss for the classes, L1 and GIoU for the boxes, on the matching queries,
 their earlier layers, the selected proposals and the denoising queries (``multiscale.denoising``).
 
 The varifocal loss (VarifocalNet) is a binary cross-entropy of every query and class against a soft target:
@@ -21,7 +21,7 @@ from ..criterion import BaseSetCriterion, assigned_targets, class_error, identit
 from ..matcher import Indices
 from ..multiscale.denoising import denoising_losses
 from ..multiscale.matcher import FOCAL_GAMMA, FocalHungarianMatcher
-from .config import RtDetrV2Config
+from .config import RealTimeHeadConfig
 
 
 class VarifocalSetCriterion(BaseSetCriterion):
@@ -76,10 +76,10 @@ class VarifocalSetCriterion(BaseSetCriterion):
         return denoising_losses(self, outputs, targets, num_boxes)
 
 
-def rtdetrv2_criterion(
-    head: RtDetrV2Config, num_classes: int, num_boxes_reduce: Callable[[Tensor], Tensor] = identity
+def varifocal_criterion(
+    head: RealTimeHeadConfig, num_classes: int, num_boxes_reduce: Callable[[Tensor], Tensor] = identity
 ) -> VarifocalSetCriterion:
-    """RT-DETRv2's criterion from its schema (focal matching costs 2/5/2 at alpha 0.25; varifocal alpha 0.75,
+    """RT-DETRv2's criterion from a real-time head's schema (focal matching costs 2/5/2 at alpha 0.25; varifocal alpha 0.75,
     gamma 2; loss weights 1/5/2, the same for every layer, the proposals and the denoising queries)."""
     matcher = FocalHungarianMatcher(**head.costs, alpha=head.focal_alpha, gamma=FOCAL_GAMMA)
     return VarifocalSetCriterion(
