@@ -1,10 +1,14 @@
 """RT-DETR's hybrid encoder, with its module names so its checkpoints load: AIFI, a transformer encoder layer
 over the deepest level alone (intra-scale interaction, where attention is cheap), then CCFF, a CNN that fuses
-the levels top-down and bottom-up with CSP blocks of RepVGG blocks (cross-scale fusion).
+the levels top-down and bottom-up (cross-scale fusion).
 
 Every level is first projected to ``hidden_dim`` by a 1x1 convolution and BatchNorm. The fusion's convolutions
 are ``ConvNormLayer`` (convolution, BatchNorm, SiLU); AIFI's activation is GELU. No padding mask: RT-DETR
 resizes every image of a batch to one size.
+
+Two fusions (``fusion``): RT-DETR's (``csp``: CSP blocks of RepVGG blocks, a strided 3x3 convolution down)
+and D-FINE's (``gelan``: GELAN blocks, each two CSP blocks in an ELAN, a 1x1 then a strided depthwise 3x3
+convolution down, and no activation on the lateral and downsampling convolutions).
 """
 
 from __future__ import annotations
@@ -27,9 +31,18 @@ class ConvNormLayer(nn.Module):
     In evaluation the BatchNorm is an affine map of each channel, folded into the convolution's weight and bias
     on every call (``folded``): one pass over the map instead of two, and the state dict unchanged."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, activation: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        activation: bool = True,
+        groups: int = 1,
+    ):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2, bias=False)
+        padding = (kernel_size - 1) // 2
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False)
         self.norm = nn.BatchNorm2d(out_channels)
         self.act = FUSION_ACTIVATION() if activation else nn.Identity()
 
@@ -37,7 +50,7 @@ class ConvNormLayer(nn.Module):
         if self.training:
             return self.act(self.norm(self.conv(x)))
         weight, bias = self.folded()
-        return self.act(F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding))
+        return self.act(F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding, groups=self.conv.groups))
 
     def folded(self) -> tuple[Tensor, Tensor]:
         """The convolution's weight and bias with the BatchNorm's running statistics and affine terms folded in."""
@@ -79,6 +92,46 @@ class CSPRepLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv3(self.bottlenecks(self.conv1(x)) + self.conv2(x))
+
+
+class GelanBlock(nn.Module):
+    """D-FINE's ``RepNCSPELAN4``: a 1x1 convolution to ``split_channels``, split in halves; the second half
+    through a CSP block and a 3x3 convolution, that through another pair; the halves and both results
+    concatenated and projected to ``out_channels``."""
+
+    def __init__(self, in_channels: int, out_channels: int, split_channels: int, branch_channels: int, blocks: int):
+        super().__init__()
+        self.cv1 = ConvNormLayer(in_channels, split_channels, 1)
+        self.cv2 = nn.Sequential(
+            CSPRepLayer(split_channels // 2, branch_channels, blocks, 1.0),
+            ConvNormLayer(branch_channels, branch_channels, 3),
+        )
+        self.cv3 = nn.Sequential(
+            CSPRepLayer(branch_channels, branch_channels, blocks, 1.0),
+            ConvNormLayer(branch_channels, branch_channels, 3),
+        )
+        self.cv4 = ConvNormLayer(split_channels + 2 * branch_channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        parts = list(self.cv1(x).chunk(2, 1))
+        parts.append(self.cv2(parts[-1]))
+        parts.append(self.cv3(parts[-1]))
+        return self.cv4(torch.cat(parts, 1))
+
+
+class SpatialChannelDown(nn.Module):
+    """D-FINE's ``SCDown``: a 1x1 convolution, then a strided depthwise 3x3 one, both without activation."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.cv1 = ConvNormLayer(channels, channels, 1, activation=False)
+        self.cv2 = ConvNormLayer(channels, channels, 3, 2, activation=False, groups=channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.cv2(self.cv1(x))
+
+
+FUSIONS = ("csp", "gelan")
 
 
 class AifiLayer(ResidualLayer):
@@ -153,8 +206,11 @@ class HybridEncoder(nn.Module):
         num_encoder_layers: int,
         expansion: float,
         depth_mult: float,
+        fusion: str = "csp",
     ):
         super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion={fusion!r} is not one of {', '.join(FUSIONS)}")
         self.hidden_dim = hidden_dim
         self.num_encoder_layers = num_encoder_layers
         self.input_proj = nn.ModuleList(
@@ -168,14 +224,31 @@ class HybridEncoder(nn.Module):
         self.encoder = nn.ModuleList([AifiEncoder(layer, num_encoder_layers)])
         blocks = round(3 * depth_mult)
         fusions = len(in_channels) - 1
-        self.lateral_convs = nn.ModuleList(ConvNormLayer(hidden_dim, hidden_dim, 1) for _ in range(fusions))
-        self.fpn_blocks = nn.ModuleList(
-            CSPRepLayer(2 * hidden_dim, hidden_dim, blocks, expansion) for _ in range(fusions)
+        if fusion == "csp":
+
+            def block() -> nn.Module:
+                return CSPRepLayer(2 * hidden_dim, hidden_dim, blocks, expansion)
+
+            def down() -> nn.Module:
+                return ConvNormLayer(hidden_dim, hidden_dim, 3, 2)
+
+        else:
+            # D-FINE's branch width: round(expansion * hidden_dim // 2), the floor division taken first
+            branch = round(expansion * hidden_dim // 2)
+
+            def block() -> nn.Module:
+                return GelanBlock(2 * hidden_dim, hidden_dim, 2 * hidden_dim, branch, blocks)
+
+            def down() -> nn.Module:
+                return nn.Sequential(SpatialChannelDown(hidden_dim))
+
+        lateral_activation = fusion == "csp"
+        self.lateral_convs = nn.ModuleList(
+            ConvNormLayer(hidden_dim, hidden_dim, 1, activation=lateral_activation) for _ in range(fusions)
         )
-        self.downsample_convs = nn.ModuleList(ConvNormLayer(hidden_dim, hidden_dim, 3, 2) for _ in range(fusions))
-        self.pan_blocks = nn.ModuleList(
-            CSPRepLayer(2 * hidden_dim, hidden_dim, blocks, expansion) for _ in range(fusions)
-        )
+        self.fpn_blocks = nn.ModuleList(block() for _ in range(fusions))
+        self.downsample_convs = nn.ModuleList(down() for _ in range(fusions))
+        self.pan_blocks = nn.ModuleList(block() for _ in range(fusions))
 
     def forward(self, features: list[Tensor]) -> list[Tensor]:
         if len(features) != len(self.input_proj):

@@ -22,8 +22,8 @@ from ..layers import ResidualLayer, clones, with_position
 from ..mlp import MLP
 from ..multiscale.attention import MSDeformAttn, SpatialShapes
 from ..multiscale.criterion import set_prior_bias
-from ..multiscale.proposals import encoder_proposals
 from ..multiscale.refinement import inverse_sigmoid
+from ..realtime.queries import QuerySelection
 
 
 class DecoderLayer(ResidualLayer):
@@ -96,7 +96,7 @@ class DecoderOutput(NamedTuple):
     proposal_boxes: Tensor
 
 
-class RtDetrTransformer(nn.Module):
+class RtDetrTransformer(QuerySelection, nn.Module):
     """``forward(maps, dn_content, dn_box_logits, attn_mask)``: the encoder's fused maps (B, C, h, w) and the
     denoising queries' content (B, D, C) and box logits (B, D, 4) with their ``attn_mask`` (D + Q, D + Q),
     or None."""
@@ -188,33 +188,6 @@ class RtDetrTransformer(nn.Module):
             box_logits = torch.cat([dn_box_logits.to(box_logits.dtype), box_logits], 1)
         logits, boxes = self.decode(content, box_logits, memory, spatial_shapes, attn_mask)
         return DecoderOutput(logits, boxes, proposal_logits, proposal_boxes)
-
-    def select_queries(self, memory: Tensor, spatial_shapes: SpatialShapes) -> tuple[Tensor, Tensor, Tensor]:
-        """The ``num_queries`` best proposals' encoder features (B, Q, C), box logits (B, Q, 4) and class
-        logits (B, Q, classes or 1)."""
-        count, length = self.num_queries, memory.shape[1]
-        if count > length:
-            raise ValueError(
-                f"RT-DETRv2 takes the best {count} of the encoder's {length} positions as queries: "
-                f"use larger images or fewer queries (num_queries <= {length})"
-            )
-        no_padding = torch.zeros(memory.shape[:2], dtype=torch.bool, device=memory.device)
-        proposals, keep = encoder_proposals(no_padding, spatial_shapes)
-        output_memory = self.enc_output(memory * keep.to(memory.dtype))
-        class_logits = self.enc_score_head(output_memory)
-        if self.query_select_method == "one2many":
-            # the best (position, class) pairs, a position as often as it has good classes
-            flat = torch.topk(class_logits.flatten(1), count, dim=1).indices
-            chosen = torch.div(flat, class_logits.shape[-1], rounding_mode="floor")
-        else:
-            chosen = torch.topk(class_logits.max(-1).values, count, dim=1).indices
-
-        def take(values: Tensor) -> Tensor:
-            return values.gather(1, chosen[..., None].expand(-1, -1, values.shape[-1]))
-
-        # the box head moves only the chosen proposals (row by row, so the same as RT-DETR's on every position)
-        content = take(output_memory)
-        return content, self.enc_bbox_head(content) + take(proposals), take(class_logits)
 
     def decode(
         self,
