@@ -25,6 +25,7 @@ from .deformable.weights import DEFORMABLE_DETR_CHECKPOINT, DeformableArchitectu
 from .detr import DetrConfig, build_detr
 from .detr.criterion import detr_criterion
 from .detr.weights import DETR_CHECKPOINT, HUGGING_FACE_DETR, DetrArchitecture
+from .dfine import DFineConfig, build_dfine
 from .dino import DinoConfig, build_dino, dino_criterion
 from .dino.weights import DINO_CHECKPOINT, DinoArchitecture
 from .head import Detector, HeadConfig
@@ -137,6 +138,14 @@ HEADS: dict[str, HeadRecord] = {
             files=(RTDETRV2_CHECKPOINT, HUGGING_FACE_RTDETRV2, HUGGING_FACE_RTDETR),
             folders=(HUGGING_FACE_RTDETRV2, HUGGING_FACE_RTDETR),
             compile_note=DENOISING_COMPILE_NOTE.format(head="RT-DETRv2"),
+        ),
+        HeadRecord(
+            name="dfine",
+            schema=DFineConfig,
+            builder=build_dfine,
+            criterion=varifocal_criterion,
+            presets=("dfine", "dfine_small"),
+            compile_note=DENOISING_COMPILE_NOTE.format(head="D-FINE"),
         ),
     )
 }
