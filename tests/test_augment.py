@@ -352,10 +352,29 @@ def test_a_fit_with_a_persistent_worker_trains_each_epoch_in_its_phase(tmp_path)
 
 def test_augment_stop_moves_where_rtdetr_leaves_only_flips():
     # RT-DETRv2-R18's 120 epochs: its augmentation off from epoch 117 (progress 117/120 when that epoch starts)
-    r18 = build_policy("rtdetr", 64, detr_train_transforms, detr_base_transforms(), rtdetr_stop=0.975)
+    r18 = build_policy("rtdetr", 64, detr_train_transforms, detr_base_transforms(), stop=0.975)
     assert [phase.start for phase in r18.phases] == [0.0, 0.975]
     assert r18.phase_at(116 / 120) is r18.phases[0] and r18.phase_at(117 / 120) is r18.phases[1]
     default = build_policy("rtdetr", 64, detr_train_transforms, detr_base_transforms())
     assert default.phase_at(118 / 120) is default.phases[0] and default.phase_at(119 / 120) is default.phases[1]
     with pytest.raises(ValueError, match=r"^data.augment_stop=1.5 must be a fraction of the run in \(0, 1\]"):
         check_augment({"augment": "rtdetr", "augment_stop": 1.5})
+
+
+def test_mosaic_phase_and_stop_give_deim_small_its_132_epoch_plan():
+    # DEIM-D-FINE-S: Mosaic and MixUp from epoch 4 to 64, RT-DETR's pieces to 120, flips only in the last 12 of 132
+    plan = build_policy(
+        "deim", 64, detr_train_transforms, detr_base_transforms(), stop=120 / 132, mosaic_phase=[4 / 132, 64 / 132]
+    )
+    starts = [phase.start for phase in plan.phases]
+    assert starts == [0.0, 4 / 132, 64 / 132, 120 / 132]
+    by_epoch = [plan.phase_at(epoch / 132) for epoch in (3, 4, 63, 64, 119, 120)]
+    assert [phase.mosaic_prob for phase in by_epoch] == [0.0, 0.5, 0.5, 0.0, 0.0, 0.0]
+    assert [phase.multi_scale for phase in by_epoch] == [True, True, True, True, True, False]
+    # the defaults are DEIM-D-FINE-L's 58-epoch plan
+    default = build_policy("deim", 64, detr_train_transforms, detr_base_transforms())
+    assert [phase.start for phase in default.phases] == [0.0, 4 / 58, 29 / 58, 50 / 58]
+    with pytest.raises(ValueError, match=r"^data.mosaic_phase=\[0.5, 0.2\] must be \[start, end\] fractions"):
+        check_augment({"augment": "deim", "mosaic_phase": [0.5, 0.2]})
+    with pytest.raises(ValueError, match=r"the augmentation's stop \(0.800\)"):
+        check_augment({"augment": "deim", "mosaic_phase": [0.1, 0.9], "augment_stop": 0.8})

@@ -13,6 +13,9 @@ Switch points, as fractions (the references' epochs over their schedules):
 - deim: flip and resize only until 4/58, Mosaic (p 0.5, replacing zoom-out and IoU crop) and MixUp
   (p 0.5) until 29/58, RT-DETR's pieces until 50/58, flip and resize only after (DEIM's D-FINE-L/X
   schedule: policy epochs [4, 29, 50], mixup epochs [4, 29], stop epoch 50 of 58).
+
+``data.augment_stop`` moves the last switch of either policy, ``data.mosaic_phase`` deim's Mosaic and MixUp
+(DEIM-S, 132 epochs: [4/132, 64/132] and stop 120/132).
 """
 
 from __future__ import annotations
@@ -80,8 +83,18 @@ def check_augment(values: Mapping[str, Any], prefix: str = "data.") -> None:
     stop = values.get("augment_stop")
     require(
         stop is None or 0 < stop <= 1,
-        f"{prefix}augment_stop={stop} must be a fraction of the run in (0, 1] (or null: the policy's, rtdetr 71/72)",
+        f"{prefix}augment_stop={stop} must be a fraction of the run in (0, 1] "
+        "(or null: the policy's, rtdetr 71/72, deim 50/58)",
     )
+    phase = values.get("mosaic_phase")
+    if phase is not None:
+        start, end = (list(phase) + [None, None])[:2] if len(phase) == 2 else (None, None)
+        last = DEIM_POINTS[2] if stop is None else stop
+        require(
+            start is not None and 0 <= start < end <= last,
+            f"{prefix}mosaic_phase={list(phase)} must be [start, end] fractions of the run with "
+            f"0 <= start < end <= the augmentation's stop ({last:.3f}) (or null: deim's 4/58, 29/58)",
+        )
 
 
 class IoUCrop(v2.RandomIoUCrop):
@@ -310,11 +323,13 @@ def build_policy(
     plain: SampleTransform,
     probabilities: Mapping[str, float | None] | None = None,
     normalize: bool = True,
-    rtdetr_stop: float | None = None,
+    stop: float | None = None,
+    mosaic_phase: Sequence[float] | None = None,
 ) -> Policy:
     """The phases of ``name``: ``detr_train`` builds DETR's augmentation, ``plain`` is the no-augmentation
     transform of ``none`` (resize and normalise only), ``square_size`` the side of rtdetr and deim, whose
-    inputs are ImageNet-normalised with ``normalize``."""
+    inputs are ImageNet-normalised with ``normalize``; ``stop`` (rtdetr, deim) and ``mosaic_phase`` (deim) move
+    the policy's switches (None: the reference's)."""
     probabilities = probabilities or {}
     p = {
         key: default if probabilities.get(key) is None else probabilities[key] for key, default in PROBABILITIES.items()
@@ -326,9 +341,10 @@ def build_policy(
     rtdetr = square_transforms(square_size, p["flip_prob"], rtdetr_pieces(p), normalize)
     flip_only = square_transforms(square_size, p["flip_prob"], normalize=normalize)
     if name == "rtdetr":
-        stop = RTDETR_STOP if rtdetr_stop is None else rtdetr_stop
+        stop = RTDETR_STOP if stop is None else stop
         return Policy(name, square_size, (Phase(0.0, rtdetr), Phase(stop, flip_only, multi_scale=False)))
-    mosaic_on, mosaic_off, stop = DEIM_POINTS
+    mosaic_on, mosaic_off = DEIM_POINTS[:2] if mosaic_phase is None else mosaic_phase
+    stop = DEIM_POINTS[2] if stop is None else stop
     mosaic_phase = Phase(
         mosaic_on,
         rtdetr,
@@ -373,7 +389,14 @@ def policy_transforms(
     if input.resize == "square":  # a detector taking squares trains on them too, as RT-DETR's "none" does
         plain = square
     policy = build_policy(
-        name, side, detr_train, plain, _probabilities(values), input.normalize, values.get("augment_stop")
+        name,
+        side,
+        detr_train,
+        plain,
+        _probabilities(values),
+        input.normalize,
+        values.get("augment_stop"),
+        values.get("mosaic_phase"),
     )
     val = square if name in ("rtdetr", "deim") or input.resize == "square" else plain
     return PolicyTransforms(policy, values.get("seed") or 0), val

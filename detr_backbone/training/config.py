@@ -81,8 +81,11 @@ class DataConfig:
     iou_crop_prob: Optional[float] = None
     mosaic_prob: Optional[float] = None
     mixup_prob: Optional[float] = None
-    # rtdetr: the fraction of the run after which only flips remain; null: 71/72, RT-DETR's 6x schedule's
+    # rtdetr, deim: the fraction of the run after which only flips remain; null: the policy's (rtdetr 71/72,
+    # RT-DETR's 6x schedule's; deim 50/58, DEIM-D-FINE-L's)
     augment_stop: Optional[float] = None
+    # deim: [start, end] fractions of the run with Mosaic and MixUp; null: 4/58, 29/58 (DEIM-D-FINE-L's)
+    mosaic_phase: Optional[list[float]] = None
 
     def __post_init__(self) -> None:
         check_augment(vars(self))
