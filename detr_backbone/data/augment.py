@@ -88,7 +88,7 @@ def check_augment(values: Mapping[str, Any], prefix: str = "data.") -> None:
     )
     phase = values.get("mosaic_phase")
     if phase is not None:
-        start, end = (list(phase) + [None, None])[:2] if len(phase) == 2 else (None, None)
+        start, end = tuple(phase) if len(phase) == 2 else (None, None)
         last = DEIM_POINTS[2] if stop is None else stop
         require(
             start is not None and 0 <= start < end <= last,

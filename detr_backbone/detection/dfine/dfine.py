@@ -79,6 +79,7 @@ def build_dfine(
     dec_layers: int,
     nheads: int,
     dim_feedforward: int,
+    enc_dim_feedforward: int | None,
     dropout: float,
     num_feature_levels: int,
     expansion: float,
@@ -108,7 +109,15 @@ def build_dfine(
             f"backbone's {len(channels)} levels ({channels} channels); D-FINE fuses exactly the levels it returns"
         )
     encoder = HybridEncoder(
-        channels, hidden_dim, nheads, dim_feedforward, dropout, enc_layers, expansion, depth_mult, fusion="gelan"
+        channels,
+        hidden_dim,
+        nheads,
+        enc_dim_feedforward or dim_feedforward,
+        dropout,
+        enc_layers,
+        expansion,
+        depth_mult,
+        fusion="gelan",
     )
     encoder.to(memory_format=torch.channels_last)  # NHWC convolutions, as RT-DETRv2's encoder (see its builder)
     decoder = DFineTransformer(

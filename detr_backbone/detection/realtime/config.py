@@ -5,7 +5,7 @@ rtdetrv2_pytorch/configs/rtdetrv2/include/rtdetrv2_r50vd.yml), which D-FINE keep
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 from torch import nn
 
@@ -30,7 +30,10 @@ class RealTimeHeadConfig(TransformerHeadConfig):
     num_queries: int = 300
     enc_layers: int = 1
     dec_layers: int = 6
-    dim_feedforward: int = 1024  # the encoder's and the decoder's
+    dim_feedforward: int = 1024  # the decoder's, and the encoder's unless enc_dim_feedforward is set
+    enc_dim_feedforward: Optional[int] = (
+        None  # the encoder's feed-forward width; null: dim_feedforward (D-FINE-X: 2048)
+    )
     dropout: float = 0.0
     num_feature_levels: int = (
         3  # the backbone's last levels read, each fused by the encoder and attended by the decoder

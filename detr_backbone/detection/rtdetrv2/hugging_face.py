@@ -73,8 +73,6 @@ def architecture_of_config(config: Mapping[str, Any], path: str | os.PathLike) -
     ):
         if config.get(key, default) != wanted:
             unsupported.append(f"{key}={config.get(key)!r} (only {wanted!r})")
-    if config.get("encoder_ffn_dim", 1024) != config.get("decoder_ffn_dim", 1024):
-        unsupported.append("encoder_ffn_dim differs from decoder_ffn_dim")
     if config.get("encoder_attention_heads", 8) != config.get("decoder_attention_heads", 8):
         unsupported.append("encoder_attention_heads differs from decoder_attention_heads")
     levels = len(config.get("encoder_in_channels", [512, 1024, 2048]))
@@ -97,6 +95,9 @@ def architecture_of_config(config: Mapping[str, Any], path: str | os.PathLike) -
         enc_layers=config.get("encoder_layers", 1),
         dec_layers=config.get("decoder_layers", 6),
         dim_feedforward=config.get("decoder_ffn_dim", 1024),
+        enc_dim_feedforward=None
+        if config.get("encoder_ffn_dim", 1024) == config.get("decoder_ffn_dim", 1024)
+        else config.get("encoder_ffn_dim", 1024),
         nheads=config.get("decoder_attention_heads", 8),
         num_points=config.get("decoder_n_points", 4),
         expansion=config.get("hidden_expansion", 1.0),

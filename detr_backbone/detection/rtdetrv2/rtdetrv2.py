@@ -50,6 +50,7 @@ def build_rtdetrv2(
     dec_layers: int,
     nheads: int,
     dim_feedforward: int,
+    enc_dim_feedforward: int | None,
     dropout: float,
     num_feature_levels: int,
     expansion: float,
@@ -73,7 +74,9 @@ def build_rtdetrv2(
             f"model.num_feature_levels={num_feature_levels} but the backbone returns {len(channels)} levels "
             f"({channels} channels); RT-DETRv2 fuses exactly the levels the backbone returns"
         )
-    encoder = HybridEncoder(channels, hidden_dim, nheads, dim_feedforward, dropout, enc_layers, expansion, depth_mult)
+    encoder = HybridEncoder(
+        channels, hidden_dim, nheads, enc_dim_feedforward or dim_feedforward, dropout, enc_layers, expansion, depth_mult
+    )
     # NHWC convolutions: oneDNN takes them without reordering every map (RT-DETRv2-R18's encoder at 640x640 ran
     # in 71 ms instead of 99 on two CPU cores); the values are the same
     encoder.to(memory_format=torch.channels_last)

@@ -58,6 +58,7 @@ class RtDetrV2Architecture:
     enc_layers: int | None = None
     dec_layers: int | None = None
     dim_feedforward: int | None = None
+    enc_dim_feedforward: int | None = None
     nheads: int | None = None
     num_points: int | None = None
     expansion: float | None = None
@@ -79,6 +80,7 @@ class RtDetrV2Architecture:
         "enc_layers": "model.enc_layers",
         "dec_layers": "model.dec_layers",
         "dim_feedforward": "model.dim_feedforward",
+        "enc_dim_feedforward": "model.enc_dim_feedforward",
         "nheads": "model.nheads",
         "num_points": "model.num_points",
         "expansion": "model.expansion",
@@ -131,6 +133,7 @@ RTDETR_HEAD_FIELDS = (
     "enc_layers",
     "dec_layers",
     "dim_feedforward",
+    "enc_dim_feedforward",
     "nheads",
     "num_points",
     "expansion",
@@ -168,6 +171,9 @@ def architecture_of_state(
     levels = count_layers(state, "encoder.input_proj.")
     attention = state["decoder.decoder.layers.0.cross_attn.attention_weights.weight"].shape[0]
     blocks = count_layers(state, "encoder.fpn_blocks.0.bottlenecks.")
+    decoder_feedforward = state["decoder.decoder.layers.0.linear1.weight"].shape[0]
+    aifi = state.get("encoder.encoder.0.layers.0.linear1.weight")  # absent without encoder layers
+    encoder_feedforward = None if aifi is None or aifi.shape[0] == decoder_feedforward else aifi.shape[0]
     return RtDetrV2Architecture(
         backbone_kind=backbone_kind,
         backbone_name=backbone_name,
@@ -176,7 +182,8 @@ def architecture_of_state(
         num_feature_levels=levels,
         enc_layers=count_layers(state, "encoder.encoder.0.layers."),
         dec_layers=count_layers(state, "decoder.decoder.layers."),
-        dim_feedforward=state["decoder.decoder.layers.0.linear1.weight"].shape[0],
+        dim_feedforward=decoder_feedforward,
+        enc_dim_feedforward=encoder_feedforward,
         nheads=PUBLISHED_HEADS,
         num_points=attention // (levels * PUBLISHED_HEADS) if attention % (levels * PUBLISHED_HEADS) == 0 else None,
         expansion=state["encoder.fpn_blocks.0.conv1.conv.weight"].shape[0] / hidden,
