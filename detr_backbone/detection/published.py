@@ -36,7 +36,7 @@ RESNET_BLOCKS: dict[tuple[tuple[int, ...], bool], str] = {
     ((3, 8, 36, 3), True): "resnet152",
 }
 STAGE_BLOCK = re.compile(re.escape(BODY_KEY) + r"layer(\d)\.(\d+)\.")
-# A published file does not name its classes; its head's row count does. DETR-family checkpoints are
+# A published checkpoint file does not name its classes; its head's row count does. DETR-family checkpoints are
 # published for COCO (80 rows, or 91: a row per id, gaps included) and Objects365 (365 rows, or D-FINE's
 # 366: a row per id from 0), and no other dataset they are published for has one of these counts.
 NAMES_BY_ROW_COUNT: dict[int, tuple[str, ...]] = {
