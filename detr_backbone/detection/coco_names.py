@@ -103,3 +103,5 @@ COCO_NAMES: tuple[str, ...] = (
     "hair drier",
     "toothbrush",
 )
+
+COCO_80: tuple[str, ...] = tuple(name for name in COCO_NAMES if name != UNUSED)  # a row per category, in id order

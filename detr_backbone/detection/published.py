@@ -21,7 +21,8 @@ from torch import Tensor
 from ..config import BACKBONE_TARGETS, BackboneConfig
 from ..weights import BODY_KEY, DDP_PREFIX
 from .building import DetectorConfig
-from .coco_names import COCO_NAMES
+from .coco_names import COCO_80, COCO_NAMES
+from .objects365_names import OBJECTS365_BY_ID, OBJECTS365_NAMES
 
 # a linear layer with one row per class (DINO's proposals have their own, enc_out_class_embed; RT-DETRv2's are
 # score heads)
@@ -35,6 +36,12 @@ RESNET_BLOCKS: dict[tuple[tuple[int, ...], bool], str] = {
     ((3, 8, 36, 3), True): "resnet152",
 }
 STAGE_BLOCK = re.compile(re.escape(BODY_KEY) + r"layer(\d)\.(\d+)\.")
+# A published checkpoint file does not name its classes; its head's row count does. DETR-family checkpoints are
+# published for COCO (80 rows, or 91: a row per id, gaps included) and Objects365 (365 rows, or D-FINE's
+# 366: a row per id from 0), and no other dataset they are published for has one of these counts.
+NAMES_BY_ROW_COUNT: dict[int, tuple[str, ...]] = {
+    len(names): names for names in (COCO_80, COCO_NAMES, OBJECTS365_NAMES, OBJECTS365_BY_ID)
+}
 
 
 class PublishedArchitecture(Protocol):
@@ -89,6 +96,12 @@ class DetectorWeights:
                 stacklevel=3,
             )
         return self.architecture.detector_config(self.num_class_rows, self.class_names, dilation)
+
+
+def published_class_names(rows: int) -> list[str] | None:
+    """The names of a published class head's ``rows`` ("no object" excluded), None where the count does not tell."""
+    names = NAMES_BY_ROW_COUNT.get(rows)
+    return None if names is None else list(names)
 
 
 def fitting_overrides(
@@ -180,5 +193,6 @@ class CheckpointLayout:
         state, skipped = found
         architecture = self.architecture(state)
         rows = state[self.class_weight].shape[0] - architecture.NO_OBJECT_ROWS
-        names = list(COCO_NAMES) if rows == len(COCO_NAMES) else None  # row i is COCO id i
-        return DetectorWeights(self.source, os.fspath(path), state, names, architecture, skipped=skipped)
+        return DetectorWeights(
+            self.source, os.fspath(path), state, published_class_names(rows), architecture, skipped=skipped
+        )

@@ -5,9 +5,10 @@ training starts at step 0. Sources are told apart by content: each head's publis
 (``detection.registry``) and checkpoints written by train.py. What differs between the checkpoint
 and the run by design is adapted by meaning:
 
-- class rows by class name (case-insensitive), in every copy of the class head (one per decoder
-  layer in Deformable DETR): a dataset class the checkpoint knows gets its row, the others keep a
-  fresh head's rows, and a no-object row (DETR) is the checkpoint's;
+- class rows by class name (case-insensitive, else through a synonym of ``class_synonyms``: COCO's
+  "tv" is Objects365's "Moniter/TV"), in every copy of the class head (one per decoder layer in
+  Deformable DETR): a dataset class the checkpoint knows gets its row, the others keep a fresh head's
+  rows, and a no-object row (DETR) is the checkpoint's;
 - tables with a row per class and some extra rows (DINO's ``label_enc``), as the class heads;
 - object queries (DINO: their learned content): the first ``model.num_queries`` of the checkpoint's.
 
@@ -34,6 +35,7 @@ from ..detection import (
     published_weights,
     record_of,
 )
+from ..detection.class_synonyms import SYNONYMS
 from ..detection.coco_names import UNUSED
 from ..detection.published import fitting_overrides
 from ..inference.checkpoint import TRAINING_PREFIX, detector_state, saved_detector_config
@@ -88,17 +90,27 @@ def class_key(name: object) -> str:
     return str(name).strip().casefold()
 
 
-def class_rows(weights: DetectorWeights, class_names: Sequence[str]) -> list[CarriedClass]:
-    """The dataset classes the checkpoint names, each with its row there (the first of a name repeated)."""
+# a name's key -> the keys of its synonyms, in the table's order
+SYNONYM_KEYS: dict[str, tuple[str, ...]] = {
+    class_key(name): tuple(class_key(other) for other in group if other != name) for group in SYNONYMS for name in group
+}
+
+
+def class_rows(checkpoint_names: Sequence[str] | None, class_names: Sequence[str]) -> list[CarriedClass]:
+    """The dataset classes the checkpoint names, each with its row there (the first of a name repeated): by
+    the class's own name, else by the first of its synonyms the checkpoint has."""
     rows: dict[str, int] = {}
-    for row, name in enumerate(weights.class_names or []):
+    for row, name in enumerate(checkpoint_names or []):
         if class_key(name) != class_key(UNUSED):
             rows.setdefault(class_key(name), row)
-    return [
-        CarriedClass(str(name), rows[class_key(name)], weights.class_names[rows[class_key(name)]])
-        for name in class_names
-        if class_key(name) in rows
-    ]
+    carried = []
+    for name in class_names:
+        own = class_key(name)
+        found = next((key for key in (own, *SYNONYM_KEYS.get(own, ())) if key in rows), None)
+        if found is not None:
+            row = rows[found]
+            carried.append(CarriedClass(str(name), row, str(checkpoint_names[row]), synonym=found != own))
+    return carried
 
 
 def carry_class_rows(
@@ -145,7 +157,7 @@ def adapted_state(
     # in the model's order, so that a mismatch names the first key as the model lists them
     state = {key: weights.state[key] for key in expected if key in weights.state} | weights.state
     class_names = config.class_names or []
-    carried = class_rows(weights, class_names)
+    carried = class_rows(weights.class_names, class_names)
     no_object = weights.architecture.NO_OBJECT_ROWS
     adapted = []
     for head in weights.class_heads:

@@ -19,8 +19,11 @@ class CarriedClass:
     name: str  # the dataset's
     row: int  # the checkpoint's row
     checkpoint_name: str
+    synonym: bool = False  # matched through ``class_synonyms``, not by its own name
 
     def __str__(self) -> str:
+        if self.synonym:
+            return f"{self.name} <- row {self.row} (synonym {self.checkpoint_name})"
         same = self.name == self.checkpoint_name
         return f"{self.name} <- row {self.row}" + ("" if same else f" ({self.checkpoint_name})")
 
@@ -45,6 +48,8 @@ class InitReport:
         no_object = self.architecture.NO_OBJECT_ROWS
         classes = f"{self.class_rows} classes" + (" + no-object" if no_object else "")
         carried = f"{len(self.carried)} class rows" + (" and the no-object row" if no_object else "")
+        synonyms = sum(carry.synonym for carry in self.carried)
+        carried_count = f"{len(self.carried)}" + (f", {synonyms} through a synonym" if synonyms else "")
         heads = f"{self.class_heads[0]}." if len(self.class_heads) == 1 else f"{first_keys(self.class_heads)} ."
         adapted = [f"{heads}weight and .bias ({carried} carried over)"]
         for table, extra in self.class_tables.items():
@@ -63,7 +68,7 @@ class InitReport:
             f"adapted: {'; '.join(adapted)}",
             f"re-initialised: {plural(len(self.new_classes), 'class row')} of new classes, as in a fresh head",
             f"skipped: {first_keys(self.skipped) if self.skipped else 'nothing'}",
-            f"classes carried over ({len(self.carried)}): {', '.join(map(str, self.carried)) or 'none'}",
+            f"classes carried over ({carried_count}): {', '.join(map(str, self.carried)) or 'none'}",
             f"new classes ({len(self.new_classes)}): {', '.join(self.new_classes) or 'none'}",
             *(f"note: {note}" for note in self.notes),
         ]

@@ -8,7 +8,7 @@ HGNetv2 L / X / H (``backbone.stem.stem1.*``, ``backbone.stages.N.*``) onto ``hg
 (``backbones.hgnetv2``). Buffers derived
 from the settings are dropped: the attention's ``num_points_scale`` and the anchors cached for the evaluation
 size (``decoder.anchors``, ``decoder.valid_mask``). The class heads have one row per class (80 for COCO, in
-COCO's category order).
+COCO's category order; 365 or 366 for Objects365, ``published.published_class_names``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ from ...backbones.resnet_vd import presnet_to_timm
 from ...config import BACKBONE_TARGETS, JoinerConfig, PositionConfig
 from ...weights import DDP_PREFIX
 from ..building import DetectorConfig
-from ..coco_names import COCO_NAMES
-from ..published import DetectorWeights, configured_backbone, count_layers
+from ..published import DetectorWeights, configured_backbone, count_layers, published_class_names
 from .config import RtDetrV2Config
 
 PUBLISHED_HEADS = 8  # RT-DETRv2's attention heads: the shapes hold heads x points, not each
@@ -42,7 +41,6 @@ PRESNET_DEPTHS = {
 # HGNetv2's blocks per stage -> timm's (RT-DETR's L, X, H)
 HGNETV2_SIZES = {(1, 1, 3, 1): "hgnetv2_b4", (1, 2, 5, 2): "hgnetv2_b5", (2, 3, 6, 3): "hgnetv2_b6"}
 PRESNET_STEM, HGNETV2_STEM = "backbone.conv1.conv1_1.conv.weight", "backbone.stem.stem1.conv.weight"
-COCO_80 = tuple(name for name in COCO_NAMES if name != "N/A")  # the 80 classes in category id order
 
 
 @dataclass(frozen=True)
@@ -225,7 +223,7 @@ class RtDetrV2CheckpointLayout:
         )
         architecture = architecture_of_state(state, backbone_kind, backbone_name)
         rows = state["decoder.dec_score_head.0.weight"].shape[0]
-        names = list(COCO_80) if rows == len(COCO_80) else None
+        names = published_class_names(rows)
         return DetectorWeights(self.source, os.fspath(path), state, names, architecture, skipped=skipped)
 
 
