@@ -26,6 +26,12 @@ def test_every_group_option_composes_against_the_schema():
     backbones = sorted(p.stem for p in (ROOT / "conf" / "backbone").glob("*.yaml"))
     assert backbones == [
         "custom",
+        "hgnetv2_b0",
+        "hgnetv2_b1",
+        "hgnetv2_b2",
+        "hgnetv2_b3",
+        "hgnetv2_b4",
+        "hgnetv2_b5",
         "hgnetv2_h",
         "hgnetv2_l",
         "hgnetv2_x",

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from detr_backbone import JoinerConfig, NestedTensor, ResNetVdBackbone, build_backbone
-from detr_backbone.backbones.hgnetv2 import rtdetr_hgnetv2_to_timm
+from detr_backbone.backbones.hgnetv2 import hgnetv2_to_timm
 from detr_backbone.backbones.resnet_vd import hugging_face_resnet_to_timm, presnet_to_timm
 from detr_backbone.training import validated
 
@@ -180,7 +180,7 @@ def test_rtdetr_hgnetv2_layout_loads_strictly_into_its_timm_preset(name):
     layout = HGNETV2_KEYS[name]
     state = {key: torch.rand(shape) for key, shape in layout.items()}
     backbone = preset(f"hgnetv2_{name.lower()}")
-    backbone.load_state_dict(rtdetr_hgnetv2_to_timm(state, prefix_out="body."), strict=True)
+    backbone.load_state_dict(hgnetv2_to_timm(state, prefix_out="body."), strict=True)
     ours = backbone.state_dict()
     stem = "backbone.stem.stem2a.conv.1.weight"  # RT-DETR's padded 2x2 convolution
     assert torch.equal(ours["body.stem.stem2a.conv.weight"], state[stem])

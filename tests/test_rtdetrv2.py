@@ -334,7 +334,7 @@ def test_a_hugging_face_rtdetr_v1_folder_and_its_weights_file_read_as_rtdetrv2(t
 def test_the_released_layout_on_hgnetv2_l_loads_strictly(tmp_path):
     """RT-DETRv2-HGNetv2-L's released keys (the backbone's from the reference's key list): our detector on
     timm's hgnetv2_b4, saved under them, comes back with its outputs."""
-    from detr_backbone.backbones.hgnetv2 import rtdetr_hgnetv2_to_timm
+    from detr_backbone.backbones.hgnetv2 import hgnetv2_to_timm
     from detr_backbone.inference import load_detector
 
     from .test_resnet_vd import HGNETV2_KEYS
@@ -349,7 +349,7 @@ def test_the_released_layout_on_hgnetv2_l_loads_strictly(tmp_path):
     ours = build_detector(joiner, head, num_classes=80).eval()
     randomise_batch_norms(ours)
     reference_keys = [key for key in HGNETV2_KEYS["L"] if not key.endswith("num_batches_tracked")]
-    names = {next(iter(rtdetr_hgnetv2_to_timm({key: torch.zeros(1)}))): key for key in reference_keys}
+    names = {next(iter(hgnetv2_to_timm({key: torch.zeros(1)}))): key for key in reference_keys}
     released = {names.get(key, key): value for key, value in ours.state_dict().items()}
     assert not any(key.startswith("backbone.0.") for key in released)
     torch.save({"model": released}, tmp_path / "rtdetrv2_hgnetv2_l.pth")

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from ...backbones.hgnetv2 import rtdetr_hgnetv2_to_timm
+from ...backbones.hgnetv2 import hgnetv2_to_timm
 from ...backbones.resnet_vd import presnet_to_timm
 from ...config import BACKBONE_TARGETS, JoinerConfig, PositionConfig
 from ...weights import DDP_PREFIX
@@ -155,7 +155,7 @@ def released_backbone(state: Mapping[str, Tensor]) -> tuple[str, str | None, dic
     """(our kind, timm's name, the tensors under our names) of a released file's backbone."""
     if HGNETV2_STEM in state:
         blocks = tuple(count_layers(state, f"backbone.stages.{stage}.blocks.") for stage in range(4))
-        return "timm", HGNETV2_SIZES.get(blocks), rtdetr_hgnetv2_to_timm(state)
+        return "timm", HGNETV2_SIZES.get(blocks), hgnetv2_to_timm(state)
     stages = tuple(count_layers(state, f"backbone.res_layers.{stage}.blocks.") for stage in range(4))
     bottleneck = "backbone.res_layers.0.blocks.0.branch2c.conv.weight" in state
     return "resnet_vd", PRESNET_DEPTHS.get((stages, bottleneck)), presnet_to_timm(state)
