@@ -164,3 +164,40 @@ def test_the_schema_names_bad_values():
         DFineConfig(reg_max=7)
     with pytest.raises(ValueError, match="model.activation='gelu' is not one of relu, silu"):
         DFineConfig(activation="gelu")
+
+
+@pytest.mark.parametrize(
+    "size, backbone, hidden, levels, layers, expansion, depth, lr, lr_backbone, epochs, stop, scales, batch",
+    [
+        ("n", "hgnetv2_b0", 128, 2, 3, 0.34, 0.5, 8e-4, 4e-4, 160, 0.925, 0, 128),
+        ("s", "hgnetv2_b0", 256, 3, 3, 0.5, 0.34, 2e-4, 1e-4, 132, 0.909, 30, 32),
+        ("m", "hgnetv2_b2", 256, 3, 4, 1.0, 0.67, 2e-4, 2e-5, 132, 0.909, 16, 32),
+        ("l", "hgnetv2_b4", 256, 3, 6, 1.0, 1.0, 2.5e-4, 1.25e-5, 80, 0.9, 14, 32),
+        ("x", "hgnetv2_b5", 384, 3, 6, 1.0, 1.0, 2.5e-4, 2.5e-6, 80, 0.9, 13, 32),
+    ],
+)
+def test_the_published_recipes_compose(
+    size, backbone, hidden, levels, layers, expansion, depth, lr, lr_backbone, epochs, stop, scales, batch
+):
+    from .jobs import compose_config
+
+    cfg = compose_config(f"experiment=dfine_hgnetv2_{size}_coco")
+    assert (cfg.model._target_, cfg.backbone.name, cfg.hidden_dim) == (DFineConfig._target_, backbone, hidden)
+    assert (cfg.model.num_feature_levels, cfg.model.dec_layers, cfg.model.expansion, cfg.model.depth_mult) == (
+        levels,
+        layers,
+        expansion,
+        depth,
+    )
+    assert cfg.model.num_points == ([6, 6] if size == "n" else [3, 6, 3])
+    assert cfg.backbone.levels == ([3, 4] if size == "n" else None)  # D-FINE-N reads strides 16 and 32
+    assert (cfg.model.reg_scale, cfg.model.enc_dim_feedforward) == ((8.0, 2048) if size == "x" else (4.0, None))
+    assert (cfg.lr, cfg.lr_backbone, cfg.clip_max_norm) == (lr, lr_backbone, 0.1)
+    assert (cfg.optimizer.schedule, cfg.optimizer.warmup_steps) == ("step", 500)
+    assert (cfg.callbacks.ema.decay, cfg.callbacks.ema.warmup_steps) == (0.9999, 1000)
+    assert (cfg.trainer.max_epochs, cfg.data.augment_stop, len(cfg.data.multi_scale)) == (epochs, stop, scales)
+    assert cfg.trainer.devices * cfg.data.batch_size == batch
+    # B0 and B2 train whole with live BatchNorm; B4 and B5 freeze the stem and every BatchNorm
+    assert (cfg.backbone.freeze_norm, cfg.backbone.trainable_layers) == (
+        (True, 4) if size in ("l", "x") else (False, 5)
+    )

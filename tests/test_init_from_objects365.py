@@ -175,3 +175,13 @@ def test_an_objects365_checkpoint_carries_its_rows_by_name(tmp_path, rows, categ
     assert carried_line.format(**row_of) in report
     new = [name for label, name in enumerate(categories.values()) if label not in expected]
     assert f"new classes ({len(new)}): {', '.join(new)}\n" in report
+
+
+def test_published_rows_get_their_datasets_category_ids():
+    from detr_backbone.detection.published import published_category_ids
+
+    coco = published_category_ids(80)
+    assert coco[:12] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13] and coco[-1] == 90 and len(set(coco)) == 80
+    assert published_category_ids(365) == list(range(1, 366))
+    assert published_category_ids(366) == list(range(366))
+    assert published_category_ids(91) == list(range(91))

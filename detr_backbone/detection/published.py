@@ -21,7 +21,7 @@ from torch import Tensor
 from ..config import BACKBONE_TARGETS, BackboneConfig
 from ..weights import BODY_KEY, DDP_PREFIX
 from .building import DetectorConfig
-from .coco_names import COCO_80, COCO_NAMES
+from .coco_names import COCO_80, COCO_NAMES, UNUSED
 from .objects365_names import OBJECTS365_BY_ID, OBJECTS365_NAMES
 
 # a linear layer with one row per class (DINO's proposals have their own, enc_out_class_embed; RT-DETRv2's are
@@ -102,6 +102,16 @@ def published_class_names(rows: int) -> list[str] | None:
     """The names of a published class head's ``rows`` ("no object" excluded), None where the count does not tell."""
     names = NAMES_BY_ROW_COUNT.get(rows)
     return None if names is None else list(names)
+
+
+def published_category_ids(rows: int) -> list[int]:
+    """The dataset id of each of a published class head's ``rows``: COCO's ids (1..90, with gaps) for its 80
+    classes, 1..365 for Objects365's 365; otherwise the row index (a row per id: COCO's 91, D-FINE's 366)."""
+    if rows == len(COCO_80):
+        return [index for index, name in enumerate(COCO_NAMES) if name != UNUSED]
+    if rows == len(OBJECTS365_NAMES):
+        return list(range(1, rows + 1))
+    return list(range(rows))
 
 
 def fitting_overrides(

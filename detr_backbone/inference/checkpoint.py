@@ -27,6 +27,7 @@ from ..detection import (
     published_sources,
     published_weights,
 )
+from ..detection.published import published_category_ids
 from ..image_input import InputConfig
 from ..weights import first_keys, load_weights_file
 
@@ -215,7 +216,7 @@ def load_detector(
             raise ValueError(f"{os.fspath(path)} is not {ANY_CHECKPOINT}: none of their layouts matches its keys")
     detector, config = published_detector(weights, dilation)
     names = named_classes(weights.class_names, weights.num_class_rows, path)
-    ids = list(range(weights.num_class_rows))  # published class rows are COCO ids
+    ids = published_category_ids(weights.num_class_rows)
     known = weights.class_names is not None
     record = config.head.input
     size = PUBLISHED_EVAL_SIZES[record.resize]
