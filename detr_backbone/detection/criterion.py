@@ -12,9 +12,10 @@ from torchvision.ops import box_convert, generalized_box_iou
 
 from .matcher import BaseHungarianMatcher, Indices
 
-LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
-# a loss of denoising queries (``_dn``), then a decoder layer index, two-stage proposals or the encoder's selection
-AUX_SUFFIX = re.compile(r"(?P<name>.+?)(?:_dn)?(?:_\d+|_enc|_interm)?")
+LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou", "loss_fgl", "loss_ddf")  # the last two: D-FINE's edge distributions'
+# a loss of denoising queries (``_dn``), then a decoder layer index, two-stage proposals, the encoder's selection or
+# the first decoder layer's pre-head (D-FINE)
+AUX_SUFFIX = re.compile(r"(?P<name>.+?)(?:_dn)?(?:_\d+|_enc|_interm|_pre)?")
 
 
 def identity(num_boxes: Tensor) -> Tensor:
@@ -27,7 +28,8 @@ class BaseSetCriterion(nn.Module):
     Returns ``loss_ce`` (each head's subclass gives its ``label_losses``), ``loss_bbox``, ``loss_giou``,
     the same with suffix ``_{i}`` for each ``aux_outputs`` entry, ``_enc`` for ``enc_outputs``
     (two-stage proposals, matched as object-or-not: every target labelled 0) and ``_interm`` for
-    ``interm_outputs`` (the encoder's selected queries, matched with their classes), what a head adds
+    ``interm_outputs`` (the encoder's selected queries, matched with their classes), ``_pre`` for ``pre_outputs``
+    (D-FINE's first decoder layer before its distributions), what a head adds
     in ``extra_losses``, and ``class_error`` (a detached metric). Everything is computed in float32 with autocast off: the matching and the
     normalisation by ``num_boxes`` are too sensitive for half precision. ``num_boxes_reduce`` receives
     the local box count (a float32 tensor) and returns the count to normalise by, e.g. its mean over
@@ -53,8 +55,7 @@ class BaseSetCriterion(nn.Module):
     def forward(self, outputs: Mapping, targets: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
         device = outputs["pred_logits"].device
         with torch.autocast(device_type=device.type, enabled=False):
-            num_boxes = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
-            num_boxes = self.num_boxes_reduce(num_boxes).clamp(min=1)
+            num_boxes = self.box_count(sum(len(t["labels"]) for t in targets), device)
             losses = self.layer_losses(outputs, targets, num_boxes)
             for suffix, extra, extra_targets in auxiliary_predictions(outputs, targets):
                 extra_losses = self.layer_losses(extra, extra_targets, num_boxes)
@@ -62,6 +63,10 @@ class BaseSetCriterion(nn.Module):
                 losses.update({f"{name}_{suffix}": value for name, value in extra_losses.items()})
             losses.update(self.extra_losses(outputs, targets, num_boxes))
         return losses
+
+    def box_count(self, count: int, device: torch.device) -> Tensor:
+        """What a loss over ``count`` boxes is divided by: the count reduced by ``num_boxes_reduce``, at least 1."""
+        return self.num_boxes_reduce(torch.tensor(float(count), device=device)).clamp(min=1)
 
     def extra_losses(
         self, outputs: Mapping, targets: Sequence[Mapping[str, Tensor]], num_boxes: Tensor
@@ -121,6 +126,8 @@ def auxiliary_predictions(
     """(loss name suffix, outputs, targets) of each prediction besides the final one."""
     for index, aux in enumerate(outputs.get("aux_outputs", [])):
         yield str(index), aux, targets
+    if "pre_outputs" in outputs:
+        yield "pre", outputs["pre_outputs"], targets
     if "enc_outputs" in outputs:
         # the proposals only say "object here": every target counts as class 0
         yield (

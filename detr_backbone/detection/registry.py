@@ -26,6 +26,7 @@ from .detr import DetrConfig, build_detr
 from .detr.criterion import detr_criterion
 from .detr.weights import DETR_CHECKPOINT, HUGGING_FACE_DETR, DetrArchitecture
 from .dfine import DFineConfig, build_dfine
+from .dfine.criterion import dfine_criterion
 from .dino import DinoConfig, build_dino, dino_criterion
 from .dino.weights import DINO_CHECKPOINT, DinoArchitecture
 from .head import Detector, HeadConfig
@@ -143,7 +144,7 @@ HEADS: dict[str, HeadRecord] = {
             name="dfine",
             schema=DFineConfig,
             builder=build_dfine,
-            criterion=varifocal_criterion,
+            criterion=dfine_criterion,
             presets=("dfine", "dfine_small"),
             compile_note=DENOISING_COMPILE_NOTE.format(head="D-FINE"),
         ),

@@ -44,3 +44,28 @@ def distances_to_boxes(reference: Tensor, distances: Tensor, reg_scale: Tensor) 
     near = centre - (0.5 * scale + distances[..., :2]) * (size / scale)
     far = centre + (0.5 * scale + distances[..., 2:]) * (size / scale)
     return box_convert(torch.cat([near, far], -1), "xyxy", "cxcywh")
+
+
+def boxes_to_distances(reference: Tensor, boxes: Tensor, reg_scale: Tensor) -> Tensor:
+    """Edge distances (left, top, right, bottom) (..., 4) that move ``reference`` boxes onto cxcywh ``boxes``: the
+    inverse of ``distances_to_boxes`` (D-FINE's ``bbox2distance`` before the bins)."""
+    scale = reg_scale.abs()
+    corners = box_convert(boxes, "cxcywh", "xyxy")
+    centre, size = reference[..., :2], reference[..., 2:]
+    near = (centre - corners[..., :2]) / (size / scale) - 0.5 * scale
+    far = (corners[..., 2:] - centre) / (size / scale) - 0.5 * scale
+    return torch.cat([near, far], -1)
+
+
+def bin_positions(distances: Tensor, project: Tensor) -> Tensor:
+    """Each distance as a fractional bin index in [0, reg_max]: k + t where W(k) <= d < W(k + 1) and t is d's linear
+    position between the two (D-FINE's ``translate_gt``: the target of the fine-grained localization loss puts
+    1 - t on bin k and t on bin k + 1). Distances beyond the ends land on the end bins, 0 and reg_max."""
+    reg_max = project.shape[0] - 1
+    project = project.to(distances.dtype)
+    left = torch.searchsorted(project, distances.contiguous(), right=True) - 1  # -1 below W(0), reg_max from W(reg_max)
+    bin_below = left.clamp(0, reg_max - 1)
+    low, high = project[bin_below], project[bin_below + 1]
+    positions = bin_below + (distances - low) / (high - low)
+    positions = torch.where(left < 0, torch.zeros_like(positions), positions)
+    return torch.where(left >= reg_max, torch.full_like(positions, reg_max), positions)

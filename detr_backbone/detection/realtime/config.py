@@ -19,6 +19,7 @@ from ..multiscale.sampling import ATTENTION_IMPLS
 
 CROSS_ATTN_METHODS = ("default", "discrete")
 QUERY_SELECT_METHODS = ("default", "agnostic", "one2many")
+CLASS_LOSSES = ("vfl", "mal")  # varifocal | DEIM's matchability-aware (realtime.criterion)
 
 
 @dataclass
@@ -53,7 +54,10 @@ class RealTimeHeadConfig(TransformerHeadConfig):
     focal_alpha: float = FOCAL_ALPHA  # the matcher's focal cost
     vfl_alpha: float = 0.75  # the varifocal loss: alpha p^gamma weighs the negatives
     vfl_gamma: float = 2.0
-    loss_ce: float = 1.0  # the varifocal loss's weight
+    class_loss: str = "vfl"  # vfl (varifocal) | mal (DEIM's matchability-aware loss)
+    mal_gamma: float = 1.5  # MAL: targets IoU^gamma, negatives weighed by p^gamma
+    mal_alpha: Optional[float] = None  # MAL: a factor on the negatives' weight; null: none, as DEIM
+    loss_ce: float = 1.0  # the class loss's weight
     # RT-DETR takes pixels / 255 without mean / std, evaluated on a square (the aspect ratio not kept)
     input: InputConfig = field(default_factory=lambda: InputConfig(normalize=False, resize="square"))
 
@@ -70,6 +74,9 @@ class RealTimeHeadConfig(TransformerHeadConfig):
         "focal_alpha",
         "vfl_alpha",
         "vfl_gamma",
+        "class_loss",
+        "mal_gamma",
+        "mal_alpha",
     )
 
     def __post_init__(self) -> None:
@@ -78,6 +85,7 @@ class RealTimeHeadConfig(TransformerHeadConfig):
             ("cross_attn_method", self.cross_attn_method, CROSS_ATTN_METHODS),
             ("query_select_method", self.query_select_method, QUERY_SELECT_METHODS),
             ("attention_impl", self.attention_impl, ATTENTION_IMPLS),
+            ("class_loss", self.class_loss, CLASS_LOSSES),
         ):
             require(value in valid, f"model.{name}={value!r} is not one of {', '.join(valid)}")
         require(
@@ -92,6 +100,15 @@ class RealTimeHeadConfig(TransformerHeadConfig):
         require(0 < self.focal_alpha < 1, f"model.focal_alpha={self.focal_alpha} must be in (0, 1)")
         require(self.vfl_alpha > 0, f"model.vfl_alpha={self.vfl_alpha} must be > 0")
         require(self.vfl_gamma >= 0, f"model.vfl_gamma={self.vfl_gamma} must be >= 0")
+        require(self.mal_gamma >= 0, f"model.mal_gamma={self.mal_gamma} must be >= 0")
+        require(self.mal_alpha is None or self.mal_alpha > 0, f"model.mal_alpha={self.mal_alpha} must be > 0 or null")
+
+    @property
+    def class_loss_focus(self) -> tuple[float | None, float]:
+        """(alpha, gamma) of the class loss ``class_loss`` picks."""
+        if self.class_loss == "mal":
+            return self.mal_alpha, self.mal_gamma
+        return self.vfl_alpha, self.vfl_gamma
 
     def backbone_levels(self) -> list[int]:
         return levels_read(self.num_feature_levels)
