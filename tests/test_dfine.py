@@ -201,3 +201,49 @@ def test_the_published_recipes_compose(
     assert (cfg.backbone.freeze_norm, cfg.backbone.trainable_layers) == (
         (True, 4) if size in ("l", "x") else (False, 5)
     )
+
+
+def test_the_validation_loss_of_evaluation_outputs_is_their_class_and_box_losses():
+    from detr_backbone.detection.dfine.criterion import dfine_criterion
+    from detr_backbone.detection.realtime import varifocal_criterion
+
+    model = small_dfine().eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 64, 64), torch.rand(3, 64, 64)])
+    losses = dfine_criterion(DFineConfig(**SMALL), 3)(out, TARGETS)
+    assert set(losses) == {"loss_ce", "loss_bbox", "loss_giou", "class_error"}
+    expected = varifocal_criterion(DFineConfig(**SMALL), 3)(out, TARGETS)
+    for name in losses:
+        torch.testing.assert_close(losses[name], expected[name])
+
+
+@pytest.mark.parametrize(
+    "size, lr, lr_backbone, epochs, flat, decay_end, mosaic, stop",
+    [
+        ("l", 5e-4, 2.5e-5, 58, 0.5, 0.862, None, None),
+        ("s", 4e-4, 2e-4, 132, 0.485, 0.909, [0.0303, 0.485], 0.909),
+    ],
+)
+def test_deims_recipes_compose(size, lr, lr_backbone, epochs, flat, decay_end, mosaic, stop):
+    from .jobs import compose_config
+
+    cfg = compose_config(f"experiment=deim_dfine_hgnetv2_{size}_coco")
+    assert (cfg.model._target_, cfg.model.class_loss, cfg.model.mal_gamma, cfg.model.mal_alpha) == (
+        DFineConfig._target_,
+        "mal",
+        1.5,
+        None,
+    )
+    assert (cfg.model.activation, cfg.model.mlp_activation) == ("silu", "silu")
+    assert (cfg.lr, cfg.lr_backbone, cfg.trainer.max_epochs) == (lr, lr_backbone, epochs)
+    schedule = cfg.optimizer
+    assert (schedule.schedule, schedule.warmup_steps, schedule.flat_fraction, schedule.decay_end) == (
+        "flat_cosine",
+        2000,
+        flat,
+        decay_end,
+    )
+    assert schedule.min_lr_ratio == 0.5
+    assert (cfg.data.augment, cfg.data.mosaic_phase, cfg.data.augment_stop) == ("deim", mosaic, stop)
+    # DEIM trains the whole backbone with live BatchNorm (D-FINE-L froze its stem and norms)
+    assert (cfg.backbone.trainable_layers, cfg.backbone.freeze_norm) == (5, False)

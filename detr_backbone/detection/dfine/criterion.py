@@ -57,6 +57,9 @@ class DFineCriterion(VarifocalSetCriterion):
         self.ddf_temperature = ddf_temperature
 
     def forward(self, outputs: Mapping, targets: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        if "pred_corners" not in outputs:
+            # an evaluation's outputs (the eval_idx layer's classes and boxes): its class and box losses
+            return super().forward(outputs, targets)
         device = outputs["pred_logits"].device
         with torch.autocast(device_type=device.type, enabled=False):
             num_boxes = self.box_count(sum(len(t["labels"]) for t in targets), device)
