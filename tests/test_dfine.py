@@ -243,7 +243,7 @@ def test_deims_recipes_compose(size, lr, lr_backbone, epochs, flat, decay_end, m
         flat,
         decay_end,
     )
-    assert schedule.min_lr_ratio == 0.5
+    assert (schedule.min_lr_ratio, schedule.warmup_power) == (0.5, 2.0)
     assert (cfg.data.augment, cfg.data.mosaic_phase, cfg.data.augment_stop) == ("deim", mosaic, stop)
     # DEIM trains the whole backbone with live BatchNorm (D-FINE-L froze its stem and norms)
     assert (cfg.backbone.trainable_layers, cfg.backbone.freeze_norm) == (5, False)

@@ -77,6 +77,27 @@ def test_flat_cosine_holds_the_peak_then_decays_to_its_floor_and_stays():
     assert got[80:] == pytest.approx([0.5 * LR] * 20)
 
 
+def test_deims_flat_cosine_at_chosen_steps():
+    # DEIM-D-FINE-L's plan on a run of 580 steps (10 an epoch): a quadratic 20-step warm-up, the peak to epoch 29,
+    # cosine to half the peak at epoch 50, that to the end (DEIM's flat_cosine_schedule, a step later: ours counts
+    # optimizer steps from 1 in the warm-up)
+    got = ours(
+        580,
+        10,
+        schedule="flat_cosine",
+        warmup_steps=20,
+        warmup_power=2.0,
+        min_lr_ratio=0.5,
+        flat_fraction=29 / 58,
+        decay_end=50 / 58,
+    )
+    assert got[4] == pytest.approx(LR * (5 / 20) ** 2) and got[9] == pytest.approx(LR / 4)
+    assert got[19] == pytest.approx(LR) and got[290] == pytest.approx(LR)
+    # epoch 40: (40 - 29) / (50 - 29) of the way down
+    assert got[400] == pytest.approx(0.5 * LR + 0.5 * LR * 0.5 * (1 + math.cos(math.pi * 11 / 21)))
+    assert got[500:] == pytest.approx([0.5 * LR] * 80)
+
+
 def test_every_group_follows_the_factor_at_its_own_peak():
     scheduler = run_schedule(ScheduleConfig(schedule="cosine"), 200, 10, 10)
     for _ in range(5):

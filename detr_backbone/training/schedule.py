@@ -1,5 +1,5 @@
 """The learning-rate schedules: DETR's step drop, cosine and flat-cosine (D-FINE's and DEIM's), each after an
-optional linear warm-up.
+optional warm-up, linear or (DEIM's) quadratic.
 
 All are one ``torch.optim.lr_scheduler.LambdaLR`` stepped after every optimizer step, whose factor is a
 pure function of the step (:class:`LrFactor`); a checkpoint saves the step, so a resumed run goes on at the
@@ -27,7 +27,8 @@ class ScheduleConfig:
     """``optimizer.*`` of train.py: the lr's course over the run (the peak lr is ``lr``, ``lr_backbone``, ...)."""
 
     schedule: str = "step"  # step (DETR's tenfold drop every lr_drop epochs) | cosine | flat_cosine
-    warmup_steps: int = 0  # linear warm-up: optimizer step s (from 0) runs at (s + 1) / warmup_steps of the lr
+    warmup_steps: int = 0  # warm-up: optimizer step s (from 0) runs at ((s + 1) / warmup_steps)^warmup_power of the lr
+    warmup_power: float = 1.0  # 1: linear warm-up; 2: quadratic, DEIM's
     min_lr_ratio: float = 0.0  # cosine, flat_cosine: the lr at the end of the decay, as a fraction of the peak
     flat_fraction: float = 0.5  # flat_cosine: the peak lr holds until this fraction of the run (DEIM: 29 of 58 epochs)
     decay_end: float = 1.0  # cosine, flat_cosine: the decay reaches min_lr_ratio here and stays (DEIM: 50 of 58)
@@ -38,6 +39,9 @@ class ScheduleConfig:
             f"optimizer.schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}",
         )
         require(self.warmup_steps >= 0, f"optimizer.warmup_steps={self.warmup_steps} must be >= 0 (0: no warm-up)")
+        require(
+            self.warmup_power > 0, f"optimizer.warmup_power={self.warmup_power} must be > 0 (1: linear, 2: quadratic)"
+        )
         require(0 <= self.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         require(
             0 <= self.flat_fraction < self.decay_end <= 1,
@@ -54,13 +58,14 @@ class LrFactor:
     total_steps: int
     steps_per_epoch: int
     warmup_steps: int
+    warmup_power: float
     lr_drop: int  # step: epochs between drops
     min_lr_ratio: float
     flat_fraction: float
     decay_end: float
 
     def __call__(self, step: int) -> float:
-        warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        warmup = min(1.0, (step + 1) / self.warmup_steps) ** self.warmup_power if self.warmup_steps else 1.0
         return warmup * self.course(step)
 
     def course(self, step: int) -> float:
@@ -88,7 +93,8 @@ class RunSchedule(LambdaLR):
 
     def __init__(self, optimizer: Optimizer, config: ScheduleConfig, lr_drop: int) -> None:
         fields = {
-            name: getattr(config, name) for name in ("warmup_steps", "min_lr_ratio", "flat_fraction", "decay_end")
+            name: getattr(config, name)
+            for name in ("warmup_steps", "warmup_power", "min_lr_ratio", "flat_fraction", "decay_end")
         }
         self.planned = LrFactor(config.schedule, 0, 1, lr_drop=lr_drop, **fields)
         self.epochs_done: int | None = None  # set by a checkpoint of the epoch-wise StepLR of earlier versions
