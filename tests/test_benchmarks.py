@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import joiner as joiner_bench
-from benchmarks import rtdetrv2, run
+from benchmarks import realtime, run
 from benchmarks.machine import peak_memory_mb, theoretical_cpu_peak
 from benchmarks.reference import ReferenceJoiner
 
@@ -95,7 +95,7 @@ def test_bad_flags_are_named(argv, fragment, capsys):
 def test_rtdetrv2_run_checks_the_same_outputs_and_writes_its_keys(tmp_path):
     output = tmp_path / "rtdetrv2.json"
     argv = ["--size", "128x128", "--train-size", "128x128", "--train-batch", "1", "--repeats", "1", "--warmup", "0"]
-    rtdetrv2.main([*argv, "--device", "cpu", "--output", str(output)])
+    realtime.main([*argv, "--device", "cpu", "--output", str(output)])
     results = json.loads(output.read_text())
     assert set(results) == {"machine", "settings", "check", "forward", "train"}
     assert results["check"]["queries"] == 525 and results["check"]["max_abs_difference"] < 1e-4  # every position
@@ -117,17 +117,19 @@ def test_rtdetrv2_check_pairs_queries_in_any_order_and_refuses_a_moved_one():
     shifted = logits[:, order] + 5e-5
     ours = {"pred_logits": shifted, "pred_boxes": boxes[:, order]}
     largest = (shifted - logits[:, order]).abs().max().item()  # 5e-5 after float32 rounding
-    assert rtdetrv2.max_query_difference(ours, logits, boxes) == largest
+    assert realtime.max_query_difference(ours, logits, boxes) == largest
     ours["pred_boxes"] = ours["pred_boxes"].clone()
     ours["pred_boxes"][1, 2, 0] += 1e-3
     with pytest.raises(RuntimeError, match="image 1: largest difference 1.0"):
-        rtdetrv2.max_query_difference(ours, logits, boxes)
+        realtime.max_query_difference(ours, logits, boxes)
 
 
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
-        (["--size", "96x96"], "fewer than the 300 queries"),
+        (["--size", "96x96"], "fewer than the 300 queries of RT-DETRv2-R18"),
+        # D-FINE-N proposes on strides 16 and 32 alone: 14 x 14 + 7 x 7 positions
+        (["--model", "dfine", "--size", "224x224"], "--size 224x224 gives 245 encoder positions, fewer than the 300"),
         (["--train-size", "96x128"], "--train-size 96x128 gives 252"),
         (["--sections", "forward,speed"], "unknown section"),
         (["--train-batch", "0"], "must be >= 1"),
@@ -135,5 +137,5 @@ def test_rtdetrv2_check_pairs_queries_in_any_order_and_refuses_a_moved_one():
 )
 def test_rtdetrv2_bad_flags_are_named(argv, fragment, capsys):
     with pytest.raises(SystemExit):
-        rtdetrv2.parse_args(argv)
+        realtime.parse_args(argv)
     assert fragment in capsys.readouterr().err

@@ -1,13 +1,17 @@
-"""RT-DETRv2-R18: our head against Hugging Face's ``RTDetrV2ForObjectDetection`` with the same weights.
+"""The real-time heads against Hugging Face's models with the same weights: RT-DETRv2-R18 against
+``RTDetrV2ForObjectDetection``, D-FINE-N against ``DFineForObjectDetection``.
 
-    python -m benchmarks.rtdetrv2                  # forward 1x3x640x640, training step 2x3x480x480 (minutes on 2 cores)
-    python -m benchmarks.rtdetrv2 --quick          # 320x320 and 256x256, one round: proves the script works
-    python -m benchmarks.rtdetrv2 --repeats 10 --train-batch 2 --train-size 640x640 --output /tmp/rtdetrv2.json
+    python -m benchmarks.realtime                  # RT-DETRv2-R18: forward 1x3x640x640, training step 2x3x480x480
+    python -m benchmarks.realtime --model dfine    # D-FINE-N, the same cases
+    python -m benchmarks.realtime --quick          # 320x320 and 256x256, one round: proves the script works
+    python -m benchmarks.realtime --repeats 10 --train-batch 2 --train-size 640x640 --output /tmp/rtdetrv2.json
 
-Hugging Face's model is built with RT-DETRv2-R18's sizes (lyuwenyu/RT-DETR's rtdetrv2_r18vd_120e_coco.yml,
-published as ``PekingU/rtdetr_v2_r18vd``: ResNet-18-vd, encoder input channels 128/256/512, hidden 256, fusion
-expansion 0.5, 3 decoder layers, 300 queries, 100 denoising queries, 80 classes) and random weights (none are
-downloaded), saved with ``save_pretrained`` into a temporary folder, and ours is loaded from that folder
+Hugging Face's model is built with the published sizes and random weights (none are downloaded): RT-DETRv2-R18
+(lyuwenyu/RT-DETR's rtdetrv2_r18vd_120e_coco.yml, published as ``PekingU/rtdetr_v2_r18vd``: ResNet-18-vd, encoder
+input channels 128/256/512, hidden 256, fusion expansion 0.5, 3 decoder layers) or D-FINE-N (Peterande/D-FINE's
+dfine_hgnetv2_n_coco.yml: HGNetv2-B0's strides 16 and 32, hidden 128, feed-forward 512, fusion expansion 0.34 and
+depth 0.5, 3 decoder layers with 6 points a level), each with 300 queries, 100 denoising queries and 80
+classes. It is saved with ``save_pretrained`` into a temporary folder, and ours is loaded from that folder
 (``load_detector``), so both hold the same tensors. Before timing, one forward of each checks that they give
 the same queries (logits and box within 1e-4, matched one to one): the encoder's class head is drawn with
 std 1 first, so that its top-k proposals are not decided by rounding.
@@ -19,10 +23,10 @@ rounds, and the medians are compared; the ratio is Hugging Face's median over ou
 - ``train``: train mode, the same images and targets (5 random boxes an image); forward, the whole loss
   (every decoder layer, the proposals, the denoising queries; ours through our criterion, theirs through
   ``labels=``) and backward; the optimizer step is left out on both sides. Both train every parameter they
-  hold, the whole backbone included (RT-DETRv2-R18's ``freeze_at: -1``); the backbone's BatchNorms are frozen
-  on both, as Hugging Face's ``freeze_backbone_batch_norms`` does.
+  hold, the whole backbone included (RT-DETRv2-R18's and D-FINE-N's ``freeze_at: -1``); the backbone's
+  BatchNorms are frozen on both, as Hugging Face's ``freeze_backbone_batch_norms`` does.
 
-The JSON (``--output``) holds ``machine``, ``settings``, ``check`` (``max_abs_difference``, ``queries``),
+The JSON (``--output``; by default benchmarks/results/<model>_latest.json) holds ``machine``, ``settings``, ``check`` (``max_abs_difference``, ``queries``),
 ``forward`` and ``train`` (each ``seconds``: ``ours`` and ``hugging_face`` medians with their spread, and
 ``hf_over_ours``), and ``train``'s ``trained_parameters`` of each side.
 """
@@ -34,7 +38,10 @@ import json
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,33 +55,97 @@ from .compiled import random_targets
 from .run import machine_info, parse_size
 from .timing import interleaved_medians
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "rtdetrv2_latest.json"
-COCO_LABELS = 80  # RT-DETR's classes: COCO's 80, no "no object" row
+RESULTS = Path(__file__).resolve().parent / "results"
+COCO_LABELS = 80  # the real-time heads' classes: COCO's 80, no "no object" row
 BOXES_PER_IMAGE = 5
 TOLERANCE = 1e-4
-# RT-DETRv2-R18 in Hugging Face's terms; the rest are RTDetrV2Config's defaults, which are RT-DETRv2's
-R18 = dict(
-    encoder_in_channels=[128, 256, 512],
-    hidden_expansion=0.5,
-    decoder_layers=3,
-    num_queries=300,
-    num_labels=COCO_LABELS,
-)
-R18_BACKBONE = dict(
-    layer_type="basic",
-    depths=[2, 2, 2, 2],
-    hidden_sizes=[64, 128, 256, 512],
-    out_features=["stage2", "stage3", "stage4"],
-)
 
 
-def hugging_face_r18(seed: int):
+def hugging_face_rtdetrv2_r18(seed: int):
+    """RT-DETRv2-R18 in Hugging Face's terms; the rest are RTDetrV2Config's defaults, which are RT-DETRv2's."""
     from transformers import RTDetrResNetConfig, RTDetrV2Config, RTDetrV2ForObjectDetection
 
     torch.manual_seed(seed)
-    config = RTDetrV2Config(backbone_config=RTDetrResNetConfig(**R18_BACKBONE), **R18)
-    model = RTDetrV2ForObjectDetection(config).eval()
-    return model
+    backbone = RTDetrResNetConfig(
+        layer_type="basic",
+        depths=[2, 2, 2, 2],
+        hidden_sizes=[64, 128, 256, 512],
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    config = RTDetrV2Config(
+        backbone_config=backbone,
+        encoder_in_channels=[128, 256, 512],
+        hidden_expansion=0.5,
+        decoder_layers=3,
+        num_queries=300,
+        num_labels=COCO_LABELS,
+    )
+    return RTDetrV2ForObjectDetection(config).eval()
+
+
+def hugging_face_dfine_n(seed: int):
+    """D-FINE-N in Hugging Face's terms (HGNetV2-B0 with its learnable affine blocks, stages 3 and 4)."""
+    from transformers import DFineConfig, DFineForObjectDetection, HGNetV2Config
+
+    torch.manual_seed(seed)
+    backbone = HGNetV2Config(
+        arch="B0",
+        stem_channels=[3, 16, 16],
+        stage_in_channels=[16, 64, 256, 512],
+        stage_mid_channels=[16, 32, 64, 128],
+        stage_out_channels=[64, 256, 512, 1024],
+        hidden_sizes=[64, 256, 512, 1024],
+        depths=[1, 1, 2, 1],
+        stage_num_blocks=[1, 1, 2, 1],
+        stage_downsample=[False, True, True, True],
+        stage_light_block=[False, False, True, True],
+        stage_kernel_size=[3, 3, 5, 5],
+        stage_numb_of_layers=[3, 3, 3, 3],
+        use_learnable_affine_block=True,
+        out_features=["stage3", "stage4"],
+    )
+    config = DFineConfig(
+        backbone_config=backbone,
+        encoder_in_channels=[512, 1024],
+        feat_strides=[16, 32],
+        encode_proj_layers=[1],
+        d_model=128,
+        encoder_hidden_dim=128,
+        encoder_ffn_dim=512,
+        decoder_ffn_dim=512,
+        hidden_expansion=0.34,
+        depth_mult=0.5,
+        num_feature_levels=2,
+        decoder_in_channels=[128, 128],
+        decoder_n_points=[6, 6],
+        decoder_layers=3,
+        num_queries=300,
+        num_labels=COCO_LABELS,
+    )
+    return DFineForObjectDetection(config).eval()
+
+
+@dataclass(frozen=True)
+class Compared:
+    """A model both sides build: its name, Hugging Face's builder (random weights from a seed), and the strides of
+    the levels its encoder proposes boxes on."""
+
+    title: str
+    hugging_face: Callable[[int], Any]
+    strides: tuple[int, ...]
+    queries: int = 300
+
+
+MODELS = {
+    "rtdetrv2": Compared("RT-DETRv2-R18", hugging_face_rtdetrv2_r18, (8, 16, 32)),
+    "dfine": Compared("D-FINE-N", hugging_face_dfine_n, (16, 32)),
+}
+
+
+def positions(side: tuple[int, int], strides: tuple[int, ...]) -> int:
+    """The encoder positions of an image: each proposes one box."""
+    height, width = side
+    return sum(-(-height // stride) * -(-width // stride) for stride in strides)
 
 
 def max_query_difference(ours: dict, logits: torch.Tensor, boxes: torch.Tensor) -> float:
@@ -88,7 +159,7 @@ def max_query_difference(ours: dict, logits: torch.Tensor, boxes: torch.Tensor) 
         largest = max(largest, nearest.values.max().item())
         if largest > TOLERANCE or len(set(nearest.indices.tolist())) != len(theirs):
             raise RuntimeError(
-                f"our RT-DETRv2 does not give Hugging Face's queries on image {image}: largest difference "
+                f"our detector does not give Hugging Face's queries on image {image}: largest difference "
                 f"{largest:.2e} (tolerance {TOLERANCE:g}), {len(set(nearest.indices.tolist()))} of "
                 f"{len(theirs)} queries matched"
             )
@@ -104,24 +175,24 @@ def one_image(args, generator: torch.Generator) -> tuple[torch.Tensor, NestedTen
     return images, NestedTensor(images, torch.zeros(1, *args.size, dtype=torch.bool, device=args.device))
 
 
-CHECK_SIDE = 160  # the check's image: 20x20 + 10x10 + 5x5 = 525 positions, every one a query
+CHECK_SIDE = 160  # the check's image: RT-DETRv2's 20x20 + 10x10 + 5x5 = 525 positions, every one a query
 
 
-def same_outputs(ours, theirs, generator: torch.Generator, device: str) -> dict:
+def same_outputs(ours, theirs, generator: torch.Generator, device: str, strides: tuple[int, ...]) -> dict:
     """One forward of each in eval mode with every encoder position a query (random weights score proposals
     within rounding of each other, so which 300 are the best is not a fair test): the largest difference of
     their queries (an error beyond the tolerance)."""
     images = torch.rand(1, 3, CHECK_SIDE, CHECK_SIDE, generator=generator).to(device)
-    positions = sum((CHECK_SIDE // stride) ** 2 for stride in (8, 16, 32))
+    count = positions((CHECK_SIDE, CHECK_SIDE), strides)
     kept = ours.decoder.num_queries
-    ours.decoder.num_queries = theirs.config.num_queries = positions
+    ours.decoder.num_queries = theirs.config.num_queries = count
     try:
         with torch.inference_mode():
             reference = theirs(pixel_values=images)
             difference = max_query_difference(ours(list(images)), reference.logits, reference.pred_boxes)
     finally:
         ours.decoder.num_queries = theirs.config.num_queries = kept
-    return {"max_abs_difference": difference, "queries": positions, "tolerance": TOLERANCE}
+    return {"max_abs_difference": difference, "queries": count, "tolerance": TOLERANCE}
 
 
 def forward_section(ours, theirs, images: torch.Tensor, batch: NestedTensor, args) -> dict:
@@ -146,7 +217,7 @@ def train_section(folder: Path, theirs, args, generator: torch.Generator) -> dic
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ours, config = published_detector(published_folder(folder), None)
-    # RT-DETRv2-R18 trains its whole backbone (freeze_at -1), as Hugging Face's model does; the reader keeps
+    # RT-DETRv2-R18 and D-FINE-N train their whole backbone (freeze_at -1), as Hugging Face's models do; the reader keeps
     # DETR's rule (stem and layer1 frozen), so every parameter is opened here to time the same work
     ours = ours.to(args.device).train().requires_grad_(True)
     criterion = build_criterion(config, identity)  # one process: the box count needs no reduction
@@ -169,8 +240,13 @@ def train_section(folder: Path, theirs, args, generator: torch.Generator) -> dic
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.rtdetrv2", description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON file to write (default: %(default)s)")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.realtime", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model", choices=sorted(MODELS), default="rtdetrv2", help="the head compared (default rtdetrv2)"
+    )
+    parser.add_argument(
+        "--output", type=Path, help="JSON file to write (default: benchmarks/results/<model>_latest.json)"
+    )
     parser.add_argument("--quick", action="store_true", help="320x320 forward, 256x256 training step, one round")
     parser.add_argument(
         "--size", type=parse_size, default=(640, 640), help="forward image HEIGHTxWIDTH (default 640x640)"
@@ -197,14 +273,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown or not sections:
         parser.error(f"unknown section(s) {unknown or args.sections!r}; valid: forward, train")
     args.sections = sections
-    # every position of the three levels (strides 8, 16, 32) proposes one box; the 300 queries are the best
+    # every position of the encoder's levels proposes one box; the 300 queries are the best
+    compared = MODELS[args.model]
     for option, (height, width) in (("--size", args.size), ("--train-size", args.train_size)):
-        positions = sum(-(-height // stride) * -(-width // stride) for stride in (8, 16, 32))
-        if positions < R18["num_queries"]:
+        found = positions((height, width), compared.strides)
+        if found < compared.queries:
             parser.error(
-                f"{option} {height}x{width} gives {positions} encoder positions, fewer than the "
-                f"{R18['num_queries']} queries; use at least 128x128"
+                f"{option} {height}x{width} gives {found} encoder positions, fewer than the {compared.queries} "
+                f"queries of {compared.title}"
             )
+    args.output = args.output or RESULTS / f"{args.model}_latest.json"
     args.device = torch.device(args.device)
     return args
 
@@ -223,11 +301,12 @@ def main(argv: list[str] | None = None) -> dict:
     import transformers
 
     generator = torch.Generator().manual_seed(args.seed)
-    theirs = hugging_face_r18(args.seed).to(args.device)
+    compared = MODELS[args.model]
+    theirs = compared.hugging_face(args.seed).to(args.device)
     results: dict = {
         "machine": {**machine_info(args.device, 512 if args.quick else 2048), "transformers": transformers.__version__},
         "settings": {
-            "model": "RT-DETRv2-R18 (random weights)",
+            "model": f"{compared.title} (random weights)",
             "forward_images": [1, 3, *args.size],
             "train_images": [args.train_batch, 3, *args.train_size],
             "boxes_per_image": BOXES_PER_IMAGE,
@@ -247,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ours = load_detector(folder).detector.to(args.device)
-        results["check"] = check = same_outputs(ours, theirs, generator, args.device)
+        results["check"] = check = same_outputs(ours, theirs, generator, args.device, compared.strides)
         images, batch = one_image(args, generator)
         print(f"same weights: {check['queries']} queries each, largest difference {check['max_abs_difference']:.1e}")
         if "forward" in args.sections:
