@@ -165,6 +165,8 @@ MULTI_SCALE_HEADS = {
     "dino": DINO_HEAD,
     "deformable_detr": [*DEFORMABLE_HEAD, "model.with_box_refine=true"],
     "rtdetrv2": ["model=rtdetrv2_small", *MULTI_SCALE, "lr=1e-3", "lr_backbone=1e-3"],  # 40 steps learn something
+    # D-FINE: its edges as distributions (softmax over bins, the weighting function) and per-level points
+    "dfine": ["model=dfine_small", *MULTI_SCALE, "model.num_points=[2,4,2]", "lr=1e-3", "lr_backbone=1e-3"],
 }
 
 
@@ -251,9 +253,11 @@ def test_an_exported_file_is_evaluated_as_its_checkpoint_and_compared_with_it(
     assert_evaluated_as_its_checkpoint(checkpoint, onnx_export(traced).path, tmp_path, capsys)
 
 
-@pytest.mark.parametrize("multi_scale_checkpoint", ["dino", "rtdetrv2"], indirect=True)  # the default job's head
+@pytest.mark.parametrize(
+    "multi_scale_checkpoint", ["dino", "rtdetrv2", "dfine"], indirect=True
+)  # the default job's head
 @pytest.mark.slow
-def test_an_exported_dino_or_rtdetrv2_is_evaluated_as_its_checkpoint(
+def test_an_exported_real_time_or_dino_head_is_evaluated_as_its_checkpoint(
     multi_scale_checkpoint, multi_scale_traced, onnx_export, tmp_path, capsys
 ):
     assert_evaluated_as_its_checkpoint(multi_scale_checkpoint, onnx_export(multi_scale_traced).path, tmp_path, capsys)
@@ -282,9 +286,9 @@ def test_an_exported_file_without_detections_or_metadata_is_refused_in_one_line(
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("multi_scale_checkpoint", ["rtdetrv2"], indirect=True)
+@pytest.mark.parametrize("multi_scale_checkpoint", ["rtdetrv2", "dfine"], indirect=True)
 @pytest.mark.slow
-def test_rtdetrv2s_discrete_sampling_exports_without_grid_sample(multi_scale_checkpoint, tmp_path):
+def test_discrete_sampling_of_the_real_time_heads_exports_without_grid_sample(multi_scale_checkpoint, tmp_path):
     """The same weights with ``cross_attn_method=discrete``: one gather a level, no GridSample in the graph, and the
     file equal to eager PyTorch on the export's own check."""
     import onnx
