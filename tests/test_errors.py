@@ -45,7 +45,7 @@ def one_line_error(error: pytest.ExceptionInfo) -> str:
         ),
         (
             ["model._target_=detr_backbone.detection.build_yolo"],
-            "model._target_='detr_backbone.detection.build_yolo' is not one of detr_backbone.detection.build_detr, detr_backbone.detection.deformable.build_deformable_detr, detr_backbone.detection.dino.build_dino, detr_backbone.detection.rtdetrv2.build_rtdetrv2",
+            "model._target_='detr_backbone.detection.build_yolo' is not one of detr_backbone.detection.build_detr, detr_backbone.detection.deformable.build_deformable_detr, detr_backbone.detection.dino.build_dino, detr_backbone.detection.rtdetrv2.build_rtdetrv2, detr_backbone.detection.dfine.build_dfine",
         ),
         (["lr_backbone=-0.001"], "lr_backbone=-0.001 must be >= 0 (0 freezes the backbone)"),
         (["hidden_dim=33"], "hidden_dim=33 must be a positive even number (half for rows, half for columns)"),
