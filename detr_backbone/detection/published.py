@@ -39,6 +39,9 @@ STAGE_BLOCK = re.compile(re.escape(BODY_KEY) + r"layer(\d)\.(\d+)\.")
 # A published checkpoint file does not name its classes; its head's row count does. DETR-family checkpoints are
 # published for COCO (80 rows, or 91: a row per id, gaps included) and Objects365 (365 rows, or D-FINE's
 # 366: a row per id from 0), and no other dataset they are published for has one of these counts.
+# buffers the real-time heads' released files hold but derive from their settings: the attention's point scales and
+# the anchors cached for the evaluation size
+DERIVED_BUFFERS = re.compile(r"(.*\.num_points_scale|decoder\.anchors|decoder\.valid_mask)")
 NAMES_BY_ROW_COUNT: dict[int, tuple[str, ...]] = {
     len(names): names for names in (COCO_80, COCO_NAMES, OBJECTS365_NAMES, OBJECTS365_BY_ID)
 }
@@ -161,6 +164,20 @@ def published_state(content: Any) -> tuple[dict[str, Tensor], list[str]] | None:
     if not isinstance(state, Mapping) or not all(isinstance(value, Tensor) for value in state.values()):
         return None
     others = [key for key in content if key != "model"] if state is not content else []
+    return {key.removeprefix(DDP_PREFIX): value for key, value in state.items()}, others
+
+
+def released_state(content: Any) -> tuple[dict[str, Tensor], list[str]] | None:
+    """The model state of an RT-DETR-style released file (``ema.module`` if the file has one, else ``model``:
+    RT-DETRv2's and D-FINE's solvers save both), DDP's prefix dropped, and the file's other keys; None for another
+    kind of file."""
+    if not isinstance(content, Mapping):
+        return None
+    ema = content.get("ema")
+    state = ema.get("module") if isinstance(ema, Mapping) else content.get("model")
+    if not isinstance(state, Mapping) or not all(isinstance(value, Tensor) for value in state.values()):
+        return None
+    others = [key for key in content if key != ("ema" if isinstance(ema, Mapping) else "model")]
     return {key.removeprefix(DDP_PREFIX): value for key, value in state.items()}, others
 
 

@@ -27,6 +27,8 @@ from .detr.criterion import detr_criterion
 from .detr.weights import DETR_CHECKPOINT, HUGGING_FACE_DETR, DetrArchitecture
 from .dfine import DFineConfig, build_dfine
 from .dfine.criterion import dfine_criterion
+from .dfine.hugging_face import HUGGING_FACE_DFINE
+from .dfine.weights import DFINE_CHECKPOINT, DFineArchitecture
 from .dino import DinoConfig, build_dino, dino_criterion
 from .dino.weights import DINO_CHECKPOINT, DinoArchitecture
 from .head import Detector, HeadConfig
@@ -146,6 +148,9 @@ HEADS: dict[str, HeadRecord] = {
             builder=build_dfine,
             criterion=dfine_criterion,
             presets=("dfine", "dfine_small"),
+            architecture=DFineArchitecture,
+            files=(DFINE_CHECKPOINT, HUGGING_FACE_DFINE),
+            folders=(HUGGING_FACE_DFINE,),
             compile_note=DENOISING_COMPILE_NOTE.format(head="D-FINE"),
         ),
     )

@@ -20,36 +20,9 @@ from typing import Any
 from torch import Tensor
 
 from ...backbones.resnet_vd import hugging_face_resnet_to_timm
-from ..hugging_face import HuggingFaceLayout, Renames
+from ..hugging_face import HuggingFaceLayout
+from ..realtime.hugging_face import HUGGING_FACE_BACKBONE, REALTIME_DROPPED, REALTIME_RENAMES
 from .weights import PRESNET_DEPTHS, RtDetrV2Architecture
-
-HUGGING_FACE_BACKBONE = r"^model\.backbone\.(?:conv_encoder\.)?model\."
-RENAMES: Renames = (
-    (r"^model\.encoder_input_proj\.(\d+)\.0\.", r"encoder.input_proj.\1.conv."),
-    (r"^model\.encoder_input_proj\.(\d+)\.1\.", r"encoder.input_proj.\1.norm."),
-    (r"^model\.encoder\.(?:aifi|encoder)\.", "encoder.encoder."),
-    (r"^model\.encoder\.", "encoder."),
-    (r"^model\.decoder_input_proj\.(\d+)\.0\.", r"decoder.input_proj.\1.conv."),
-    (r"^model\.decoder_input_proj\.(\d+)\.1\.", r"decoder.input_proj.\1.norm."),
-    (r"^model\.enc_output\.0\.", "decoder.enc_output.proj."),
-    (r"^model\.enc_output\.1\.", "decoder.enc_output.norm."),
-    (r"^model\.(denoising_class_embed|enc_score_head|enc_bbox_head)\.", r"decoder.\1."),
-    (r"^model\.decoder\.class_embed\.", "decoder.dec_score_head."),
-    (r"^model\.decoder\.bbox_embed\.", "decoder.dec_bbox_head."),
-    (r"^model\.decoder\.query_pos_head\.", "decoder.query_pos_head."),
-    (r"^model\.decoder\.layers\.", "decoder.decoder.layers."),
-    (r"^(encoder\.encoder\.\d+\.layers\.\d+)\.self_attn_layer_norm\.", r"\1.norm1."),
-    (r"^(encoder\.encoder\.\d+\.layers\.\d+)\.final_layer_norm\.", r"\1.norm2."),
-    (r"\.self_attn_layer_norm\.", ".norm1."),
-    (r"\.encoder_attn_layer_norm\.", ".norm2."),
-    (r"\.final_layer_norm\.", ".norm3."),
-    (r"\.encoder_attn\.", ".cross_attn."),
-    (r"\.o_proj\.", ".out_proj."),
-    (r"\.(mlp\.)?fc1\.", ".linear1."),
-    (r"\.(mlp\.)?fc2\.", ".linear2."),
-)
-# the top-level copies of the decoder's heads (tied), and the attention's derived point scales
-DROPPED = (r"^(class_embed|bbox_embed)\.", r"\.n_points_scale$")
 
 
 def is_hugging_face_state(state: Mapping[str, Any]) -> bool:
@@ -116,7 +89,7 @@ def with_backbone(state: dict[str, Tensor], architecture: RtDetrV2Architecture) 
     ours.update(
         (key, value)
         for key, value in state.items()
-        if not re.match(HUGGING_FACE_BACKBONE, key) and not any(re.search(pattern, key) for pattern in DROPPED)
+        if not re.match(HUGGING_FACE_BACKBONE, key) and not any(re.search(pattern, key) for pattern in REALTIME_DROPPED)
     )
     return ours
 
@@ -126,7 +99,7 @@ HUGGING_FACE_RTDETRV2 = HuggingFaceLayout(
     model_type="rt_detr_v2",
     recognised=is_hugging_face_state,
     markers="model.decoder.class_embed.0, model.encoder_input_proj",
-    renames=RENAMES,
+    renames=REALTIME_RENAMES,
     architecture=architecture_of_config,
     class_weight="decoder.dec_score_head.0.weight",
     completed=with_backbone,

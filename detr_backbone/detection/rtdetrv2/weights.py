@@ -14,23 +14,27 @@ COCO's category order; 365 or 366 for Objects365, ``published.published_class_na
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor
 
-from ...backbones.hgnetv2 import hgnetv2_to_timm
+from ...backbones.hgnetv2 import hgnetv2_to_timm, timm_hgnetv2_size
 from ...backbones.resnet_vd import presnet_to_timm
 from ...config import BACKBONE_TARGETS, JoinerConfig, PositionConfig
-from ...weights import DDP_PREFIX
 from ..building import DetectorConfig
-from ..published import DetectorWeights, configured_backbone, count_layers, published_class_names
+from ..published import (
+    DERIVED_BUFFERS,
+    DetectorWeights,
+    configured_backbone,
+    count_layers,
+    published_class_names,
+    released_state,
+)
 from .config import RtDetrV2Config
 
 PUBLISHED_HEADS = 8  # RT-DETRv2's attention heads: the shapes hold heads x points, not each
-DERIVED = re.compile(r"(.*\.num_points_scale|decoder\.anchors|decoder\.valid_mask)")
 # (blocks per stage, bottleneck) -> timm's ResNet-D
 PRESNET_DEPTHS = {
     ((2, 2, 2, 2), False): "resnet18d",
@@ -38,8 +42,8 @@ PRESNET_DEPTHS = {
     ((3, 4, 6, 3), True): "resnet50d",
     ((3, 4, 23, 3), True): "resnet101d",
 }
-# HGNetv2's blocks per stage -> timm's (RT-DETR's L, X, H)
-HGNETV2_SIZES = {(1, 1, 3, 1): "hgnetv2_b4", (1, 2, 5, 2): "hgnetv2_b5", (2, 3, 6, 3): "hgnetv2_b6"}
+# D-FINE's decoder (its pre-head and quality heads): D-FINE's states have every key RT-DETRv2's are recognised by
+DFINE_DECODER = ("decoder.pre_bbox_head.", "decoder.decoder.lqe_layers.")
 PRESNET_STEM, HGNETV2_STEM = "backbone.conv1.conv1_1.conv.weight", "backbone.stem.stem1.conv.weight"
 
 
@@ -148,14 +152,18 @@ def is_rtdetrv2_state(state: Mapping[str, Any]) -> bool:
         "encoder.input_proj.0.conv.weight",
         "decoder.query_pos_head.layers.0.weight",
     )
-    return all(key in state for key in heads) and (PRESNET_STEM in state or HGNETV2_STEM in state)
+    return (
+        all(key in state for key in heads)
+        and (PRESNET_STEM in state or HGNETV2_STEM in state)
+        and not any(key.startswith(DFINE_DECODER) for key in state)
+    )
 
 
 def released_backbone(state: Mapping[str, Tensor]) -> tuple[str, str | None, dict[str, Tensor]]:
     """(our kind, timm's name, the tensors under our names) of a released file's backbone."""
     if HGNETV2_STEM in state:
-        blocks = tuple(count_layers(state, f"backbone.stages.{stage}.blocks.") for stage in range(4))
-        return "timm", HGNETV2_SIZES.get(blocks), hgnetv2_to_timm(state)
+        body = hgnetv2_to_timm(state)
+        return "timm", timm_hgnetv2_size(body), body
     stages = tuple(count_layers(state, f"backbone.res_layers.{stage}.blocks.") for stage in range(4))
     bottleneck = "backbone.res_layers.0.blocks.0.branch2c.conv.weight" in state
     return "resnet_vd", PRESNET_DEPTHS.get((stages, bottleneck)), presnet_to_timm(state)
@@ -191,19 +199,6 @@ def architecture_of_state(
     )
 
 
-def released_state(content: Any) -> tuple[dict[str, Tensor], list[str]] | None:
-    """The model state of a released file (``ema.module`` if the file has one, else ``model``), DDP's prefix
-    dropped, and the file's other keys; None for another kind of file."""
-    if not isinstance(content, Mapping):
-        return None
-    ema = content.get("ema")
-    state = ema.get("module") if isinstance(ema, Mapping) else content.get("model")
-    if not isinstance(state, Mapping) or not all(isinstance(value, Tensor) for value in state.values()):
-        return None
-    others = [key for key in content if key != ("ema" if isinstance(ema, Mapping) else "model")]
-    return {key.removeprefix(DDP_PREFIX): value for key, value in state.items()}, others
-
-
 class RtDetrV2CheckpointLayout:
     """RT-DETRv2's released checkpoints, read into our names."""
 
@@ -219,7 +214,7 @@ class RtDetrV2CheckpointLayout:
         state.update(
             (key, value)
             for key, value in released.items()
-            if not key.startswith("backbone.") and not DERIVED.fullmatch(key)
+            if not key.startswith("backbone.") and not DERIVED_BUFFERS.fullmatch(key)
         )
         architecture = architecture_of_state(state, backbone_kind, backbone_name)
         rows = state["decoder.dec_score_head.0.weight"].shape[0]
