@@ -305,8 +305,8 @@ def test_evaluate_scores_a_checkpoint_on_its_runs_own_validation_set(checkpoint,
             ["ckpt_path={tmp}/in/junk.ckpt", "input={tmp}/in"],
             r"\S+junk\.ckpt is not a train\.py checkpoint, a DETR checkpoint, a Hugging Face DETR folder or weights file, "
             r"a Deformable-DETR checkpoint, a Hugging Face Deformable DETR folder or weights file, a DINO checkpoint, "
-            r"an RT-DETRv2 checkpoint, a Hugging Face RT-DETRv2 folder or weights file or a Hugging Face RT-DETR "
-            r"folder or weights file \(.*\)",
+            r"an RT-DETRv2 checkpoint, a Hugging Face RT-DETRv2 folder or weights file, a Hugging Face RT-DETR "
+            r"folder or weights file, a D-FINE checkpoint or a Hugging Face D-FINE folder or weights file \(.*\)",
         ),
         (
             predict_main,

@@ -332,8 +332,9 @@ def test_another_architectures_weights_fail_before_training_with_a_config_that_f
             lambda path: torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, path / "w.pth"),
             "is not a detector checkpoint: expected a train.py checkpoint, a DETR checkpoint, a Hugging Face DETR "
             "folder or weights file, a Deformable-DETR checkpoint, a Hugging Face Deformable DETR folder or weights "
-            "file, a DINO checkpoint, an RT-DETRv2 checkpoint, a Hugging Face RT-DETRv2 folder or weights file or a "
-            "Hugging Face RT-DETR folder or weights file",
+            "file, a DINO checkpoint, an RT-DETRv2 checkpoint, a Hugging Face RT-DETRv2 folder or weights file, a "
+            "Hugging Face RT-DETR folder or weights file, a D-FINE checkpoint or a Hugging Face D-FINE folder or "
+            "weights file",
         ),
         (
             lambda path: (path / "w.pth").mkdir(),
