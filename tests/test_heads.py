@@ -157,7 +157,7 @@ def test_init_from_is_refused_for_a_head_that_describes_no_weights(monkeypatch):
         validated(cfg)
     assert str(error.value) == (
         f"init_from='x.pth': model._target_='{TARGET}' is a head that reads no published weights yet; "
-        "heads that do: detr, deformable_detr, dino, rtdetrv2 (model=<name>)"
+        "heads that do: detr, deformable_detr, dino, rtdetrv2, dfine (model=<name>)"
     )
 
 
