@@ -110,6 +110,17 @@ def test_rtdetrv2_run_checks_the_same_outputs_and_writes_its_keys(tmp_path):
     assert results["train"]["trained_parameters"] == {"ours": 20_174_608, "hugging_face": 20_174_608}
 
 
+@pytest.mark.slow
+def test_dfine_run_checks_the_same_outputs_on_its_two_levels(tmp_path):
+    output = tmp_path / "dfine.json"
+    argv = ["--model", "dfine", "--size", "320x320", "--sections", "forward", "--repeats", "1", "--warmup", "0"]
+    results = realtime.main([*argv, "--device", "cpu", "--output", str(output)])
+    assert results["settings"]["model"] == "D-FINE-N (random weights)"
+    # strides 16 and 32 of a 160x160 image: 10 x 10 + 5 x 5 positions, every one a query
+    assert results["check"]["queries"] == 125 and results["check"]["max_abs_difference"] < 1e-4
+    assert set(results) == {"machine", "settings", "check", "forward"}
+
+
 def test_rtdetrv2_check_pairs_queries_in_any_order_and_refuses_a_moved_one():
     torch.manual_seed(0)
     logits, boxes = torch.randn(2, 6, 3), torch.rand(2, 6, 4)
