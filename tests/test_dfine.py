@@ -170,10 +170,10 @@ def test_the_schema_names_bad_values():
     "size, backbone, hidden, levels, layers, expansion, depth, lr, lr_backbone, epochs, stop, scales, batch",
     [
         ("n", "hgnetv2_b0", 128, 2, 3, 0.34, 0.5, 8e-4, 4e-4, 160, 0.925, 0, 128),
-        ("s", "hgnetv2_b0", 256, 3, 3, 0.5, 0.34, 2e-4, 1e-4, 132, 0.909, 30, 32),
-        ("m", "hgnetv2_b2", 256, 3, 4, 1.0, 0.67, 2e-4, 2e-5, 132, 0.909, 16, 32),
+        pytest.param("s", "hgnetv2_b0", 256, 3, 3, 0.5, 0.34, 2e-4, 1e-4, 132, 0.909, 30, 32, marks=pytest.mark.slow),
+        pytest.param("m", "hgnetv2_b2", 256, 3, 4, 1.0, 0.67, 2e-4, 2e-5, 132, 0.909, 16, 32, marks=pytest.mark.slow),
         ("l", "hgnetv2_b4", 256, 3, 6, 1.0, 1.0, 2.5e-4, 1.25e-5, 80, 0.9, 14, 32),
-        ("x", "hgnetv2_b5", 384, 3, 6, 1.0, 1.0, 2.5e-4, 2.5e-6, 80, 0.9, 13, 32),
+        pytest.param("x", "hgnetv2_b5", 384, 3, 6, 1.0, 1.0, 2.5e-4, 2.5e-6, 80, 0.9, 13, 32, marks=pytest.mark.slow),
     ],
 )
 def test_the_published_recipes_compose(
@@ -221,7 +221,7 @@ def test_the_validation_loss_of_evaluation_outputs_is_their_class_and_box_losses
     "size, lr, lr_backbone, epochs, flat, decay_end, mosaic, stop",
     [
         ("l", 5e-4, 2.5e-5, 58, 0.5, 0.862, None, None),
-        ("s", 4e-4, 2e-4, 132, 0.485, 0.909, [0.0303, 0.485], 0.909),
+        pytest.param("s", 4e-4, 2e-4, 132, 0.485, 0.909, [0.0303, 0.485], 0.909, marks=pytest.mark.slow),
     ],
 )
 def test_deims_recipes_compose(size, lr, lr_backbone, epochs, flat, decay_end, mosaic, stop):
