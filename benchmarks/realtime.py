@@ -83,27 +83,29 @@ def hugging_face_rtdetrv2_r18(seed: int):
     return RTDetrV2ForObjectDetection(config).eval()
 
 
+# HGNetV2-B0 (D-FINE-N's and S's backbone) with its learnable affine blocks, in transformers' terms
+HUGGING_FACE_HGNETV2_B0 = dict(
+    stem_channels=[3, 16, 16],
+    stage_in_channels=[16, 64, 256, 512],
+    stage_mid_channels=[16, 32, 64, 128],
+    stage_out_channels=[64, 256, 512, 1024],
+    hidden_sizes=[64, 256, 512, 1024],
+    depths=[1, 1, 2, 1],
+    stage_num_blocks=[1, 1, 2, 1],
+    stage_downsample=[False, True, True, True],
+    stage_light_block=[False, False, True, True],
+    stage_kernel_size=[3, 3, 5, 5],
+    stage_numb_of_layers=[3, 3, 3, 3],
+    use_learnable_affine_block=True,
+)
+
+
 def hugging_face_dfine_n(seed: int):
-    """D-FINE-N in Hugging Face's terms (HGNetV2-B0 with its learnable affine blocks, stages 3 and 4)."""
+    """D-FINE-N in Hugging Face's terms (HGNetV2-B0's stages 3 and 4)."""
     from transformers import DFineConfig, DFineForObjectDetection, HGNetV2Config
 
     torch.manual_seed(seed)
-    backbone = HGNetV2Config(
-        arch="B0",
-        stem_channels=[3, 16, 16],
-        stage_in_channels=[16, 64, 256, 512],
-        stage_mid_channels=[16, 32, 64, 128],
-        stage_out_channels=[64, 256, 512, 1024],
-        hidden_sizes=[64, 256, 512, 1024],
-        depths=[1, 1, 2, 1],
-        stage_num_blocks=[1, 1, 2, 1],
-        stage_downsample=[False, True, True, True],
-        stage_light_block=[False, False, True, True],
-        stage_kernel_size=[3, 3, 5, 5],
-        stage_numb_of_layers=[3, 3, 3, 3],
-        use_learnable_affine_block=True,
-        out_features=["stage3", "stage4"],
-    )
+    backbone = HGNetV2Config(**HUGGING_FACE_HGNETV2_B0, out_features=["stage3", "stage4"])
     config = DFineConfig(
         backbone_config=backbone,
         encoder_in_channels=[512, 1024],

@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+from benchmarks.realtime import HUGGING_FACE_HGNETV2_B0
 from detr_backbone.detection import build_detector
 from detr_backbone.detection.coco_names import COCO_80
 from detr_backbone.detection.dfine import DFineConfig
@@ -21,21 +22,7 @@ from .test_rtdetrv2 import assert_same_queries, randomise_batch_norms
 SIDE_HEIGHT, SIDE_WIDTH = 128, 96  # not square: the encoder's grid order shows
 QUERIES = (SIDE_HEIGHT // 16) * (SIDE_WIDTH // 16) + (SIDE_HEIGHT // 32) * (SIDE_WIDTH // 32)  # every position
 # HGNetV2-B0 (D-FINE-N's and S's backbone) with its learnable affine blocks, in transformers' terms
-HGNETV2_B0 = dict(
-    model_type="hgnet_v2",
-    stem_channels=[3, 16, 16],
-    stage_in_channels=[16, 64, 256, 512],
-    stage_mid_channels=[16, 32, 64, 128],
-    stage_out_channels=[64, 256, 512, 1024],
-    hidden_sizes=[64, 256, 512, 1024],
-    depths=[1, 1, 2, 1],
-    stage_num_blocks=[1, 1, 2, 1],
-    stage_light_block=[False, False, True, True],
-    stage_kernel_size=[3, 3, 5, 5],
-    stage_numb_of_layers=[3, 3, 3, 3],
-    use_learnable_affine_block=True,
-    out_features=["stage3", "stage4"],
-)
+HGNETV2_B0 = dict(model_type="hgnet_v2", **HUGGING_FACE_HGNETV2_B0, out_features=["stage3", "stage4"])
 # a small D-FINE-N-like model with settings away from the defaults (3 and 5 points, 16 bins, reg_scale 6); every
 # position a query (random weights score the proposals within float noise of each other, so with all of them the
 # outputs are the same set in any order)
