@@ -69,11 +69,11 @@ class DFineCriterion(VarifocalSetCriterion):
             ]
             matchings = [self.matcher(layer, layer_targets) for _, layer, layer_targets in predictions]
             union = union_indices(matchings)
-            num_union = self.box_count(sum(len(queries) for queries, _ in union), device)
+            in_union = sum(len(queries) for queries, _ in union)
+            num_union = self.box_count(in_union, device)
             reg_scale = outputs["reg_scale"].float()
             project = weighting_function(self.reg_max, outputs["up"].float(), reg_scale)
             # DDF's mix: how many of the matching queries the union holds, and how many it leaves out
-            in_union = sum(len(queries) for queries, _ in union)
             mix = (in_union**0.5, (outputs["pred_logits"].shape[:2].numel() - in_union) ** 0.5)
 
             losses = {}

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ...joiner import Joiner
@@ -119,7 +118,6 @@ def build_dfine(
         depth_mult,
         fusion="gelan",
     )
-    encoder.to(memory_format=torch.channels_last)  # NHWC convolutions, as RT-DETRv2's encoder (see its builder)
     decoder = DFineTransformer(
         num_classes=num_classes,
         hidden_dim=hidden_dim,
